@@ -1,0 +1,124 @@
+"""The one small protocol every transport driver implements (DESIGN.md §3).
+
+Drivers know nothing of priorities, retries or the database: they turn a `DeviceCommand` into bytes
+on a wire, report the broker's or device's answer as an `Ack`, and yield what devices say on their
+own as `InboundEvent`s. Library exceptions never leave a driver; they are translated here into the
+`DriverError` family, chained from the original.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from types import TracebackType
+from typing import Any, Literal, Protocol, Self
+
+
+class DriverError(Exception):
+    """Base of every error a driver raises."""
+
+
+class DeviceTimeout(DriverError):
+    """The broker or device did not answer within the timeout."""
+
+
+class DeviceUnreachable(DriverError):
+    """The link to the broker or device is down."""
+
+
+class ProtocolError(DriverError):
+    """The peer answered with something the wire spec does not allow."""
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceCommand:
+    """A command addressed to one device (or one area topic), already encoded as a wire document."""
+
+    address: str
+    command_id: str
+    document: Mapping[str, Any]
+    expires_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class Ack:
+    """What the transport confirmed for one `send`.
+
+    `accepted_at` is when the broker (MQTT PUBACK) or the device (Modbus reply, CoAP ACK) took the
+    command; device-level progress arrives later as `InboundEvent`s.
+    """
+
+    command_id: str
+    accepted_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class CommandReport:
+    """A device's report on a command it received (delivered, playing, completed, ...)."""
+
+    address: str
+    command_id: str
+    correlation_id: str
+    state: str
+    at: datetime
+    detail: str | None = None
+    played_s: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceState:
+    """A device's availability and status document."""
+
+    address: str
+    online: bool
+    at: datetime | None
+    attributes: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class TelemetryReading:
+    address: str
+    metric: str
+    value: float
+    unit: str | None
+    at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class MalformedPayload:
+    """A payload that could not be decoded; counted and logged by the caller, never raised."""
+
+    address: str | None
+    topic: str
+    reason: str
+
+
+InboundEvent = CommandReport | DeviceState | TelemetryReading | MalformedPayload
+
+LinkState = Literal["connected", "disconnected"]
+
+
+class Driver(Protocol):
+    """Every transport: an async context manager with `send`, `events` and `ping`."""
+
+    async def __aenter__(self) -> Self: ...
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None: ...
+
+    async def send(self, command: DeviceCommand, *, timeout: float) -> Ack:
+        """Send one command; raise `DeviceTimeout`, `DeviceUnreachable` or `ProtocolError`."""
+        ...
+
+    def events(self) -> AsyncIterator[InboundEvent]:
+        """Inbound events, for as long as the driver is open (across reconnects)."""
+        ...
+
+    async def ping(self) -> bool:
+        """True when the link is up right now."""
+        ...
