@@ -70,7 +70,11 @@ def free_tcp_port(host: str = "127.0.0.1") -> int:
 
 def mosquitto_binary() -> str:
     found = shutil.which("mosquitto") or next(
-        (candidate for candidate in ("/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto") if Path(candidate).exists()),
+        (
+            candidate
+            for candidate in ("/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto")
+            if Path(candidate).exists()
+        ),
         None,
     )
     if found is None:
@@ -152,9 +156,9 @@ class ManagedMosquitto:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self._process.poll() is not None:
-                stderr = stderr_path.read_text(errors="replace")
+                output = stderr_path.read_text(errors="replace")
                 log = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
-                raise BrokerError(f"mosquitto exited with {self._process.returncode}: {stderr}{log}".strip())
+                raise BrokerError(f"mosquitto exited with {self._process.returncode}: {output}{log}".strip())
             try:
                 with socket.create_connection((self.host, self.port), timeout=0.2):
                     return

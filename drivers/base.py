@@ -8,7 +8,7 @@ own as `InboundEvent`s. Library exceptions never leave a driver; they are transl
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from types import TracebackType
@@ -19,16 +19,16 @@ class DriverError(Exception):
     """Base of every error a driver raises."""
 
 
-class DeviceTimeout(DriverError):
+class DeviceTimeout(DriverError):  # noqa: N818  # the name is the contract; "Error" adds nothing
     """The broker or device did not answer within the timeout."""
 
 
-class DeviceUnreachable(DriverError):
+class DeviceUnreachable(DriverError):  # noqa: N818
     """The link to the broker or device is down."""
 
 
 class ProtocolError(DriverError):
-    """The peer answered with something the wire spec does not allow."""
+    """The peer answered with, or a command would put on the wire, something the wire spec does not allow."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,6 +64,8 @@ class CommandReport:
     at: datetime
     detail: str | None = None
     played_s: float | None = None
+    truncated: bool = False
+    """On `completed`: playback was cut at the command's `max_duration_s` (proof of play needs it)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,6 +99,7 @@ class MalformedPayload:
 InboundEvent = CommandReport | DeviceState | TelemetryReading | MalformedPayload
 
 LinkState = Literal["connected", "disconnected"]
+LinkListener = Callable[[LinkState], None]
 
 
 class Driver(Protocol):
@@ -121,4 +124,17 @@ class Driver(Protocol):
 
     async def ping(self) -> bool:
         """True when the link is up right now."""
+        ...
+
+
+class ObservableLink(Protocol):
+    """A driver whose link comes and goes on its own (a broker connection): the dispatcher resumes
+    sending when it comes back instead of polling `ping()`."""
+
+    def add_link_listener(self, listener: LinkListener) -> Callable[[], None]:
+        """Call `listener` on every change of the link state; returns a function that removes it."""
+        ...
+
+    async def wait_connected(self) -> None:
+        """Return as soon as the link is up (at once if it already is)."""
         ...

@@ -1,1 +1,1 @@
-pytest_plugins = ["tests.support.broker"]
+pytest_plugins = ["tests.support.broker", "tests.support.system", "tests.support.scenario"]

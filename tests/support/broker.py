@@ -32,7 +32,6 @@ class TestBroker:
         return self.broker.url
 
 
-
 @pytest.fixture
 def mosquitto(tmp_path: Path) -> Iterator[TestBroker]:
     controller = BrokerAccount("controller", secrets.token_urlsafe(16))

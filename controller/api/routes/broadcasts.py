@@ -1,0 +1,81 @@
+from __future__ import annotations
+
+import asyncio
+from datetime import datetime
+from typing import Any, Literal
+
+from fastapi import APIRouter, status
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
+
+from controller.api.deps import Broadcaster, Canceller, Reader, RuntimeDep
+from controller.domain.planner import Targets
+from controller.domain.priority import SUB_PRIORITY_MAX, Priority, PriorityClass
+from controller.services.broadcasts import BroadcastRequest
+
+router = APIRouter(prefix="/api/v1/broadcasts", tags=["broadcasts"])
+
+
+class TargetsIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    areas: list[str] = Field(default_factory=list, max_length=1000)
+    devices: list[str] = Field(default_factory=list, max_length=10000)
+
+
+class ContentIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    media_id: str
+
+
+class BroadcastIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    targets: TargetsIn
+    content: ContentIn
+    priority: PriorityClass = PriorityClass.NORMAL
+    sub_priority: int = Field(default=0, ge=0, le=SUB_PRIORITY_MAX)
+    repeats: int = Field(default=1, ge=1, le=20)
+    max_duration_s: float = Field(default=600, gt=0, le=4 * 3600)
+    expires_at: AwareDatetime | None = None
+    mode: Literal["live", "drill"] = "live"
+
+
+class AcceptedOut(BaseModel):
+    id: str
+    device_count: int
+
+
+class CancelOut(BaseModel):
+    id: str
+    cancelled_deliveries: int
+
+
+@router.post("", status_code=status.HTTP_201_CREATED, response_model=AcceptedOut)
+async def create_broadcast(body: BroadcastIn, runtime: RuntimeDep, principal: Broadcaster) -> AcceptedOut:
+    expires_at: datetime | None = body.expires_at
+    accepted = await runtime.broadcasts.create(
+        BroadcastRequest(
+            targets=Targets(areas=tuple(body.targets.areas), devices=tuple(body.targets.devices)),
+            media_id=body.content.media_id,
+            priority=Priority(body.priority, body.sub_priority),
+            repeats=body.repeats,
+            max_duration_s=body.max_duration_s,
+            expires_at=expires_at,
+            mode=body.mode,
+        ),
+        principal,
+    )
+    return AcceptedOut(id=accepted.id, device_count=accepted.device_count)
+
+
+@router.get("/{broadcast_id}")
+async def get_broadcast(broadcast_id: str, runtime: RuntimeDep, principal: Reader) -> dict[str, Any]:
+    result: dict[str, Any] = await asyncio.to_thread(runtime.broadcasts.describe, broadcast_id, principal)
+    return result
+
+
+@router.post("/{broadcast_id}/cancel", response_model=CancelOut)
+async def cancel_broadcast(broadcast_id: str, runtime: RuntimeDep, principal: Canceller) -> CancelOut:
+    ended = await runtime.broadcasts.cancel(broadcast_id, principal)
+    return CancelOut(id=broadcast_id, cancelled_deliveries=ended)

@@ -1,0 +1,140 @@
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+
+from fastapi import APIRouter, Request, status
+from fastapi.responses import FileResponse, JSONResponse
+from pydantic import BaseModel
+from sqlmodel import Session, select
+from starlette.datastructures import UploadFile
+
+from controller.api.deps import MediaUploader, Reader, RuntimeDep
+from controller.api.errors import ApiError
+from controller.services.media import MediaRejected, StoredMedia
+from controller.store.models import MediaRow
+
+router = APIRouter(tags=["media"])
+
+_CHUNK = 64 * 1024
+# Multipart framing around the file; a body larger than the limit plus this cannot hold a valid file.
+_MULTIPART_OVERHEAD = 64 * 1024
+
+
+class MediaOut(BaseModel):
+    id: str
+    sha256: str
+    duration_s: float
+    content_type: str
+    size_bytes: int
+    filename: str | None
+
+
+def _out(row: MediaRow) -> MediaOut:
+    return MediaOut(
+        id=row.id,
+        sha256=row.sha256,
+        duration_s=row.duration_s,
+        content_type=row.content_type,
+        size_bytes=row.size_bytes,
+        filename=row.filename,
+    )
+
+
+async def _chunks(upload: UploadFile) -> AsyncIterator[bytes]:
+    while chunk := await upload.read(_CHUNK):
+        yield chunk
+
+
+def _record(runtime: object, stored: StoredMedia) -> tuple[MediaRow, bool]:
+    with Session(runtime.engine) as session:  # type: ignore[attr-defined]
+        existing = session.exec(select(MediaRow).where(MediaRow.sha256 == stored.sha256)).first()
+        if existing is not None:
+            return existing, False
+        row = MediaRow(
+            id=str(uuid.uuid4()),
+            sha256=stored.sha256,
+            content_type=stored.content_type,
+            format=stored.format,
+            duration_s=stored.duration_s,
+            size_bytes=stored.size_bytes,
+            filename=stored.filename,
+            created_at=datetime.now(UTC),
+        )
+        session.add(row)
+        session.commit()
+        session.refresh(row)
+        return row, True
+
+
+@router.post(
+    "/api/v1/media",
+    status_code=status.HTTP_201_CREATED,
+    response_model=MediaOut,
+    responses={200: {"description": "the same audio was uploaded before"}},
+)
+async def upload_media(request: Request, runtime: RuntimeDep, _principal: MediaUploader) -> JSONResponse:
+    """Upload WAV, MP3 or OGG audio as multipart field `file`; it is decoded to check it and time it."""
+    limit = runtime.media_store.max_bytes
+    declared_length = request.headers.get("content-length")
+    if (
+        declared_length is not None
+        and declared_length.isdigit()
+        and int(declared_length) > limit + _MULTIPART_OVERHEAD
+    ):
+        raise ApiError(
+            413, "too_large", "file", f"upload is {int(declared_length)} bytes; the limit is {limit} bytes"
+        )
+    if not request.headers.get("content-type", "").lower().startswith("multipart/form-data"):
+        raise ApiError(
+            415, "unsupported_media_type", "file", "send the audio as multipart/form-data field 'file'"
+        )
+    form = await request.form(max_files=1, max_fields=5)
+    try:
+        upload = form.get("file")
+        if not isinstance(upload, UploadFile):
+            raise ApiError(422, "invalid", "file", "multipart field 'file' is missing")
+        try:
+            stored = await runtime.media_store.ingest(
+                _chunks(upload), filename=upload.filename, declared_type=upload.content_type
+            )
+        except MediaRejected as error:
+            if "limit" in error.detail:
+                raise ApiError(413, "too_large", error.field, error.detail) from error
+            raise ApiError(422, "invalid", error.field, error.detail) from error
+    finally:
+        await form.close()
+    row, created = await asyncio.to_thread(_record, runtime, stored)
+    return JSONResponse(_out(row).model_dump(), status_code=201 if created else 200)
+
+
+@router.get("/api/v1/media/{media_id}", response_model=MediaOut)
+async def get_media(media_id: str, runtime: RuntimeDep, _principal: Reader) -> MediaOut:
+    def get() -> MediaRow | None:
+        with Session(runtime.engine) as session:
+            return session.get(MediaRow, media_id)
+
+    row = await asyncio.to_thread(get)
+    if row is None:
+        raise ApiError(404, "not_found", "id", f"unknown media {media_id!r}")
+    return _out(row)
+
+
+@router.get("/media/{sha256}", tags=["devices"])
+async def serve_media(sha256: str, runtime: RuntimeDep) -> FileResponse:
+    """The audio itself, for devices (docs/protocol.md §1.8); supports Range requests."""
+
+    def lookup() -> MediaRow | None:
+        with Session(runtime.engine) as session:
+            return session.exec(select(MediaRow).where(MediaRow.sha256 == sha256)).first()
+
+    row = await asyncio.to_thread(lookup)
+    if row is None or not runtime.media_store.exists(sha256):
+        raise ApiError(404, "not_found", "sha256", f"no media with SHA-256 {sha256}")
+    return FileResponse(
+        runtime.media_store.path_for(sha256),
+        media_type=row.content_type,
+        headers={"Cache-Control": "public, max-age=31536000, immutable"},
+    )

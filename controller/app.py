@@ -1,0 +1,198 @@
+"""One controller process: database, broker link, dispatcher and the services the API calls."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import secrets
+from pathlib import Path
+from typing import Any
+
+import structlog
+from sqlalchemy import text
+from sqlmodel import Session, select
+
+from controller.broker import BrokerAccount, ManagedMosquitto
+from controller.domain.areas import AreaTree
+from controller.domain.clock import Clock, SystemClock
+from controller.services.auth import Principal, authenticate
+from controller.services.broadcasts import BroadcastService, load_area_tree
+from controller.services.dispatcher import Dispatcher
+from controller.services.events import EventBus
+from controller.services.inbound import DeviceDirectory, InboundProcessor
+from controller.services.media import MediaStore
+from controller.services.tracker import DeliveryTracker
+from controller.settings import Settings
+from controller.store.db import create_db_engine, migrate
+from controller.store.models import DeviceRow
+from drivers.mqtt import MqttDriver
+
+log = structlog.get_logger(__name__)
+
+CONTROLLER_ACCOUNT = "controller"
+DEVICE_ACCOUNT = "device"
+
+
+def managed_broker_accounts(state_dir: Path) -> dict[str, BrokerAccount]:
+    """The managed broker's accounts, generated once and kept (mode 0600) under its state dir."""
+    path = state_dir / "credentials.json"
+    if path.exists():
+        stored = json.loads(path.read_text())
+        return {name: BrokerAccount(name, password) for name, password in stored.items()}
+    state_dir.mkdir(parents=True, exist_ok=True)
+    accounts = {
+        name: BrokerAccount(name, secrets.token_urlsafe(24)) for name in (CONTROLLER_ACCOUNT, DEVICE_ACCOUNT)
+    }
+    path.write_text(json.dumps({name: a.password for name, a in accounts.items()}))
+    path.chmod(0o600)
+    return accounts
+
+
+class Runtime:
+    def __init__(self, settings: Settings, *, clock: Clock | None = None) -> None:
+        self.settings = settings
+        self.clock = clock or SystemClock()
+        self.engine = create_db_engine(settings.database.url, echo=settings.database.echo)
+        self.bus = EventBus()
+        self.media_store = MediaStore(settings.media.dir, settings.media.max_bytes)
+        self.directory = DeviceDirectory(self.engine)
+        self.tracker = DeliveryTracker(
+            self.engine, self.bus, self.clock, completion_grace_s=settings.dispatch.completion_grace_s
+        )
+        self.broker: ManagedMosquitto | None = None
+        self.driver: MqttDriver | None = None
+        self._dispatcher: Dispatcher | None = None
+        self._broadcasts: BroadcastService | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._area_tree: AreaTree | None = None
+        self._inbound: InboundProcessor | None = None
+
+    # -- lifecycle -----------------------------------------------------------------------------
+    async def start(self) -> None:
+        await asyncio.to_thread(migrate, self.engine)
+        url, username, password = await asyncio.to_thread(self._broker_endpoint)
+        self.driver = MqttDriver(
+            url=url,
+            username=username,
+            password=password,
+            client_id=self.settings.mqtt.client_id,
+            protocol=self.settings.mqtt.protocol,
+            keepalive_s=self.settings.mqtt.keepalive_s,
+        )
+        await self.driver.__aenter__()
+        self._dispatcher = Dispatcher(
+            self.engine,
+            self.driver,
+            self.tracker,
+            self.clock,
+            publish_timeout_s=self.settings.dispatch.publish_timeout_s,
+        )
+        self._broadcasts = BroadcastService(
+            self.engine,
+            self._dispatcher,
+            self.tracker,
+            self.clock,
+            media_base_url=self.settings.http.base_url(),
+            default_expiry_s=self.settings.dispatch.default_expiry_s,
+        )
+        await asyncio.to_thread(self.directory.reload)
+        await asyncio.to_thread(self.tracker.load_open_deliveries)
+        pending = await asyncio.to_thread(self._dispatcher.load_outbox)
+        if pending:
+            log.info("resuming commands from the outbox", count=len(pending))
+        self._dispatcher.submit(pending)
+        inbound = self._inbound = InboundProcessor("mqtt", self.directory, self.tracker, self.clock)
+        self._tasks = [
+            asyncio.create_task(self.tracker.run(), name="tracker"),
+            asyncio.create_task(inbound.run(self.driver.events()), name="inbound"),
+            asyncio.create_task(self._watch_link(), name="link-watch"),
+        ]
+        log.info("controller started", broker=url, database=self.engine.url.render_as_string())
+
+    def _broker_endpoint(self) -> tuple[str, str, str]:
+        mqtt = self.settings.mqtt
+        if mqtt.mode == "external":
+            if mqtt.url is None or mqtt.username is None or mqtt.password is None:
+                raise RuntimeError("mqtt.url, mqtt.username and mqtt.password are required in external mode")
+            return mqtt.url, mqtt.username, mqtt.password.get_secret_value()
+        accounts = managed_broker_accounts(mqtt.managed.state_dir)
+        self.broker = ManagedMosquitto(
+            mqtt.managed.state_dir,
+            host=mqtt.managed.host,
+            port=mqtt.managed.port,
+            accounts=list(accounts.values()),
+            controller_username=CONTROLLER_ACCOUNT,
+        )
+        self.broker.start()
+        controller = accounts[CONTROLLER_ACCOUNT]
+        return self.broker.url, controller.username, controller.password
+
+    async def _watch_link(self) -> None:
+        assert self.driver is not None  # noqa: S101
+        was_up: bool | None = None
+        while True:
+            up = await self.driver.ping()
+            if up != was_up and self._dispatcher is not None:
+                self._dispatcher.link_changed(up=up)
+                was_up = up
+            await asyncio.sleep(0.2)
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks = []
+        if self._dispatcher is not None:
+            await self._dispatcher.close()
+        await self.tracker.flush()
+        if self.driver is not None:
+            await self.driver.__aexit__(None, None, None)
+            self.driver = None
+        if self.broker is not None:
+            await asyncio.to_thread(self.broker.stop)
+        self.bus.close()
+        self.engine.dispose()
+
+    # -- services for the API ------------------------------------------------------------------
+    @property
+    def broadcasts(self) -> BroadcastService:
+        if self._broadcasts is None:
+            raise RuntimeError("the controller is not started")
+        return self._broadcasts
+
+    async def authenticate(self, token: str) -> Principal | None:
+        return await asyncio.to_thread(authenticate, self.engine, token)
+
+    def area_tree(self) -> AreaTree:
+        if self._area_tree is None:
+            with Session(self.engine) as session:
+                self._area_tree = load_area_tree(session)
+        return self._area_tree
+
+    def device_registered(self, transport: str, address: str, device_id: str) -> None:
+        self.directory.put(transport, address, device_id)
+        if self._inbound is not None and transport == "mqtt":
+            self._inbound.device_registered(address)
+
+    def invalidate_areas(self) -> None:
+        self._area_tree = None
+
+    def visible_device_ids(self, principal: Principal) -> frozenset[str] | None:
+        if principal.ward_code is None:
+            return None
+        codes = self.area_tree().subtree_codes(principal.ward_code)
+        with Session(self.engine) as session:
+            rows = session.exec(select(DeviceRow.id, DeviceRow.area_code)).all()
+        return frozenset(device_id for device_id, area in rows if area in codes)
+
+    async def health(self) -> dict[str, Any]:
+        def database() -> str:
+            try:
+                with self.engine.connect() as connection:
+                    connection.execute(text("SELECT 1"))
+            except Exception as error:  # noqa: BLE001  (any failure means unhealthy; say which)
+                return f"error: {error}"
+            return "ok"
+
+        broker = "ok" if self.driver is not None and await self.driver.ping() else "disconnected"
+        return {"database": await asyncio.to_thread(database), "broker": broker}

@@ -1,0 +1,134 @@
+"""`wardcast demo` (what `make run` starts): the controller, the Bắc Kạn demo city and a simulated fleet."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import sys
+from contextlib import suppress
+from importlib import resources
+from pathlib import Path
+
+import httpx
+from rich.console import Console
+
+from controller.app import DEVICE_ACCOUNT, managed_broker_accounts
+from controller.domain.demo import load_demo_fleet
+from controller.server import ControllerServer
+from controller.services.auth import create_api_key
+from controller.services.tones import sine_wav
+from controller.settings import Settings
+
+console = Console(stderr=True)
+
+
+async def _seed(client: httpx.AsyncClient) -> str:
+    """Areas, devices and a greeting tone through the public API; returns the tone's media id."""
+    city = resources.files("controller").joinpath("data", "demo_city.yaml").read_bytes()
+    response = await client.post(
+        "/api/v1/areas/import",
+        params={"upsert": True, "format": "yaml"},
+        content=city,
+        headers={"Content-Type": "application/yaml"},
+    )
+    response.raise_for_status()
+    existing = {d["id"] for d in (await client.get("/api/v1/devices")).json()}
+    for device in load_demo_fleet():
+        if device.id in existing:
+            continue
+        body = {
+            "id": device.id,
+            "kind": device.kind,
+            "area": device.area,
+            "name": device.name,
+            "lat": device.lat,
+            "lon": device.lon,
+            "transport": device.transport,
+            "address": device.address,
+        }
+        (await client.post("/api/v1/devices", json=body)).raise_for_status()
+    tone = await client.post(
+        "/api/v1/media", files={"file": ("chuong-bao.wav", sine_wav(880.0, 3.0), "audio/wav")}
+    )
+    tone.raise_for_status()
+    media_id: str = tone.json()["id"]
+    return media_id
+
+
+async def run_demo(settings: Settings, *, speed: float, state_file: Path) -> None:
+    controller = ControllerServer(settings)
+    server_task = await controller.start()
+    base_url = settings.http.base_url()
+    _row, token = await asyncio.to_thread(
+        create_api_key, controller.runtime.engine, name="demo-admin", role="admin", ward_code=None
+    )
+    async with httpx.AsyncClient(
+        base_url=base_url, headers={"Authorization": f"Bearer {token}"}, timeout=60
+    ) as client:
+        media_id = await _seed(client)
+    fleet = await _start_fleet(settings, base_url, token, speed)
+    await asyncio.to_thread(_save_cli_state, state_file, base_url, token)
+    console.print(
+        f"\n[bold]Wardcast demo is running[/bold] — Bắc Kạn city, simulated speakers online\n"
+        f"  API        {base_url}/docs\n"
+        f"  Events     {base_url}/api/v1/events\n"
+        f"  Health     {base_url}/healthz\n"
+        f"  Broker     {controller.runtime.broker.url if controller.runtime.broker else settings.mqtt.url}\n"
+        f"  Demo tone  media id {media_id}\n"
+        f"  Try:       .venv/bin/wardcast broadcast send --area bk.songcau.t01 --media <file.wav>\n"
+        f"  Admin token (also saved to {state_file}):"
+    )
+    print(token, flush=True)  # noqa: T201  (the token is the demo's output)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await asyncio.wait([asyncio.create_task(stop.wait()), server_task], return_when=asyncio.FIRST_COMPLETED)
+    fleet.terminate()
+    with suppress(TimeoutError):
+        await asyncio.wait_for(fleet.wait(), timeout=10)
+    controller.request_stop()
+    await server_task
+
+
+def _save_cli_state(state_file: Path, base_url: str, token: str) -> None:
+    state_file.parent.mkdir(parents=True, exist_ok=True)
+    state_file.write_text(json.dumps({"api": base_url, "token": token}))
+    state_file.chmod(0o600)
+
+
+async def _start_fleet(
+    settings: Settings, base_url: str, token: str, speed: float
+) -> asyncio.subprocess.Process:
+    accounts = managed_broker_accounts(settings.mqtt.managed.state_dir)
+    broker_url = (
+        f"mqtt://{settings.mqtt.managed.host}:{settings.mqtt.managed.port}"
+        if settings.mqtt.mode == "managed"
+        else str(settings.mqtt.url)
+    )
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "firmware_sim",
+        "fleet",
+        "--mqtt-url",
+        broker_url,
+        "--username",
+        DEVICE_ACCOUNT,
+        "--password",
+        accounts[DEVICE_ACCOUNT].password,
+        "--from-api",
+        base_url,
+        "--token",
+        token,
+        "--speed",
+        str(speed),
+        stdout=asyncio.subprocess.PIPE,
+    )
+    assert process.stdout is not None  # noqa: S101
+    line = await asyncio.wait_for(process.stdout.readline(), timeout=120)
+    if not line.startswith(b"READY"):
+        raise SystemExit(f"the simulated fleet did not start: {line.decode(errors='replace')}")
+    console.print(f"simulated fleet: {line.decode().strip()}")
+    return process

@@ -1,0 +1,105 @@
+"""API keys and the rules of who may do what (roles, and the ward a ward_staff key is confined to)."""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from enum import StrEnum
+
+from sqlalchemy import Engine
+from sqlmodel import Session, select
+
+from controller.store.models import ApiKeyRow, AreaRow
+
+TOKEN_PREFIX = "wc_"  # noqa: S105  (a prefix, not a secret)
+
+
+class Role(StrEnum):
+    ADMIN = "admin"
+    OPERATOR = "operator"
+    WARD_STAFF = "ward_staff"
+    TECHNICIAN = "technician"
+    IOC = "ioc"
+
+
+class Action(StrEnum):
+    READ = "read"
+    MANAGE_AREAS = "manage_areas"
+    MANAGE_DEVICES = "manage_devices"
+    UPLOAD_MEDIA = "upload_media"
+    BROADCAST = "broadcast"
+    BROADCAST_EMERGENCY = "broadcast_emergency"
+    CANCEL = "cancel"
+
+
+_ALLOWED: dict[Role, frozenset[Action]] = {
+    Role.ADMIN: frozenset(Action),
+    Role.OPERATOR: frozenset(Action) - {Action.MANAGE_DEVICES},
+    Role.WARD_STAFF: frozenset({Action.READ, Action.UPLOAD_MEDIA, Action.BROADCAST, Action.CANCEL}),
+    Role.TECHNICIAN: frozenset({Action.READ, Action.MANAGE_DEVICES}),
+    Role.IOC: frozenset(
+        {Action.READ, Action.UPLOAD_MEDIA, Action.BROADCAST, Action.BROADCAST_EMERGENCY, Action.CANCEL}
+    ),
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    key_id: str
+    name: str
+    role: Role
+    ward_code: str | None
+
+    def may(self, action: Action) -> bool:
+        return action in _ALLOWED[self.role]
+
+
+class ApiKeyError(ValueError):
+    def __init__(self, field: str, detail: str) -> None:
+        super().__init__(f"{field}: {detail}")
+        self.field = field
+        self.detail = detail
+
+
+def hash_token(token: str) -> str:
+    # Tokens carry 256 random bits, so a fast hash is enough to keep them unusable if the DB leaks.
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def create_api_key(engine: Engine, *, name: str, role: str, ward_code: str | None) -> tuple[ApiKeyRow, str]:
+    """Store a new key (hashed) and return it with the only copy of its token."""
+    try:
+        parsed_role = Role(role)
+    except ValueError as error:
+        raise ApiKeyError("role", f"must be one of {', '.join(r.value for r in Role)}") from error
+    if not name.strip():
+        raise ApiKeyError("name", "must not be empty")
+    if parsed_role is Role.WARD_STAFF and ward_code is None:
+        raise ApiKeyError("ward", "a ward_staff key must name its ward")
+    token = TOKEN_PREFIX + secrets.token_urlsafe(32)
+    row = ApiKeyRow(
+        id=str(uuid.uuid4()),
+        name=name.strip(),
+        role=parsed_role.value,
+        ward_code=ward_code,
+        token_hash=hash_token(token),
+        created_at=datetime.now(UTC),
+    )
+    with Session(engine) as session:
+        if ward_code is not None and session.get(AreaRow, ward_code) is None:
+            raise ApiKeyError("ward", f"unknown area {ward_code!r}")
+        session.add(row)
+        session.commit()
+        session.refresh(row)
+    return row, token
+
+
+def authenticate(engine: Engine, token: str) -> Principal | None:
+    with Session(engine) as session:
+        row = session.exec(select(ApiKeyRow).where(ApiKeyRow.token_hash == hash_token(token))).first()
+    if row is None or row.revoked_at is not None:
+        return None
+    return Principal(key_id=row.id, name=row.name, role=Role(row.role), ward_code=row.ward_code)

@@ -1,0 +1,438 @@
+"""Accepting, cancelling and reading broadcasts.
+
+Acceptance is one transaction: the broadcast, one delivery per device (queued) and one outbox command
+per delivery. Only then does the dispatcher see the commands, so an accepted broadcast survives a crash.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import Engine, insert, update
+from sqlmodel import Session, col, select
+
+from controller.domain.areas import Area, AreaTree
+from controller.domain.clock import Clock, rfc3339
+from controller.domain.deliveries import DeliveryState
+from controller.domain.planner import DeviceEntry, TargetError, Targets, resolve_targets
+from controller.domain.priority import Priority, PriorityClass
+from controller.services.auth import Action, Principal
+from controller.services.dispatcher import STOP_RANK, Dispatcher, QueuedCommand
+from controller.services.tracker import DeliveryTracker, TrackedDelivery, expected_play_seconds
+from controller.store.models import (
+    AreaRow,
+    BroadcastRow,
+    DeliveryEventRow,
+    DeliveryRow,
+    DeviceRow,
+    MediaRow,
+    OutboxRow,
+)
+
+AUDIO_DEVICE_KINDS = frozenset({"speaker"})
+
+
+class BroadcastError(ValueError):
+    """A request that cannot be accepted; `status` is the HTTP status that fits."""
+
+    def __init__(self, field: str, detail: str, *, status: int = 422) -> None:
+        super().__init__(f"{field}: {detail}")
+        self.field = field
+        self.detail = detail
+        self.status = status
+
+
+@dataclass(frozen=True, slots=True)
+class BroadcastRequest:
+    targets: Targets
+    media_id: str
+    priority: Priority
+    repeats: int
+    max_duration_s: float
+    expires_at: datetime | None
+    mode: str = "live"
+
+
+@dataclass(frozen=True, slots=True)
+class AcceptedBroadcast:
+    id: str
+    device_count: int
+
+
+def load_area_tree(session: Session) -> AreaTree:
+    rows = session.exec(select(AreaRow)).all()
+    return AreaTree(
+        Area(
+            code=r.code,
+            name=r.name,
+            kind=r.kind,
+            parent_code=r.parent_code,
+            lat=r.lat,
+            lon=r.lon,
+            admin_code=r.admin_code,
+        )
+        for r in rows
+    )
+
+
+def principal_scope_check(principal: Principal, tree: AreaTree, area_codes: list[str]) -> None:
+    """A key bound to a ward may only reach areas inside it."""
+    if principal.ward_code is None:
+        return
+    for index, code in enumerate(area_codes):
+        if code in tree and not tree.is_within(code, principal.ward_code):
+            raise BroadcastError(
+                f"targets.areas[{index}]",
+                f"area {code!r} is outside ward {principal.ward_code!r} of this key",
+                status=403,
+            )
+
+
+class BroadcastService:
+    def __init__(
+        self,
+        engine: Engine,
+        dispatcher: Dispatcher,
+        tracker: DeliveryTracker,
+        clock: Clock,
+        *,
+        media_base_url: str,
+        default_expiry_s: int,
+    ) -> None:
+        self._engine = engine
+        self._dispatcher = dispatcher
+        self._tracker = tracker
+        self._clock = clock
+        self._media_base_url = media_base_url.rstrip("/")
+        self._default_expiry = timedelta(seconds=default_expiry_s)
+        self._cancel_lock = asyncio.Lock()
+
+    async def create(self, request: BroadcastRequest, principal: Principal) -> AcceptedBroadcast:
+        if request.priority.priority_class is PriorityClass.EMERGENCY and not principal.may(
+            Action.BROADCAST_EMERGENCY
+        ):
+            raise BroadcastError(
+                "priority", f"role {principal.role} may not send emergency broadcasts", status=403
+            )
+        accepted, commands, tracked = await asyncio.to_thread(self._accept, request, principal)
+        for delivery in tracked:
+            self._tracker.track(delivery)
+        self._dispatcher.submit(commands)
+        return accepted
+
+    def _accept(
+        self, request: BroadcastRequest, principal: Principal
+    ) -> tuple[AcceptedBroadcast, list[QueuedCommand], list[TrackedDelivery]]:
+        now = self._clock.now()
+        expires_at = request.expires_at or now + self._default_expiry
+        if expires_at <= now:
+            raise BroadcastError("expires_at", "is already in the past")
+        with Session(self._engine, expire_on_commit=False) as session:
+            media = session.get(MediaRow, request.media_id)
+            if media is None:
+                raise BroadcastError("content.media_id", f"unknown media {request.media_id!r}", status=404)
+            tree = load_area_tree(session)
+            principal_scope_check(principal, tree, list(request.targets.areas))
+            devices = [
+                DeviceEntry(
+                    id=d.id,
+                    kind=d.kind,
+                    area_code=d.area_code,
+                    address=d.address,
+                    transport=d.transport,
+                    enabled=d.enabled,
+                )
+                for d in session.exec(select(DeviceRow)).all()
+            ]
+            try:
+                chosen = resolve_targets(request.targets, tree, devices, kinds=AUDIO_DEVICE_KINDS)
+            except TargetError as error:
+                raise BroadcastError(error.field, error.detail) from error
+            if principal.ward_code is not None:
+                for device in chosen:
+                    if not tree.is_within(device.area_code, principal.ward_code):
+                        raise BroadcastError(
+                            "targets.devices",
+                            f"device {device.id!r} is outside ward {principal.ward_code!r} of this key",
+                            status=403,
+                        )
+            broadcast_id = str(uuid.uuid4())
+            session.add(
+                BroadcastRow(
+                    id=broadcast_id,
+                    media_id=media.id,
+                    priority_class=request.priority.priority_class.value,
+                    sub_priority=request.priority.sub,
+                    rank=request.priority.rank,
+                    mode=request.mode,
+                    repeats=request.repeats,
+                    max_duration_s=request.max_duration_s,
+                    targets={"areas": list(request.targets.areas), "devices": list(request.targets.devices)},
+                    created_by=principal.key_id,
+                    created_at=now,
+                    expires_at=expires_at,
+                )
+            )
+            session.flush()
+            deliveries: list[dict[str, Any]] = []
+            outbox: list[dict[str, Any]] = []
+            for device in chosen:
+                delivery_id = str(uuid.uuid4())
+                command_id = str(uuid.uuid4())
+                deliveries.append(
+                    {
+                        "id": delivery_id,
+                        "broadcast_id": broadcast_id,
+                        "device_id": device.id,
+                        "command_id": command_id,
+                        "state": DeliveryState.QUEUED.value,
+                        "state_at": now,
+                    }
+                )
+                outbox.append(
+                    {
+                        "device_id": device.id,
+                        "command_id": command_id,
+                        "delivery_id": delivery_id,
+                        "kind": "play",
+                        "rank": request.priority.rank,
+                        "created_at": now,
+                        "expires_at": expires_at,
+                        "published_at": None,
+                        "document": self._play_document(
+                            request, broadcast_id, delivery_id, command_id, device, media, now, expires_at
+                        ),
+                    }
+                )
+            session.connection().execute(insert(DeliveryRow), deliveries)
+            session.connection().execute(
+                insert(DeliveryEventRow),
+                [
+                    {
+                        "delivery_id": d["id"],
+                        "state": DeliveryState.QUEUED.value,
+                        "at": now,
+                        "source": "controller",
+                        "detail": None,
+                    }
+                    for d in deliveries
+                ],
+            )
+            session.connection().execute(insert(OutboxRow), outbox)
+            session.commit()
+            rows = session.exec(
+                select(OutboxRow).where(col(OutboxRow.command_id).in_([o["command_id"] for o in outbox]))
+            ).all()
+        address_of = {device.id: device.address for device in chosen}
+        commands = [QueuedCommand.from_row(row, address_of[row.device_id]) for row in rows]
+        expected = expected_play_seconds(media.duration_s, request.repeats, request.max_duration_s)
+        tracked = [
+            TrackedDelivery(
+                delivery_id=d["id"],
+                broadcast_id=broadcast_id,
+                device_id=d["device_id"],
+                command_id=d["command_id"],
+                state=DeliveryState.QUEUED,
+                expires_at=expires_at,
+                expected_play_s=expected,
+            )
+            for d in deliveries
+        ]
+        return AcceptedBroadcast(id=broadcast_id, device_count=len(chosen)), commands, tracked
+
+    def _play_document(
+        self,
+        request: BroadcastRequest,
+        broadcast_id: str,
+        delivery_id: str,
+        command_id: str,
+        device: DeviceEntry,
+        media: MediaRow,
+        now: datetime,
+        expires_at: datetime,
+    ) -> dict[str, Any]:
+        return {
+            "v": 1,
+            "type": "play",
+            "id": command_id,
+            "correlation_id": delivery_id,
+            "device": device.address,
+            "issued_at": rfc3339(now),
+            "expires_at": rfc3339(expires_at),
+            "broadcast_id": broadcast_id,
+            "priority": {
+                "class": request.priority.priority_class.value,
+                "sub": request.priority.sub,
+                "rank": request.priority.rank,
+            },
+            "mode": request.mode,
+            "media": {
+                "url": f"{self._media_base_url}/media/{media.sha256}",
+                "sha256": media.sha256,
+                "duration_s": media.duration_s,
+                "content_type": media.content_type,
+            },
+            "repeats": request.repeats,
+            "max_duration_s": request.max_duration_s,
+        }
+
+    async def cancel(self, broadcast_id: str, principal: Principal) -> int:
+        """Stop the broadcast on every device; returns how many deliveries it ended."""
+        async with self._cancel_lock:
+            row = await asyncio.to_thread(self._get_row, broadcast_id)
+            if row is None:
+                raise BroadcastError("id", f"unknown broadcast {broadcast_id!r}", status=404)
+            await asyncio.to_thread(self._check_scope, row, principal)
+            open_deliveries = self._tracker.open_deliveries_of(broadcast_id)
+            withdrawn = self._withdraw([d.delivery_id for d in open_deliveries])
+            reached = [d for d in open_deliveries if d.delivery_id not in withdrawn]
+            now = self._clock.now()
+            commands = await asyncio.to_thread(self._store_cancel, broadcast_id, withdrawn, reached, now)
+            self._dispatcher.submit(commands)
+            for delivery in open_deliveries:
+                self._tracker.advance(
+                    delivery,
+                    DeliveryState.CANCELLED,
+                    now,
+                    source="controller",
+                    detail=f"cancelled by {principal.name}",
+                )
+            await self._tracker.flush()
+            return len(open_deliveries)
+
+    def _withdraw(self, delivery_ids: list[str]) -> set[str]:
+        return self._dispatcher.withdraw(set(delivery_ids))
+
+    def _get_row(self, broadcast_id: str) -> BroadcastRow | None:
+        with Session(self._engine) as session:
+            return session.get(BroadcastRow, broadcast_id)
+
+    def _check_scope(self, row: BroadcastRow, principal: Principal) -> None:
+        if principal.ward_code is None:
+            return
+        with Session(self._engine) as session:
+            tree = load_area_tree(session)
+            device_areas = session.exec(
+                select(DeviceRow.area_code)
+                .join(DeliveryRow, col(DeliveryRow.device_id) == col(DeviceRow.id))
+                .where(DeliveryRow.broadcast_id == row.id)
+            ).all()
+        if any(not tree.is_within(code, principal.ward_code) for code in set(device_areas)):
+            raise BroadcastError("id", "this broadcast reaches devices outside the key's ward", status=403)
+
+    def _store_cancel(
+        self, broadcast_id: str, withdrawn: set[str], reached: list[TrackedDelivery], now: datetime
+    ) -> list[QueuedCommand]:
+        with Session(self._engine) as session:
+            session.connection().execute(
+                update(BroadcastRow).where(col(BroadcastRow.id) == broadcast_id).values(cancelled_at=now)
+            )
+            if withdrawn:
+                session.connection().execute(
+                    update(OutboxRow)
+                    .where(col(OutboxRow.delivery_id).in_(withdrawn), col(OutboxRow.published_at).is_(None))
+                    .values(published_at=now)
+                )
+            addresses = dict(
+                session.exec(
+                    select(DeviceRow.id, DeviceRow.address).where(
+                        col(DeviceRow.id).in_([d.device_id for d in reached])
+                    )
+                ).all()
+            )
+            stops = [
+                OutboxRow(
+                    device_id=delivery.device_id,
+                    command_id=(stop_id := str(uuid.uuid4())),
+                    delivery_id=delivery.delivery_id,
+                    kind="stop",
+                    rank=STOP_RANK,
+                    created_at=now,
+                    expires_at=delivery.expires_at,
+                    document={
+                        "v": 1,
+                        "type": "stop",
+                        "id": stop_id,
+                        "correlation_id": delivery.delivery_id,
+                        "device": addresses[delivery.device_id],
+                        "issued_at": rfc3339(now),
+                        "expires_at": rfc3339(delivery.expires_at),
+                        "target": delivery.command_id,
+                        "reason": "cancelled",
+                    },
+                )
+                for delivery in reached
+            ]
+            session.add_all(stops)
+            session.commit()
+            for stop in stops:
+                session.refresh(stop)
+            return [QueuedCommand.from_row(stop, addresses[stop.device_id]) for stop in stops]
+
+    def describe(self, broadcast_id: str, principal: Principal) -> dict[str, Any]:
+        with Session(self._engine) as session:
+            row = session.get(BroadcastRow, broadcast_id)
+            if row is None:
+                raise BroadcastError("id", f"unknown broadcast {broadcast_id!r}", status=404)
+            self._check_scope(row, principal)
+            deliveries = session.exec(
+                select(DeliveryRow)
+                .where(DeliveryRow.broadcast_id == broadcast_id)
+                .order_by(col(DeliveryRow.device_id))
+            ).all()
+            events = session.exec(
+                select(DeliveryEventRow)
+                .join(DeliveryRow, col(DeliveryRow.id) == col(DeliveryEventRow.delivery_id))
+                .where(DeliveryRow.broadcast_id == broadcast_id)
+                .order_by(col(DeliveryEventRow.id))
+            ).all()
+        events_of: dict[str, list[dict[str, Any]]] = {}
+        # The log reads in the order of the state machine; a fact that arrived late still sits in its place.
+        for event in sorted(events, key=lambda e: (DeliveryState(e.state).progress, e.id or 0)):
+            events_of.setdefault(event.delivery_id, []).append(
+                {
+                    "state": event.state,
+                    "at": rfc3339(event.at),
+                    "source": event.source,
+                    "detail": event.detail,
+                }
+            )
+        states = [DeliveryState(d.state) for d in deliveries]
+        if row.cancelled_at is not None:
+            overall = "cancelled"
+        elif all(state.is_terminal for state in states):
+            overall = "finished"
+        else:
+            overall = "active"
+        return {
+            "id": row.id,
+            "state": overall,
+            "priority": row.priority_class,
+            "sub_priority": row.sub_priority,
+            "mode": row.mode,
+            "media_id": row.media_id,
+            "repeats": row.repeats,
+            "max_duration_s": row.max_duration_s,
+            "targets": row.targets,
+            "created_at": rfc3339(row.created_at),
+            "expires_at": rfc3339(row.expires_at),
+            "cancelled_at": rfc3339(row.cancelled_at) if row.cancelled_at else None,
+            "device_count": len(deliveries),
+            "counts": {state.value: states.count(state) for state in DeliveryState if state in states},
+            "deliveries": [
+                {
+                    "id": d.id,
+                    "device_id": d.device_id,
+                    "command_id": d.command_id,
+                    "state": d.state,
+                    "detail": d.detail,
+                    "played_s": d.played_s,
+                    "events": events_of.get(d.id, []),
+                }
+                for d in deliveries
+            ],
+        }

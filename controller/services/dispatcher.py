@@ -1,0 +1,213 @@
+"""The dispatcher: one priority-aware queue and one worker per device, fed by the durable outbox.
+
+A command reaches the outbox table in the same transaction that accepted it; the worker publishes it
+and it leaves the outbox (published_at is set) only after the broker acknowledged it. After a crash,
+`load_outbox` picks up what was never acknowledged; devices dedupe by command id, so a command that
+was acknowledged just before the crash plays once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+import structlog
+from prometheus_client import Counter
+from sqlalchemy import Engine
+from sqlmodel import Session, col, select
+
+from controller.domain.clock import Clock
+from controller.domain.deliveries import DeliveryState
+from controller.services.tracker import DeliveryTracker
+from controller.store.models import DeviceRow, OutboxRow
+from drivers.base import DeviceCommand, DeviceTimeout, DeviceUnreachable, Driver, DriverError
+
+log = structlog.get_logger(__name__)
+
+COMMANDS_PUBLISHED = Counter(
+    "wardcast_commands_published_total", "Commands the broker acknowledged", ["kind"]
+)
+PUBLISH_FAILURES = Counter("wardcast_publish_failures_total", "Failed publish attempts", ["reason"])
+
+# Stops jump ahead of every play, whatever its priority.
+STOP_RANK = 1 << 20
+_RETRY_MIN_S = 0.2
+_RETRY_MAX_S = 5.0
+
+
+@dataclass(order=True, slots=True)
+class QueuedCommand:
+    sort_key: tuple[int, int]
+    outbox_id: int = field(compare=False)
+    device_id: str = field(compare=False)
+    address: str = field(compare=False)
+    command_id: str = field(compare=False)
+    delivery_id: str | None = field(compare=False)
+    kind: str = field(compare=False)
+    document: dict[str, Any] = field(compare=False)
+    expires_at: datetime = field(compare=False)
+
+    @classmethod
+    def from_row(cls, row: OutboxRow, address: str) -> QueuedCommand:
+        assert row.id is not None  # noqa: S101  (rows come from the database)
+        return cls(
+            sort_key=(-row.rank, row.id),
+            outbox_id=row.id,
+            device_id=row.device_id,
+            address=address,
+            command_id=row.command_id,
+            delivery_id=row.delivery_id,
+            kind=row.kind,
+            document=row.document,
+            expires_at=row.expires_at,
+        )
+
+    def wire_document(self) -> dict[str, Any]:
+        return {**self.document, "seq": self.outbox_id}
+
+
+class _Lane:
+    """One device's queue and the task that drains it in priority order."""
+
+    def __init__(self) -> None:
+        self.heap: list[QueuedCommand] = []
+        self.wake = asyncio.Event()
+        self.task: asyncio.Task[None] | None = None
+
+
+class Dispatcher:
+    def __init__(
+        self,
+        engine: Engine,
+        driver: Driver,
+        tracker: DeliveryTracker,
+        clock: Clock,
+        *,
+        publish_timeout_s: float,
+    ) -> None:
+        self._engine = engine
+        self._driver = driver
+        self._tracker = tracker
+        self._clock = clock
+        self._publish_timeout_s = publish_timeout_s
+        self._lanes: dict[str, _Lane] = {}
+        self._link_up = asyncio.Event()
+        self._closed = False
+
+    def load_outbox(self) -> list[QueuedCommand]:
+        """Every command accepted but never acknowledged by the broker, oldest first."""
+        with Session(self._engine) as session:
+            rows = session.exec(
+                select(OutboxRow, DeviceRow.address)
+                .join(DeviceRow, col(DeviceRow.id) == col(OutboxRow.device_id))
+                .where(col(OutboxRow.published_at).is_(None))
+                .order_by(col(OutboxRow.id))
+            ).all()
+        return [QueuedCommand.from_row(row, address) for row, address in rows]
+
+    def submit(self, commands: list[QueuedCommand]) -> None:
+        for command in commands:
+            lane = self._lanes.get(command.device_id)
+            if lane is None:
+                lane = self._lanes[command.device_id] = _Lane()
+            heapq.heappush(lane.heap, command)
+            lane.wake.set()
+            if lane.task is None or lane.task.done():
+                lane.task = asyncio.create_task(self._drain(lane), name=f"lane-{command.device_id}")
+
+    def withdraw(self, delivery_ids: set[str]) -> set[str]:
+        """Drop still-queued plays of these deliveries (a cancel); return the deliveries dropped."""
+        dropped: set[str] = set()
+        for lane in self._lanes.values():
+            kept: list[QueuedCommand] = []
+            for command in lane.heap:
+                if command.kind == "play" and command.delivery_id in delivery_ids:
+                    dropped.add(command.delivery_id)
+                else:
+                    kept.append(command)
+            if len(kept) != len(lane.heap):
+                heapq.heapify(kept)
+                lane.heap = kept
+        return dropped
+
+    def link_changed(self, *, up: bool) -> None:
+        if up:
+            self._link_up.set()
+        else:
+            self._link_up.clear()
+
+    async def close(self) -> None:
+        self._closed = True
+        tasks = [lane.task for lane in self._lanes.values() if lane.task is not None]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    @property
+    def queued_count(self) -> int:
+        return sum(len(lane.heap) for lane in self._lanes.values())
+
+    async def _drain(self, lane: _Lane) -> None:
+        retry_s = _RETRY_MIN_S
+        while lane.heap and not self._closed:
+            command = heapq.heappop(lane.heap)
+            if command.kind == "play" and command.expires_at <= self._clock.now():
+                self._expire_unsent(command)
+                continue
+            handed_over_at = self._clock.now()
+            try:
+                await self._driver.send(
+                    DeviceCommand(
+                        address=command.address,
+                        command_id=command.command_id,
+                        document=command.wire_document(),
+                        expires_at=command.expires_at,
+                    ),
+                    timeout=self._publish_timeout_s,
+                )
+            except (DeviceUnreachable, DeviceTimeout) as error:
+                PUBLISH_FAILURES.labels(type(error).__name__).inc()
+                heapq.heappush(lane.heap, command)
+                # Back off, and come back at once when the link is known to be up again.
+                self._link_up.clear()
+                try:
+                    await asyncio.wait_for(self._link_up.wait(), timeout=retry_s)
+                except TimeoutError:
+                    retry_s = min(retry_s * 2, _RETRY_MAX_S)
+                continue
+            except DriverError as error:
+                PUBLISH_FAILURES.labels(type(error).__name__).inc()
+                log.warning(
+                    "command refused by the transport", command_id=command.command_id, error=str(error)
+                )
+                self._fail_unsent(command, str(error))
+                continue
+            retry_s = _RETRY_MIN_S
+            COMMANDS_PUBLISHED.labels(command.kind).inc()
+            # "sent" is dated when the command was handed to the broker: the PUBACK can be processed
+            # after the device has already reported receiving it.
+            self._tracker.mark_published(command.outbox_id, command.delivery_id, handed_over_at)
+            log.debug("command published", command_id=command.command_id, device_id=command.device_id)
+
+    def _expire_unsent(self, command: QueuedCommand) -> None:
+        now = self._clock.now()
+        self._tracker.mark_published(command.outbox_id, None, now)
+        delivery = self._tracker.get(command.delivery_id) if command.delivery_id else None
+        if delivery is not None:
+            self._tracker.advance(
+                delivery,
+                DeliveryState.EXPIRED,
+                now,
+                source="controller",
+                detail="expired before it could be sent",
+            )
+
+    def _fail_unsent(self, command: QueuedCommand, detail: str) -> None:
+        now = self._clock.now()
+        self._tracker.mark_published(command.outbox_id, None, now)
+        delivery = self._tracker.get(command.delivery_id) if command.delivery_id else None
+        if delivery is not None:
+            self._tracker.advance(delivery, DeliveryState.FAILED, now, source="controller", detail=detail)

@@ -1,0 +1,119 @@
+"""What devices say on their own: command reports, availability, telemetry, malformed payloads."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import structlog
+from prometheus_client import Counter
+from sqlalchemy import Engine
+from sqlmodel import Session, select
+
+from controller.domain.clock import Clock
+from controller.domain.deliveries import state_from_report
+from controller.services.tracker import DeliveryTracker
+from controller.store.models import DeviceRow
+from drivers.base import CommandReport, DeviceState, InboundEvent, MalformedPayload, TelemetryReading
+
+log = structlog.get_logger(__name__)
+_MAX_UNREGISTERED = 100_000
+
+INBOUND_MESSAGES = Counter("wardcast_inbound_messages_total", "Messages from devices", ["kind"])
+REJECTED_PAYLOADS = Counter(
+    "wardcast_rejected_payloads_total",
+    "Device payloads that were malformed or from unknown devices",
+    ["reason"],
+)
+
+
+class DeviceDirectory:
+    """Transport address → device id, kept in memory because every inbound message needs it."""
+
+    def __init__(self, engine: Engine) -> None:
+        self._engine = engine
+        self._by_address: dict[tuple[str, str], str] = {}
+
+    def reload(self) -> None:
+        with Session(self._engine) as session:
+            rows = session.exec(select(DeviceRow.transport, DeviceRow.address, DeviceRow.id)).all()
+        self._by_address = {(transport, address): device_id for transport, address, device_id in rows}
+
+    def device_id(self, transport: str, address: str) -> str | None:
+        return self._by_address.get((transport, address))
+
+    def put(self, transport: str, address: str, device_id: str) -> None:
+        self._by_address = {k: v for k, v in self._by_address.items() if v != device_id}
+        self._by_address[(transport, address)] = device_id
+
+    def remove(self, device_id: str) -> None:
+        self._by_address = {k: v for k, v in self._by_address.items() if v != device_id}
+
+
+class InboundProcessor:
+    def __init__(
+        self, transport: str, directory: DeviceDirectory, tracker: DeliveryTracker, clock: Clock
+    ) -> None:
+        self._transport = transport
+        self._clock = clock
+        self._directory = directory
+        self._tracker = tracker
+        self._unknown_logged: set[str] = set()
+        # The last state of addresses not registered yet: retained states arrive once, at subscribe
+        # time, and a device registered later must not look offline until it next changes.
+        self._unregistered_states: dict[str, DeviceState] = {}
+
+    async def run(self, events: AsyncIterator[InboundEvent]) -> None:
+        async for event in events:
+            self.handle(event)
+
+    def handle(self, event: InboundEvent) -> None:
+        if isinstance(event, MalformedPayload):
+            INBOUND_MESSAGES.labels("malformed").inc()
+            REJECTED_PAYLOADS.labels("malformed").inc()
+            log.warning(
+                "malformed device payload", topic=event.topic, address=event.address, reason=event.reason
+            )
+            return
+        device_id = self._directory.device_id(self._transport, event.address)
+        if device_id is None:
+            if isinstance(event, DeviceState) and len(self._unregistered_states) < _MAX_UNREGISTERED:
+                self._unregistered_states[event.address] = event
+            REJECTED_PAYLOADS.labels("unknown_device").inc()
+            if event.address not in self._unknown_logged:
+                self._unknown_logged.add(event.address)
+                log.warning("message from an unknown device", address=event.address)
+            return
+        if isinstance(event, CommandReport):
+            INBOUND_MESSAGES.labels("report").inc()
+            self._report(event)
+        elif isinstance(event, DeviceState):
+            INBOUND_MESSAGES.labels("state").inc()
+            at = event.at or self._clock.now()
+            self._tracker.device_seen(device_id, online=event.online, at=at, status=dict(event.attributes))
+        elif isinstance(event, TelemetryReading):
+            INBOUND_MESSAGES.labels("telemetry").inc()
+
+    def device_registered(self, address: str) -> None:
+        """Apply the state an address announced before it was registered."""
+        state = self._unregistered_states.pop(address, None)
+        if state is not None:
+            self._unknown_logged.discard(address)
+            self.handle(state)
+
+    def _report(self, report: CommandReport) -> None:
+        delivery = self._tracker.by_command(report.command_id)
+        if delivery is None:
+            # Stop acknowledgements and reports on long-finished deliveries land here.
+            log.debug("report for no open delivery", command_id=report.command_id, state=report.state)
+            return
+        state = state_from_report(report.state)
+        if state is None:
+            REJECTED_PAYLOADS.labels("unknown_state").inc()
+            log.warning("unknown report state", command_id=report.command_id, state=report.state)
+            return
+        detail = report.detail
+        if report.state == "rejected":
+            detail = f"rejected by the device: {report.detail or 'no reason given'}"
+        self._tracker.advance(
+            delivery, state, report.at, source="device", detail=detail, played_s=report.played_s
+        )

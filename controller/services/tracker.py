@@ -1,0 +1,340 @@
+"""Delivery state tracking: the single writer of delivery states.
+
+Device reports, broker acknowledgements, expiry and cancellation all pass through here, so the
+rule that states never go backwards is enforced in one place. Writes are batched into one
+transaction per flush (every `flush_interval_s`), which keeps 5,000 simultaneous acks cheap.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+
+import structlog
+from prometheus_client import Counter
+from sqlalchemy import Engine, bindparam, insert, update
+from sqlalchemy.exc import SQLAlchemyError
+from sqlmodel import Session, col, select
+
+from controller.domain.clock import Clock, rfc3339
+from controller.domain.deliveries import DeliveryState, can_advance
+from controller.services.events import EventBus
+from controller.store.models import (
+    BroadcastRow,
+    DeliveryEventRow,
+    DeliveryRow,
+    DeviceRow,
+    MediaRow,
+    OutboxRow,
+)
+
+log = structlog.get_logger(__name__)
+
+_KEEP_ENDED = timedelta(minutes=5)
+_SWEEP_EVERY = timedelta(milliseconds=500)
+DELIVERY_TRANSITIONS = Counter("wardcast_delivery_transitions_total", "Delivery state changes", ["state"])
+
+
+@dataclass(slots=True)
+class TrackedDelivery:
+    delivery_id: str
+    broadcast_id: str
+    device_id: str
+    command_id: str
+    state: DeliveryState
+    expires_at: datetime
+    expected_play_s: float
+    playing_since: datetime | None = None
+    ended_at: datetime | None = None
+    recorded: set[DeliveryState] = field(default_factory=set)
+
+
+@dataclass(slots=True)
+class _PendingWrites:
+    delivery_updates: list[dict[str, Any]] = field(default_factory=list)
+    played: list[dict[str, Any]] = field(default_factory=list)
+    events: list[dict[str, Any]] = field(default_factory=list)
+    published: list[dict[str, Any]] = field(default_factory=list)
+    devices: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # Published only after the writes commit, so that whoever sees an event can read it back.
+    notifications: list[dict[str, Any]] = field(default_factory=list)
+
+    def merged_with(self, newer: _PendingWrites) -> _PendingWrites:
+        return _PendingWrites(
+            delivery_updates=self.delivery_updates + newer.delivery_updates,
+            played=self.played + newer.played,
+            events=self.events + newer.events,
+            published=self.published + newer.published,
+            devices={**self.devices, **newer.devices},
+            notifications=self.notifications + newer.notifications,
+        )
+
+    def __bool__(self) -> bool:
+        return bool(self.delivery_updates or self.played or self.events or self.published or self.devices)
+
+
+class DeliveryTracker:
+    def __init__(
+        self,
+        engine: Engine,
+        bus: EventBus,
+        clock: Clock,
+        *,
+        completion_grace_s: float,
+        flush_interval_s: float = 0.05,
+    ) -> None:
+        self._engine = engine
+        self._bus = bus
+        self._clock = clock
+        self._grace = timedelta(seconds=completion_grace_s)
+        self._flush_interval_s = flush_interval_s
+        self._by_delivery: dict[str, TrackedDelivery] = {}
+        self._by_command: dict[str, str] = {}
+        self._pending = _PendingWrites()
+
+    # -- loading -------------------------------------------------------------------------------
+    def load_open_deliveries(self) -> None:
+        """Start tracking every delivery that has not ended (after a restart)."""
+        terminal = [state.value for state in DeliveryState if state.is_terminal]
+        with Session(self._engine) as session:
+            rows = session.exec(
+                select(DeliveryRow, BroadcastRow, MediaRow)
+                .join(BroadcastRow, col(BroadcastRow.id) == col(DeliveryRow.broadcast_id))
+                .join(MediaRow, col(MediaRow.id) == col(BroadcastRow.media_id))
+                .where(col(DeliveryRow.state).not_in(terminal))
+            ).all()
+            for delivery, broadcast, media in rows:
+                self.track(
+                    TrackedDelivery(
+                        delivery_id=delivery.id,
+                        broadcast_id=broadcast.id,
+                        device_id=delivery.device_id,
+                        command_id=delivery.command_id,
+                        state=DeliveryState(delivery.state),
+                        expires_at=broadcast.expires_at,
+                        expected_play_s=expected_play_seconds(
+                            media.duration_s, broadcast.repeats, broadcast.max_duration_s
+                        ),
+                        playing_since=delivery.state_at if delivery.state == DeliveryState.PLAYING else None,
+                    )
+                )
+
+    def track(self, delivery: TrackedDelivery) -> None:
+        # States up to the current one are already in the log (from the DB, or as `queued` when new).
+        delivery.recorded.update(
+            s for s in DeliveryState if not s.is_terminal and s.progress <= delivery.state.progress
+        )
+        self._by_delivery[delivery.delivery_id] = delivery
+        self._by_command[delivery.command_id] = delivery.delivery_id
+
+    def get(self, delivery_id: str) -> TrackedDelivery | None:
+        return self._by_delivery.get(delivery_id)
+
+    def by_command(self, command_id: str) -> TrackedDelivery | None:
+        delivery_id = self._by_command.get(command_id)
+        return self._by_delivery.get(delivery_id) if delivery_id else None
+
+    def open_deliveries_of(self, broadcast_id: str) -> list[TrackedDelivery]:
+        return [
+            d
+            for d in self._by_delivery.values()
+            if d.broadcast_id == broadcast_id and not d.state.is_terminal
+        ]
+
+    def open_deliveries(self) -> Iterable[TrackedDelivery]:
+        return (d for d in self._by_delivery.values() if not d.state.is_terminal)
+
+    # -- changes -------------------------------------------------------------------------------
+    def advance(
+        self,
+        delivery: TrackedDelivery,
+        state: DeliveryState,
+        at: datetime,
+        *,
+        source: str,
+        detail: str | None = None,
+        played_s: float | None = None,
+    ) -> bool:
+        """Record `state` if it moves the delivery forward; return whether it did.
+
+        A fact that arrives after a later one (the broker's PUBACK processed after the device already
+        reported `delivered`) is still logged with its own time, without moving the state back.
+        """
+        if played_s is not None:
+            # A device's "stopped" after a cancel changes no state but still tells how long it played.
+            self._pending.played.append({"b_id": delivery.delivery_id, "b_played_s": played_s})
+        if not can_advance(delivery.state, state):
+            if (
+                state.progress < delivery.state.progress
+                and not state.is_terminal
+                and state not in delivery.recorded
+            ):
+                delivery.recorded.add(state)
+                self._pending.events.append(
+                    {
+                        "delivery_id": delivery.delivery_id,
+                        "state": state.value,
+                        "at": at,
+                        "source": source,
+                        "detail": detail,
+                    }
+                )
+            return False
+        delivery.state = state
+        delivery.recorded.add(state)
+        if state is DeliveryState.PLAYING:
+            delivery.playing_since = at
+        self._pending.delivery_updates.append(
+            {"b_id": delivery.delivery_id, "b_state": state.value, "b_state_at": at, "b_detail": detail}
+        )
+        self._pending.events.append(
+            {
+                "delivery_id": delivery.delivery_id,
+                "state": state.value,
+                "at": at,
+                "source": source,
+                "detail": detail,
+            }
+        )
+        DELIVERY_TRANSITIONS.labels(state.value).inc()
+        self._pending.notifications.append(
+            {
+                "type": "delivery",
+                "broadcast_id": delivery.broadcast_id,
+                "delivery_id": delivery.delivery_id,
+                "device_id": delivery.device_id,
+                "state": state.value,
+                "at": rfc3339(at),
+                "detail": detail,
+            }
+        )
+        if state.is_terminal:
+            delivery.ended_at = at
+        return True
+
+    def mark_published(self, outbox_id: int, delivery_id: str | None, at: datetime) -> None:
+        self._pending.published.append({"b_id": outbox_id, "b_at": at})
+        delivery = self._by_delivery.get(delivery_id) if delivery_id else None
+        if delivery is not None:
+            self.advance(delivery, DeliveryState.SENT, at, source="broker")
+
+    def device_seen(self, device_id: str, *, online: bool, at: datetime, status: dict[str, Any]) -> None:
+        self._pending.devices[device_id] = {
+            "b_id": device_id,
+            "b_online": online,
+            "b_last_seen": at,
+            "b_status": status,
+        }
+        self._pending.notifications.append(
+            {"type": "device", "device_id": device_id, "online": online, "at": rfc3339(at), "status": status}
+        )
+
+    def expire_overdue(self) -> None:
+        """Expire what can no longer start and fail what stopped reporting mid-play."""
+        now = self._clock.now()
+        for delivery in list(self._by_delivery.values()):
+            if delivery.ended_at is not None:
+                # Ended deliveries stay a while so that late reports (played seconds) still find them.
+                if now - delivery.ended_at > _KEEP_ENDED:
+                    self._by_delivery.pop(delivery.delivery_id, None)
+                    self._by_command.pop(delivery.command_id, None)
+                continue
+            if delivery.state is DeliveryState.PLAYING and delivery.playing_since is not None:
+                if now > delivery.playing_since + timedelta(seconds=delivery.expected_play_s) + self._grace:
+                    self.advance(
+                        delivery,
+                        DeliveryState.FAILED,
+                        now,
+                        source="controller",
+                        detail="no completion report from the device",
+                    )
+            elif delivery.state is DeliveryState.DELIVERED:
+                if now > delivery.expires_at + self._grace:
+                    self.advance(
+                        delivery,
+                        DeliveryState.EXPIRED,
+                        now,
+                        source="controller",
+                        detail="device never started it before expiry",
+                    )
+            elif now >= delivery.expires_at:
+                self.advance(
+                    delivery,
+                    DeliveryState.EXPIRED,
+                    now,
+                    source="controller",
+                    detail="expired before the device received it",
+                )
+
+    # -- persistence ---------------------------------------------------------------------------
+    async def run(self) -> None:
+        last_sweep = self._clock.now()
+        while True:
+            await asyncio.sleep(self._flush_interval_s)
+            if self._clock.now() - last_sweep >= _SWEEP_EVERY:
+                last_sweep = self._clock.now()
+                self.expire_overdue()
+            await self.flush()
+
+    async def flush(self) -> None:
+        if not self._pending:
+            return
+        pending, self._pending = self._pending, _PendingWrites()
+        try:
+            await asyncio.to_thread(self._write, pending)
+        except SQLAlchemyError:
+            # Keep the batch and try again on the next flush: a state must not be lost to a DB hiccup.
+            log.exception("writing delivery states failed; will retry")
+            self._pending = pending.merged_with(self._pending)
+            return
+        for notification in pending.notifications:
+            self._bus.publish(notification)
+
+    def _write(self, pending: _PendingWrites) -> None:
+        with Session(self._engine) as session:
+            if pending.delivery_updates:
+                session.connection().execute(
+                    update(DeliveryRow)
+                    .where(col(DeliveryRow.id) == bindparam("b_id"))
+                    .values(
+                        state=bindparam("b_state"),
+                        state_at=bindparam("b_state_at"),
+                        detail=bindparam("b_detail"),
+                    ),
+                    pending.delivery_updates,
+                )
+            if pending.played:
+                session.connection().execute(
+                    update(DeliveryRow)
+                    .where(col(DeliveryRow.id) == bindparam("b_id"))
+                    .values(played_s=bindparam("b_played_s")),
+                    pending.played,
+                )
+            if pending.events:
+                session.connection().execute(insert(DeliveryEventRow), pending.events)
+            if pending.published:
+                session.connection().execute(
+                    update(OutboxRow)
+                    .where(col(OutboxRow.id) == bindparam("b_id"))
+                    .values(published_at=bindparam("b_at")),
+                    pending.published,
+                )
+            if pending.devices:
+                session.connection().execute(
+                    update(DeviceRow)
+                    .where(col(DeviceRow.id) == bindparam("b_id"))
+                    .values(
+                        online=bindparam("b_online"),
+                        last_seen=bindparam("b_last_seen"),
+                        status=bindparam("b_status"),
+                    ),
+                    list(pending.devices.values()),
+                )
+            session.commit()
+
+
+def expected_play_seconds(duration_s: float, repeats: int, max_duration_s: float) -> float:
+    return min(duration_s * repeats, max_duration_s)

@@ -1,0 +1,188 @@
+"""Configuration: `config.yaml`, overridden by `WARDCAST_<SECTION>__<KEY>` environment variables.
+
+Everything is validated before anything starts; an error names the key (e.g. `mqtt.url`).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated, Literal, Self
+from urllib.parse import urlsplit
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    YamlConfigSettingsSource,
+)
+
+CONFIG_ENV_VAR = "WARDCAST_CONFIG"
+# Values that people copy from examples; a secret equal to one of these is refused.
+_PLACEHOLDER_SECRETS = frozenset(
+    {"", "changeme", "change-me", "secret", "password", "admin", "wardcast", "test"}
+)
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DatabaseSettings(_Section):
+    url: str = "sqlite:///var/wardcast.db"
+    echo: bool = False
+
+    @field_validator("url")
+    @classmethod
+    def _known_scheme(cls, value: str) -> str:
+        scheme = value.split(":", 1)[0]
+        if scheme not in {"sqlite", "postgresql", "postgresql+psycopg"}:
+            raise ValueError("must be a sqlite:/// or postgresql:// URL")
+        if scheme == "postgresql":
+            return "postgresql+psycopg" + value[len("postgresql") :]
+        return value
+
+
+class HttpSettings(_Section):
+    host: str = "127.0.0.1"
+    port: Annotated[int, Field(ge=0, le=65535)] = 8080
+    public_url: str | None = Field(
+        default=None, description="base URL devices use to fetch media; defaults to http://host:port"
+    )
+
+    def base_url(self) -> str:
+        if self.public_url:
+            return self.public_url.rstrip("/")
+        return f"http://{self.host}:{self.port}"
+
+
+class ManagedBrokerSettings(_Section):
+    host: str = "127.0.0.1"
+    port: Annotated[int, Field(ge=0, le=65535)] = 18830
+    state_dir: Path = Path("var/mosquitto")
+
+
+class MqttSettings(_Section):
+    mode: Literal["managed", "external"] = "managed"
+    url: str | None = None
+    username: str | None = None
+    password: SecretStr | None = None
+    client_id: str = "wardcast-controller"
+    protocol: Literal["3.1.1", "5"] = "5"
+    keepalive_s: Annotated[int, Field(ge=5, le=3600)] = 30
+    managed: ManagedBrokerSettings = ManagedBrokerSettings()
+
+    @field_validator("url")
+    @classmethod
+    def _mqtt_url(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        parts = urlsplit(value)
+        if parts.scheme not in {"mqtt", "tcp"} or not parts.hostname:
+            raise ValueError("must look like mqtt://host:port")
+        return value
+
+    @model_validator(mode="after")
+    def _external_needs_url_and_credentials(self) -> Self:
+        if self.mode == "external":
+            if self.url is None:
+                raise ValueError("mqtt.url is required when mqtt.mode is external")
+            if not self.username or self.password is None:
+                raise ValueError("mqtt.username and mqtt.password are required when mqtt.mode is external")
+        if self.password is not None and self.password.get_secret_value().lower() in _PLACEHOLDER_SECRETS:
+            raise ValueError("mqtt.password is a placeholder; set a real secret")
+        return self
+
+
+class MediaSettings(_Section):
+    dir: Path = Path("var/media")
+    max_bytes: Annotated[int, Field(gt=0)] = 50 * 1024 * 1024
+
+
+class DispatchSettings(_Section):
+    default_expiry_s: Annotated[int, Field(gt=0)] = 3600
+    publish_timeout_s: Annotated[float, Field(gt=0)] = 10.0
+    # Slack on top of the media's own duration before a silent device is taken as failed.
+    completion_grace_s: Annotated[float, Field(ge=0)] = 30.0
+
+
+class LoggingSettings(_Section):
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    format: Literal["console", "json"] = "console"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="WARDCAST_",
+        env_nested_delimiter="__",
+        extra="forbid",
+        frozen=True,
+    )
+
+    timezone: str = "Asia/Ho_Chi_Minh"
+    database: DatabaseSettings = DatabaseSettings()
+    http: HttpSettings = HttpSettings()
+    mqtt: MqttSettings = MqttSettings()
+    media: MediaSettings = MediaSettings()
+    dispatch: DispatchSettings = DispatchSettings()
+    logging: LoggingSettings = LoggingSettings()
+    data_dir: Path = Path("var")
+
+    @field_validator("timezone")
+    @classmethod
+    def _known_zone(cls, value: str) -> str:
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError) as error:
+            raise ValueError(f"unknown time zone {value!r}") from error
+        return value
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,  # noqa: ARG003  (no .env files: config.yaml + env)
+        file_secret_settings: PydanticBaseSettingsSource,  # noqa: ARG003
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        config_file = os.environ.get(CONFIG_ENV_VAR)
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        if config_file:
+            sources.append(
+                YamlConfigSettingsSource(settings_cls, yaml_file=config_file, yaml_file_encoding="utf-8")
+            )
+        return tuple(sources)
+
+
+class ConfigError(Exception):
+    """The configuration is invalid; `str()` lists every key at fault."""
+
+
+def _key_of(location: tuple[int | str, ...]) -> str:
+    return ".".join(str(part) for part in location) or "(root)"
+
+
+def load_settings(config_file: Path | None = None) -> Settings:
+    """Read `config_file` (or $WARDCAST_CONFIG) and the environment; raise ConfigError naming each key."""
+    if config_file is not None:
+        if not config_file.is_file():
+            raise ConfigError(f"config file {config_file} does not exist")
+        os.environ[CONFIG_ENV_VAR] = str(config_file)
+    try:
+        return Settings()
+    except ValidationError as error:
+        problems = [f"{_key_of(item['loc'])}: {item['msg']}" for item in error.errors()]
+        raise ConfigError("invalid configuration:\n  " + "\n  ".join(problems)) from error
+    except (OSError, ValueError) as error:  # unreadable file, YAML syntax error
+        raise ConfigError(f"cannot read configuration: {error}") from error

@@ -1,0 +1,148 @@
+"""SQLModel tables. Timestamps are stored as timezone-aware UTC."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import JSON, BigInteger, Column, DateTime, Dialect, Index, TypeDecorator, UniqueConstraint
+from sqlmodel import Field, SQLModel
+
+
+class UtcDateTime(TypeDecorator[datetime]):
+    """Aware UTC datetimes on every backend (SQLite hands back naive ones otherwise)."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:  # noqa: ARG002
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given to a UTC column")
+        return value.astimezone(UTC)
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:  # noqa: ARG002
+        if value is None:
+            return None
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+def _utc_column(*, nullable: bool = True, index: bool = False) -> Any:
+    return Field(default=None, sa_column=Column(UtcDateTime(), nullable=nullable, index=index))
+
+
+class AreaRow(SQLModel, table=True):
+    __tablename__ = "areas"
+
+    code: str = Field(primary_key=True, max_length=64)
+    name: str = Field(max_length=200)
+    kind: str = Field(max_length=16)
+    parent_code: str | None = Field(default=None, foreign_key="areas.code", index=True, max_length=64)
+    admin_code: str | None = Field(default=None, max_length=16)
+    lat: float | None = None
+    lon: float | None = None
+
+
+class DeviceRow(SQLModel, table=True):
+    __tablename__ = "devices"
+    __table_args__ = (UniqueConstraint("transport", "address", name="uq_devices_transport_address"),)
+
+    id: str = Field(primary_key=True, max_length=64)
+    kind: str = Field(max_length=16, index=True)
+    name: str | None = Field(default=None, max_length=200)
+    area_code: str = Field(foreign_key="areas.code", index=True, max_length=64)
+    lat: float | None = None
+    lon: float | None = None
+    transport: str = Field(max_length=16)
+    address: str = Field(max_length=128)
+    enabled: bool = True
+    online: bool = False
+    last_seen: datetime | None = _utc_column()
+    status: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    created_at: datetime = _utc_column(nullable=False)
+
+
+class MediaRow(SQLModel, table=True):
+    __tablename__ = "media"
+
+    id: str = Field(primary_key=True, max_length=36)
+    sha256: str = Field(unique=True, max_length=64)
+    content_type: str = Field(max_length=32)
+    format: str = Field(max_length=16)
+    duration_s: float
+    size_bytes: int = Field(sa_column=Column(BigInteger, nullable=False))
+    filename: str | None = Field(default=None, max_length=255)
+    created_at: datetime = _utc_column(nullable=False)
+
+
+class BroadcastRow(SQLModel, table=True):
+    __tablename__ = "broadcasts"
+
+    id: str = Field(primary_key=True, max_length=36)
+    media_id: str = Field(foreign_key="media.id", max_length=36)
+    priority_class: str = Field(max_length=16)
+    sub_priority: int
+    rank: int
+    mode: str = Field(default="live", max_length=8)
+    repeats: int
+    max_duration_s: float
+    targets: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    created_by: str | None = Field(default=None, max_length=36)
+    created_at: datetime = _utc_column(nullable=False, index=True)
+    expires_at: datetime = _utc_column(nullable=False)
+    cancelled_at: datetime | None = _utc_column()
+
+
+class DeliveryRow(SQLModel, table=True):
+    __tablename__ = "deliveries"
+    __table_args__ = (Index("ix_deliveries_device_state", "device_id", "state"),)
+
+    id: str = Field(primary_key=True, max_length=36)
+    broadcast_id: str = Field(foreign_key="broadcasts.id", index=True, max_length=36)
+    device_id: str = Field(foreign_key="devices.id", max_length=64)
+    command_id: str = Field(unique=True, max_length=36)
+    state: str = Field(max_length=16)
+    state_at: datetime = _utc_column(nullable=False)
+    detail: str | None = Field(default=None, max_length=500)
+    played_s: float | None = None
+
+
+class DeliveryEventRow(SQLModel, table=True):
+    __tablename__ = "delivery_events"
+
+    id: int | None = Field(default=None, primary_key=True)
+    delivery_id: str = Field(foreign_key="deliveries.id", index=True, max_length=36)
+    state: str = Field(max_length=16)
+    at: datetime = _utc_column(nullable=False)
+    source: str = Field(max_length=16)
+    detail: str | None = Field(default=None, max_length=500)
+
+
+class OutboxRow(SQLModel, table=True):
+    """Commands accepted but not yet acknowledged by the broker; `id` doubles as the wire `seq`."""
+
+    __tablename__ = "outbox"
+
+    id: int | None = Field(default=None, primary_key=True)
+    device_id: str = Field(foreign_key="devices.id", index=True, max_length=64)
+    command_id: str = Field(unique=True, max_length=36)
+    delivery_id: str | None = Field(default=None, foreign_key="deliveries.id", max_length=36)
+    kind: str = Field(max_length=8)
+    rank: int
+    document: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    created_at: datetime = _utc_column(nullable=False)
+    expires_at: datetime = _utc_column(nullable=False)
+    published_at: datetime | None = _utc_column(index=True)
+
+
+class ApiKeyRow(SQLModel, table=True):
+    __tablename__ = "api_keys"
+
+    id: str = Field(primary_key=True, max_length=36)
+    name: str = Field(max_length=100)
+    role: str = Field(max_length=16)
+    ward_code: str | None = Field(default=None, foreign_key="areas.code", max_length=64)
+    token_hash: str = Field(unique=True, max_length=64)
+    created_at: datetime = _utc_column(nullable=False)
+    revoked_at: datetime | None = _utc_column()

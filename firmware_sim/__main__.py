@@ -1,0 +1,29 @@
+"""`python -m firmware_sim fleet …`: simulated devices for Wardcast."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+
+from firmware_sim import fleet
+
+_USAGE = """usage: python -m firmware_sim COMMAND [OPTIONS]
+
+commands:
+  fleet    run simulated smart-radio speakers (python -m firmware_sim fleet --help)
+"""
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    arguments = list(sys.argv[1:] if argv is None else argv)
+    command, options = (arguments[0], arguments[1:]) if arguments else ("", [])
+    if command == "fleet":
+        return fleet.main(options)
+    if command == fleet.WORKER_COMMAND:
+        return fleet.worker_main(options)
+    sys.stderr.write(_USAGE)
+    return 0 if command in {"-h", "--help"} else 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

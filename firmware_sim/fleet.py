@@ -1,0 +1,511 @@
+"""Thousands of simulated speakers, in one process or split over several.
+
+    python -m firmware_sim fleet --mqtt-url mqtt://127.0.0.1:1883 --username device --password … \\
+        --count 5000 --prefix sim- --speed 20
+
+prints `READY <n>` on stdout once every speaker is connected and subscribed, and shuts every speaker
+down cleanly (retained `offline`, reason `shutdown`) on SIGTERM or SIGINT, then exits 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import csv
+import dataclasses
+import json
+import logging
+import os
+import signal
+import sys
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Final, Self, cast, get_args
+
+import httpx
+
+from firmware_sim import wire
+from firmware_sim.speaker import (
+    DEFAULT_HTTP_CONNECTIONS,
+    BrokerSettings,
+    MqttProtocol,
+    SimulatedSpeaker,
+    SpeakerRuntime,
+    parse_mqtt_url,
+)
+from firmware_sim.wire import Clock, utc_now
+
+logger = logging.getLogger(__name__)
+
+READY_PREFIX: Final = "READY"
+PASSWORD_ENVIRONMENT_VARIABLE: Final = "WARDCAST_SIM_MQTT_PASSWORD"  # noqa: S105 - a variable name
+WORKER_COMMAND: Final = "fleet-worker"
+_EXIT_OK: Final = 0
+_EXIT_FAILED: Final = 1
+_EXIT_USAGE: Final = 2
+_WORKER_STOP_TIMEOUT_S: Final = 60.0
+
+
+class FleetError(RuntimeError):
+    """The fleet could not be assembled or could not connect."""
+
+
+@dataclass(frozen=True, slots=True)
+class FleetConfig:
+    broker: BrokerSettings
+    addresses: tuple[str, ...]
+    speed: float = 1.0
+    play_log: Path | None = None
+    shared_media_cache: bool = False
+    connect_concurrency: int = 100
+    connect_timeout_s: float = 60.0
+    http_connections: int = DEFAULT_HTTP_CONNECTIONS
+
+    def to_json(self) -> str:
+        document = dataclasses.asdict(self)
+        document["play_log"] = str(self.play_log) if self.play_log is not None else None
+        return json.dumps(document)
+
+    @classmethod
+    def from_json(cls, text: str) -> FleetConfig:
+        document = json.loads(text)
+        play_log = document.pop("play_log")
+        return cls(
+            broker=BrokerSettings(**document.pop("broker")),
+            addresses=tuple(document.pop("addresses")),
+            play_log=Path(play_log) if play_log is not None else None,
+            **document,
+        )
+
+
+class Fleet:
+    """Every speaker of `config` in this process; entering returns once all are subscribed.
+
+    async with Fleet(config) as fleet:
+        fleet.speakers["sim-00001"].playing
+    """
+
+    def __init__(self, config: FleetConfig, *, clock: Clock = utc_now) -> None:
+        for address in config.addresses:
+            if not wire.is_valid_address(address):
+                raise FleetError(f"{address!r} is not a device address ({wire.ADDRESS_PATTERN.pattern})")
+        self.config = config
+        self.runtime = SpeakerRuntime(
+            config.broker,
+            speed=config.speed,
+            clock=clock,
+            play_log=config.play_log,
+            shared_media_cache=config.shared_media_cache,
+            http_connections=config.http_connections,
+        )
+
+    @property
+    def speakers(self) -> Mapping[str, SimulatedSpeaker]:
+        return self.runtime.speakers
+
+    def __len__(self) -> int:
+        return len(self.runtime.speakers)
+
+    async def __aenter__(self) -> Self:
+        try:
+            await self.runtime.__aenter__()
+        except OSError as error:
+            raise FleetError(f"cannot reach the broker {self.config.broker.host}: {error}") from error
+        try:
+            await self._connect_all()
+        except BaseException:
+            await self.runtime.__aexit__(None, None, None)
+            raise
+        return self
+
+    async def __aexit__(
+        self,
+        _type: type[BaseException] | None,
+        _value: BaseException | None,
+        _traceback: TracebackType | None,
+    ) -> None:
+        await self.runtime.__aexit__(None, None, None)
+
+    async def _connect_all(self) -> None:
+        # Bounded so that thousands of CONNECTs (each a password check on the broker) arrive as a
+        # steady stream instead of one storm.
+        gate = asyncio.Semaphore(self.config.connect_concurrency)
+
+        async def connect(speaker: SimulatedSpeaker) -> None:
+            async with gate:
+                await speaker.start(timeout=self.config.connect_timeout_s)
+
+        speakers = [self.runtime.speaker(address) for address in self.config.addresses]
+        results = await asyncio.gather(*(connect(speaker) for speaker in speakers), return_exceptions=True)
+        failures = [
+            (speaker, result) for speaker, result in zip(speakers, results, strict=True) if result is not None
+        ]
+        for _, result in failures:
+            if isinstance(result, asyncio.CancelledError):
+                raise result
+        if failures:
+            speaker, first = failures[0]
+            raise FleetError(
+                f"{len(failures)} of {len(speakers)} speakers could not connect; {speaker.address}: {first!r}"
+            ) from first
+
+
+async def run_fleet(
+    config: FleetConfig,
+    ready: asyncio.Event | None = None,
+    stop: asyncio.Event | None = None,
+    *,
+    clock: Clock = utc_now,
+) -> int:
+    """Runs the fleet until `stop` is set (or the task is cancelled); sets `ready` once all are
+    subscribed. Returns the number of speakers that ran."""
+    async with Fleet(config, clock=clock) as fleet:
+        if ready is not None:
+            ready.set()
+        await (stop.wait() if stop is not None else asyncio.get_running_loop().create_future())
+        return len(fleet)
+
+
+# Where the addresses come from
+
+
+def addresses_from_csv(path: Path) -> list[str]:
+    """The `address` column of the rows whose optional `kind` column is empty or `speaker`."""
+    with path.open(newline="", encoding="utf-8-sig") as source:
+        reader = csv.DictReader(source)
+        if reader.fieldnames is None or "address" not in reader.fieldnames:
+            raise FleetError(f"{path}: the CSV has no 'address' column")
+        addresses = []
+        for line_number, row in enumerate(reader, start=2):
+            kind = (row.get("kind") or "").strip().lower()
+            if kind not in {"", "speaker"}:
+                continue
+            address = (row.get("address") or "").strip()
+            if not address:
+                raise FleetError(f"{path}:{line_number}: the address is empty")
+            addresses.append(address)
+        return addresses
+
+
+def addresses_from_api(base_url: str, token: str, *, timeout_s: float = 30.0) -> list[str]:
+    """The MQTT speakers the controller knows: GET {base_url}/api/v1/devices?kind=speaker."""
+    url = f"{base_url.rstrip('/')}/api/v1/devices"
+    try:
+        response = httpx.get(
+            url, params={"kind": "speaker"}, headers={"Authorization": f"Bearer {token}"}, timeout=timeout_s
+        )
+        response.raise_for_status()
+        document = response.json()
+    except (httpx.HTTPError, ValueError) as error:
+        raise FleetError(f"cannot list the devices at {url}: {error}") from error
+    items = document.get("items") if isinstance(document, dict) else document
+    if not isinstance(items, list):
+        raise FleetError(f"{url} answered neither a list of devices nor an object with 'items'")
+    addresses = []
+    for item in items:
+        if not isinstance(item, dict) or not isinstance(item.get("address"), str):
+            raise FleetError(f"{url}: a device without a string 'address': {item!r}")
+        if item.get("transport") == "mqtt" and item.get("kind", "speaker") == "speaker":
+            addresses.append(item["address"])
+    return addresses
+
+
+def generated_addresses(count: int, prefix: str, start: int = 1) -> list[str]:
+    """`{prefix}{index:05d}` for index = start … start + count - 1, e.g. sim-00001."""
+    return [f"{prefix}{index:05d}" for index in range(start, start + count)]
+
+
+def _unique(addresses: Iterable[str]) -> tuple[str, ...]:
+    return tuple(dict.fromkeys(addresses))
+
+
+def split_evenly(addresses: Sequence[str], parts: int) -> list[tuple[str, ...]]:
+    size, extra = divmod(len(addresses), parts)
+    chunks, begin = [], 0
+    for part in range(parts):
+        end = begin + size + (1 if part < extra else 0)
+        chunks.append(tuple(addresses[begin:end]))
+        begin = end
+    return [chunk for chunk in chunks if chunk]
+
+
+# Command line
+
+
+def build_parser(prog: str = "python -m firmware_sim fleet") -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description="Simulated smart-radio speakers speaking Wardcast MQTT (docs/protocol.md §1).",
+    )
+    broker = parser.add_argument_group("broker")
+    broker.add_argument("--mqtt-url", default="mqtt://127.0.0.1:1883", help="mqtt://host:port")
+    broker.add_argument("--username", help="the device account's user name")
+    broker.add_argument(
+        "--password", help=f"the device account's password (default: ${PASSWORD_ENVIRONMENT_VARIABLE})"
+    )
+    broker.add_argument("--protocol", choices=get_args(MqttProtocol), default="3.1.1")
+    broker.add_argument("--keepalive", type=int, default=30, metavar="SECONDS")
+    broker.add_argument(
+        "--connect-concurrency",
+        type=int,
+        default=100,
+        metavar="N",
+        help="MQTT handshakes in flight at once per process (default: %(default)s)",
+    )
+    devices = parser.add_argument_group("devices (combined, duplicates dropped)")
+    devices.add_argument(
+        "--csv", type=Path, metavar="FILE", help="a CSV with an 'address' and an optional 'kind' column"
+    )
+    devices.add_argument(
+        "--from-api", metavar="URL", help="the controller's base URL, to list its MQTT speakers"
+    )
+    devices.add_argument("--token", help="the API bearer token for --from-api")
+    devices.add_argument("--addresses", metavar="A,B,C", help="comma-separated addresses")
+    devices.add_argument("--count", type=int, default=0, metavar="N", help="generate N addresses")
+    devices.add_argument(
+        "--prefix", default="sim-", help="prefix of generated addresses (default: %(default)s)"
+    )
+    devices.add_argument(
+        "--start", type=int, default=1, help="first index of generated addresses (default: 1)"
+    )
+    behaviour = parser.add_argument_group("behaviour")
+    behaviour.add_argument("--speed", type=float, default=1.0, help="playback runs this many times faster")
+    behaviour.add_argument("--processes", type=int, default=1, help="split the fleet over N worker processes")
+    behaviour.add_argument(
+        "--play-log", type=Path, metavar="FILE", help="append a JSON line per device event here"
+    )
+    behaviour.add_argument(
+        "--shared-media-cache",
+        action="store_true",
+        help="speakers of one process reuse media another one already fetched and verified (load tests)",
+    )
+    behaviour.add_argument(
+        "--http-connections",
+        type=int,
+        default=DEFAULT_HTTP_CONNECTIONS,
+        metavar="N",
+        help="media download connections per process (default: %(default)s)",
+    )
+    behaviour.add_argument("--log-level", default="WARNING", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    return parser
+
+
+def config_from_arguments(arguments: argparse.Namespace) -> FleetConfig:
+    if arguments.speed <= 0:
+        raise FleetError("--speed must be greater than 0")
+    if arguments.processes < 1:
+        raise FleetError("--processes must be at least 1")
+    if arguments.connect_concurrency < 1:
+        raise FleetError("--connect-concurrency must be at least 1")
+    if arguments.http_connections < 1:
+        raise FleetError("--http-connections must be at least 1")
+    try:
+        host, port = parse_mqtt_url(arguments.mqtt_url)
+    except ValueError as error:
+        raise FleetError(str(error)) from error
+    addresses: list[str] = []
+    if arguments.csv is not None:
+        try:
+            addresses += addresses_from_csv(arguments.csv)
+        except OSError as error:
+            raise FleetError(f"cannot read {arguments.csv}: {error}") from error
+    if arguments.from_api is not None:
+        if not arguments.token:
+            raise FleetError("--from-api needs --token")
+        addresses += addresses_from_api(arguments.from_api, arguments.token)
+    if arguments.addresses:
+        addresses += [address.strip() for address in arguments.addresses.split(",") if address.strip()]
+    if arguments.count:
+        addresses += generated_addresses(arguments.count, arguments.prefix, arguments.start)
+    unique = _unique(addresses)
+    if not unique:
+        raise FleetError("no speakers to simulate: give --csv, --from-api, --addresses or --count")
+    invalid = [address for address in unique if not wire.is_valid_address(address)]
+    if invalid:
+        raise FleetError(f"not device addresses ({wire.ADDRESS_PATTERN.pattern}): {', '.join(invalid[:5])}")
+    password = (
+        arguments.password
+        if arguments.password is not None
+        else os.environ.get(PASSWORD_ENVIRONMENT_VARIABLE)
+    )
+    return FleetConfig(
+        broker=BrokerSettings(
+            host=host,
+            port=port,
+            username=arguments.username,
+            password=password,
+            protocol=cast("MqttProtocol", arguments.protocol),
+            keepalive_s=arguments.keepalive,
+        ),
+        addresses=unique,
+        speed=arguments.speed,
+        play_log=arguments.play_log,
+        shared_media_cache=arguments.shared_media_cache,
+        connect_concurrency=arguments.connect_concurrency,
+        http_connections=arguments.http_connections,
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m firmware_sim fleet ARGS` and `wardcast sim fleet ARGS`; returns the exit status."""
+    parser = build_parser()
+    try:
+        arguments = parser.parse_args(argv)
+        _configure_logging(arguments.log_level)
+        try:
+            config = config_from_arguments(arguments)
+        except FleetError as error:
+            parser.error(str(error))
+    except SystemExit as exit_request:  # argparse exits on --help and on usage errors
+        return exit_request.code if isinstance(exit_request.code, int) else _EXIT_USAGE
+    if arguments.processes > 1 and len(config.addresses) > 1:
+        return asyncio.run(_supervise(config, arguments.processes, arguments.log_level))
+    return asyncio.run(_serve(config))
+
+
+def worker_main(argv: Sequence[str] | None = None) -> int:
+    """One worker of a multi-process fleet: its `FleetConfig` arrives as JSON on stdin."""
+    parser = argparse.ArgumentParser(prog=f"python -m firmware_sim {WORKER_COMMAND}")
+    parser.add_argument("--log-level", default="WARNING")
+    arguments = parser.parse_args(argv)
+    _configure_logging(arguments.log_level)
+    return asyncio.run(_serve(FleetConfig.from_json(sys.stdin.read())))
+
+
+def _configure_logging(level: str) -> None:
+    logging.basicConfig(
+        level=level,
+        stream=sys.stderr,
+        format=f"%(asctime)s %(levelname)s [{os.getpid()}] %(name)s: %(message)s",
+    )
+
+
+def _announce_ready(count: int) -> None:
+    sys.stdout.write(f"{READY_PREFIX} {count}\n")
+    sys.stdout.flush()
+
+
+@contextlib.contextmanager
+def _stop_on_signals(stop: asyncio.Event) -> Iterator[None]:
+    loop = asyncio.get_running_loop()
+    handled = (signal.SIGTERM, signal.SIGINT)
+    for signum in handled:
+        loop.add_signal_handler(signum, stop.set)
+    try:
+        yield
+    finally:
+        for signum in handled:
+            loop.remove_signal_handler(signum)
+
+
+async def _first_of(main_work: asyncio.Future[Any], stop: asyncio.Event) -> bool:
+    """True if `main_work` finished first; False (after cancelling it) if `stop` was set first."""
+    stopper = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait({main_work, stopper}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stopper.cancel()
+    if main_work.done():
+        return True
+    main_work.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await main_work
+    return False
+
+
+async def _serve(config: FleetConfig) -> int:
+    stop = asyncio.Event()
+    with _stop_on_signals(stop):
+        fleet = Fleet(config)
+        entering = asyncio.ensure_future(fleet.__aenter__())
+        try:
+            if not await _first_of(entering, stop):
+                return _EXIT_OK
+            entering.result()
+        except FleetError as error:
+            logger.error("%s", error)  # noqa: TRY400 - the message says it all; a traceback would bury it
+            return _EXIT_FAILED
+        try:
+            _announce_ready(len(fleet))
+            await stop.wait()
+        finally:
+            await fleet.__aexit__(None, None, None)
+    return _EXIT_OK
+
+
+async def _supervise(config: FleetConfig, processes: int, log_level: str) -> int:
+    """Runs one worker process per slice of the fleet; READY once every worker is ready."""
+    stop = asyncio.Event()
+    workers: list[asyncio.subprocess.Process] = []
+    with _stop_on_signals(stop):
+        try:
+            for chunk in split_evenly(config.addresses, processes):
+                # One at a time, so that a failed spawn still leaves the started ones to stop.
+                worker = await _spawn_worker(dataclasses.replace(config, addresses=chunk), log_level)
+                workers.append(worker)
+            readiness = asyncio.ensure_future(asyncio.gather(*(_await_ready(worker) for worker in workers)))
+            if not await _first_of(readiness, stop):
+                return await _stop_workers(workers)
+            _announce_ready(sum(readiness.result()))
+            exits = [asyncio.ensure_future(worker.wait()) for worker in workers]
+            any_exit = asyncio.ensure_future(asyncio.wait(exits, return_when=asyncio.FIRST_COMPLETED))
+            if await _first_of(any_exit, stop):
+                logger.error("a fleet worker exited on its own; stopping the others")
+                await _stop_workers(workers)
+                return _EXIT_FAILED
+            return await _stop_workers(workers)
+        except FleetError as error:
+            logger.error("%s", error)  # noqa: TRY400 - the message says it all
+            await _stop_workers(workers)
+            return _EXIT_FAILED
+
+
+async def _spawn_worker(config: FleetConfig, log_level: str) -> asyncio.subprocess.Process:
+    worker = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "firmware_sim",
+        WORKER_COMMAND,
+        "--log-level",
+        log_level,
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+    )
+    if worker.stdin is None:
+        raise FleetError("the worker process has no stdin")
+    # The configuration, password included, travels on a pipe rather than on a visible command line.
+    worker.stdin.write(config.to_json().encode())
+    await worker.stdin.drain()
+    worker.stdin.close()
+    await worker.stdin.wait_closed()
+    return worker
+
+
+async def _await_ready(worker: asyncio.subprocess.Process) -> int:
+    if worker.stdout is None:
+        raise FleetError("the worker process has no stdout")
+    line = (await worker.stdout.readline()).decode().strip()
+    prefix, _, count = line.partition(" ")
+    if prefix != READY_PREFIX or not count.isdigit():
+        await worker.wait()
+        raise FleetError(f"fleet worker {worker.pid} exited with {worker.returncode} before it was ready")
+    return int(count)
+
+
+async def _stop_workers(workers: list[asyncio.subprocess.Process]) -> int:
+    for worker in workers:
+        if worker.returncode is None:
+            worker.send_signal(signal.SIGTERM)
+    for worker in workers:
+        try:
+            async with asyncio.timeout(_WORKER_STOP_TIMEOUT_S):
+                await worker.wait()
+        except TimeoutError:
+            logger.warning("fleet worker %s ignored SIGTERM; killing it", worker.pid)
+            worker.kill()
+            await worker.wait()
+    failed = [worker for worker in workers if worker.returncode != 0]
+    return _EXIT_FAILED if failed else _EXIT_OK

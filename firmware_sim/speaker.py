@@ -1,0 +1,767 @@
+"""A simulated smart-radio speaker speaking docs/protocol.md §1 over MQTT.
+
+Many speakers share one `SpeakerRuntime` per process: one asyncio loop driving raw paho clients, one
+HTTP connection pool for media, one play log. Each speaker is a small state machine on that loop:
+callbacks and timers, no thread and no task of its own while idle, so thousands fit in a process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import random
+import socket
+import zlib
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Final, Literal, Self
+from urllib.parse import urlsplit
+
+import httpx
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
+
+from firmware_sim import wire
+from firmware_sim.media import MediaCache, MediaFetcher, MediaFetchError, VerifiedMedia
+from firmware_sim.mqtt_loop import NonBlockingConnectClient, PahoLoopDriver, open_tcp_connection
+from firmware_sim.playlog import PlayLog
+from firmware_sim.wire import Clock, PlayCommand, ReportState, StopCommand, utc_now
+
+logger = logging.getLogger(__name__)
+
+FIRMWARE: Final = "sim-1.0.0"
+DEFAULT_VOLUME: Final = 70
+DEDUPE_MEMORY: Final = 1024
+SESSION_EXPIRY_S: Final = 86_400
+# Few connections on purpose: httpcore scans every pooled connection (a poll() each) whenever it
+# assigns a request, so a wide pool costs more CPU per fetch than it gains in parallelism.
+DEFAULT_HTTP_CONNECTIONS: Final = 8
+MQTT_DEFAULT_PORT: Final = 1883
+_RECONNECT_FIRST_DELAY_S: Final = 0.5
+_RECONNECT_MAX_DELAY_S: Final = 30.0
+
+MqttProtocol = Literal["3.1.1", "5"]
+
+
+class SpeakerConnectError(ConnectionError):
+    """The broker refused a speaker, or did not let it subscribe to its command topic."""
+
+
+@dataclass(frozen=True, slots=True)
+class BrokerSettings:
+    host: str
+    port: int = MQTT_DEFAULT_PORT
+    username: str | None = None
+    password: str | None = None
+    protocol: MqttProtocol = "3.1.1"
+    keepalive_s: int = 30
+    session_expiry_s: int = SESSION_EXPIRY_S
+    connect_timeout_s: float = 10.0
+
+
+def parse_mqtt_url(url: str) -> tuple[str, int]:
+    """`mqtt://host:port` (or `tcp://`) to host and port."""
+    parts = urlsplit(url)
+    if parts.scheme not in {"mqtt", "tcp"} or not parts.hostname:
+        raise ValueError(f"{url!r} is not an mqtt://host:port URL")
+    return parts.hostname, parts.port or MQTT_DEFAULT_PORT
+
+
+class SpeakerRuntime:
+    """What the simulated speakers of one process share: loop driver, HTTP pool, play log, clock.
+
+    `speed` divides every playback duration (20 plays twenty times faster); expiry is always judged
+    on `clock`, the wall clock unless a test injects another.
+    """
+
+    def __init__(
+        self,
+        broker: BrokerSettings,
+        *,
+        speed: float = 1.0,
+        clock: Clock = utc_now,
+        play_log: Path | None = None,
+        shared_media_cache: bool = False,
+        http_connections: int = DEFAULT_HTTP_CONNECTIONS,
+        media_timeout_s: float = 30.0,
+    ) -> None:
+        if speed <= 0:
+            raise ValueError("speed must be greater than 0")
+        self.broker = broker
+        self.speed = speed
+        self.clock = clock
+        self.speakers: dict[str, SimulatedSpeaker] = {}
+        self._play_log_path = play_log
+        self._shared_media_cache = shared_media_cache
+        self._http_connections = http_connections
+        self._media_timeout_s = media_timeout_s
+        self._started: _Started | None = None
+
+    async def __aenter__(self) -> Self:
+        loop = asyncio.get_running_loop()
+        # Resolved once here rather than 5,000 times, once per speaker connect.
+        family, _, _, _, address = (
+            await loop.getaddrinfo(self.broker.host, self.broker.port, type=socket.SOCK_STREAM)
+        )[0]
+        http = httpx.AsyncClient(
+            limits=httpx.Limits(
+                max_connections=self._http_connections, max_keepalive_connections=self._http_connections
+            ),
+            # Thousands of speakers queue for a few pooled connections during a broadcast; waiting
+            # for a connection is expected there, not an error.
+            timeout=httpx.Timeout(self._media_timeout_s, pool=None),
+        )
+        self._started = _Started(
+            loop=loop,
+            driver=PahoLoopDriver(),
+            http=http,
+            fetcher=MediaFetcher(
+                http, concurrency=self._http_connections, shared_cache=self._shared_media_cache
+            ),
+            play_log=PlayLog(self._play_log_path) if self._play_log_path is not None else None,
+            broker_family=family,
+            broker_address=address,
+        )
+        return self
+
+    async def __aexit__(
+        self,
+        _type: type[BaseException] | None,
+        _value: BaseException | None,
+        _traceback: TracebackType | None,
+    ) -> None:
+        started, self._started = self._started, None
+        if started is None:
+            return
+        self._started = started
+        try:
+            await self.stop_all()
+        finally:
+            self._started = None
+            await started.fetcher.aclose()
+            await started.http.aclose()
+            await started.driver.aclose()
+            if started.play_log is not None:
+                started.play_log.close()
+
+    def speaker(
+        self,
+        address: str,
+        *,
+        kind: str = "speaker",
+        volume: int = DEFAULT_VOLUME,
+        rssi_dbm: int | None = None,
+    ) -> SimulatedSpeaker:
+        if address in self.speakers:
+            raise ValueError(f"a speaker with address {address!r} already exists in this runtime")
+        speaker = SimulatedSpeaker(self, address, kind=kind, volume=volume, rssi_dbm=rssi_dbm)
+        self.speakers[address] = speaker
+        return speaker
+
+    async def stop_all(self, concurrency: int = 500) -> None:
+        gate = asyncio.Semaphore(concurrency)
+
+        async def stop(speaker: SimulatedSpeaker) -> None:
+            async with gate:
+                await speaker.stop()
+
+        await asyncio.gather(*(stop(speaker) for speaker in self.speakers.values()))
+
+    @property
+    def started(self) -> _Started:
+        if self._started is None:
+            raise RuntimeError("the speaker runtime is not running; use `async with SpeakerRuntime(...)`")
+        return self._started
+
+    async def open_broker_connection(self) -> socket.socket:
+        started = self.started
+        return await open_tcp_connection(
+            started.broker_address, started.broker_family, self.broker.connect_timeout_s
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class _Started:
+    loop: asyncio.AbstractEventLoop
+    driver: PahoLoopDriver
+    http: httpx.AsyncClient
+    fetcher: MediaFetcher
+    play_log: PlayLog | None
+    broker_family: socket.AddressFamily
+    broker_address: tuple[Any, ...]
+
+
+@dataclass(eq=False, slots=True)
+class _Play:
+    """An accepted `play` that has not ended yet."""
+
+    command: PlayCommand
+    arrival: int
+    phase: Literal["fetching", "waiting", "playing"] = "fetching"
+    media: VerifiedMedia | None = None
+    fetch_task: asyncio.Task[None] | None = None
+    expiry_timer: asyncio.TimerHandle | None = None
+    end_timer: asyncio.TimerHandle | None = None
+    started_at: float = 0.0
+    planned_s: float = 0.0
+    truncated: bool = False
+
+    @property
+    def rank(self) -> int:
+        return self.command.priority.rank
+
+
+def takes_speaker(
+    challenger_rank: int, challenger_arrival: int, holder_rank: int, holder_arrival: int
+) -> bool:
+    """§1.4.1: a higher rank wins; at equal rank the holder keeps it, except that in the emergency
+    band the newer command wins (so a stuck alert cannot block a newer one)."""
+    if challenger_rank != holder_rank:
+        return challenger_rank > holder_rank
+    return challenger_rank >= wire.EMERGENCY_RANK_FLOOR and challenger_arrival > holder_arrival
+
+
+class SimulatedSpeaker:
+    def __init__(
+        self,
+        runtime: SpeakerRuntime,
+        address: str,
+        *,
+        kind: str = "speaker",
+        volume: int = DEFAULT_VOLUME,
+        rssi_dbm: int | None = None,
+        dedupe_memory: int = DEDUPE_MEMORY,
+    ) -> None:
+        if not wire.is_valid_address(address):
+            raise ValueError(f"{address!r} is not a device address ({wire.ADDRESS_PATTERN.pattern})")
+        self.runtime = runtime
+        self.address = address
+        self.kind = kind
+        self.volume = volume
+        # A stable, plausible signal strength per device, so repeated runs publish the same state.
+        self.rssi_dbm = rssi_dbm if rssi_dbm is not None else -55 - zlib.crc32(address.encode()) % 40
+        self._cmd_topic = wire.cmd_topic(address)
+        self._ack_topic = wire.ack_topic(address)
+        self._state_topic = wire.state_topic(address)
+        self._dedupe_memory = dedupe_memory
+        self._latest_reports: OrderedDict[str, bytes] = OrderedDict()
+        self._active: dict[str, _Play] = {}
+        self._playing: _Play | None = None
+        self._arrivals = itertools.count()
+        self._media_cache = MediaCache()
+        self._published_playing: str | None = None
+        self._client: NonBlockingConnectClient | None = None
+        self._ready: asyncio.Future[None] | None = None
+        self._ever_ready = False
+        self._subscribe_mid: int | None = None
+        self._stopping = False
+        self._reconnect_task: asyncio.Task[None] | None = None
+        self._reconnect_delay_s = _RECONNECT_FIRST_DELAY_S
+        self._puback_waiters: dict[int, asyncio.Future[None]] = {}
+        self._disconnected: asyncio.Future[None] | None = None
+
+    def __repr__(self) -> str:
+        return f"SimulatedSpeaker({self.address!r})"
+
+    @property
+    def playing(self) -> str | None:
+        """The id of the command on the speaker now, if any."""
+        return self._playing.command.id if self._playing is not None else None
+
+    @property
+    def waiting(self) -> tuple[str, ...]:
+        """Ids of accepted commands that are not playing (still fetching, or waiting for the speaker)."""
+        return tuple(play.command.id for play in self._active.values() if play.phase != "playing")
+
+    @property
+    def connected(self) -> bool:
+        return self._client is not None and self._client.is_connected()
+
+    async def start(self, timeout: float | None = None) -> None:
+        """Connects, announces itself online and returns once the broker granted its subscription."""
+        if self._client is not None:
+            raise RuntimeError(f"{self.address} is already started")
+        loop = self.runtime.started.loop
+        broker = self.runtime.broker
+        self._stopping = False
+        self._ever_ready = False
+        if broker.protocol == "5":
+            client = NonBlockingConnectClient(
+                CallbackAPIVersion.VERSION2,
+                client_id=self.address,
+                protocol=mqtt.MQTTv5,
+                reconnect_on_failure=False,
+            )
+        else:
+            client = NonBlockingConnectClient(
+                CallbackAPIVersion.VERSION2,
+                client_id=self.address,
+                clean_session=False,
+                protocol=mqtt.MQTTv311,
+                reconnect_on_failure=False,
+            )
+        if broker.username is not None:
+            client.username_pw_set(broker.username, broker.password)
+        client.will_set(self._state_topic, wire.OFFLINE_WILL, qos=1, retain=True)
+        client.on_connect = self._on_connect
+        client.on_subscribe = self._on_subscribe
+        client.on_message = self._on_message
+        client.on_publish = self._on_publish
+        client.on_disconnect = self._on_disconnect
+        self.runtime.started.driver.attach(client)
+        self._client = client
+        self._ready = loop.create_future()
+        try:
+            async with asyncio.timeout(timeout):
+                await self._first_connect(client)
+                await self._ready
+        except BaseException:
+            self._abandon_client()
+            raise
+        self._ever_ready = True
+
+    async def stop(self, timeout: float = 5.0) -> None:
+        """Clean shutdown: retained `offline` with reason `shutdown`, then DISCONNECT (no Last Will)."""
+        client = self._client
+        if client is None:
+            return
+        self._stopping = True
+        self._cancel_reconnect()
+        for play in list(self._active.values()):
+            self._finish(play, "failed", detail="the device shut down before the command ended")
+        if client.is_connected():
+            loop = self.runtime.started.loop
+            info = client.publish(self._state_topic, wire.OFFLINE_SHUTDOWN, qos=1, retain=True)
+            acknowledged = loop.create_future()
+            self._puback_waiters[info.mid] = acknowledged
+            self._disconnected = loop.create_future()
+            try:
+                async with asyncio.timeout(timeout):
+                    await acknowledged
+                    client.disconnect()
+                    await self._disconnected
+            except TimeoutError:
+                logger.warning(
+                    "%s: the broker did not confirm the shutdown within %s s", self.address, timeout
+                )
+        self._abandon_client()
+
+    def crash(self) -> None:
+        """Abrupt loss, as a power cut: the TCP connection closes without DISCONNECT, so the broker
+        publishes the Last Will; nothing is reported and nothing reconnects until `start()`."""
+        if self._client is None:
+            return
+        self._stopping = True
+        self._cancel_reconnect()
+        for play in list(self._active.values()):
+            self._drop_silently(play)
+        self._abandon_client()
+
+    def drop_connection(self) -> None:
+        """A network blip: the link breaks without DISCONNECT, playback goes on, and the speaker
+        reconnects to its persistent session by itself."""
+        sock = self._client.socket() if self._client is not None else None
+        if isinstance(sock, socket.socket):
+            sock.shutdown(socket.SHUT_RDWR)
+
+    async def _first_connect(self, client: NonBlockingConnectClient) -> None:
+        broker = self.runtime.broker
+        delay = _RECONNECT_FIRST_DELAY_S
+        while True:
+            try:
+                client.prepared_socket = await self.runtime.open_broker_connection()
+                break
+            except OSError as error:
+                # The broker may still be starting next to the fleet; the caller's timeout bounds this.
+                logger.info(
+                    "%s: cannot reach the broker yet (%s); retrying in %.1f s", self.address, error, delay
+                )
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, _RECONNECT_MAX_DELAY_S)
+        if broker.protocol == "5":
+            properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]  # paho leaves it untyped
+            properties.SessionExpiryInterval = broker.session_expiry_s
+            client.connect(
+                broker.host, broker.port, broker.keepalive_s, clean_start=False, properties=properties
+            )
+        else:
+            client.connect(broker.host, broker.port, broker.keepalive_s)
+
+    async def _reconnect_forever(self, client: NonBlockingConnectClient) -> None:
+        while not self._stopping and client is self._client:
+            delay = self._reconnect_delay_s * random.uniform(0.5, 1.5)
+            self._reconnect_delay_s = min(self._reconnect_delay_s * 2, _RECONNECT_MAX_DELAY_S)
+            await asyncio.sleep(delay)
+            try:
+                client.prepared_socket = await self.runtime.open_broker_connection()
+            except OSError as error:
+                logger.info("%s: reconnect failed (%s)", self.address, error)
+                continue
+            client.reconnect()
+            return
+
+    def _cancel_reconnect(self) -> None:
+        if self._reconnect_task is not None:
+            self._reconnect_task.cancel()
+            self._reconnect_task = None
+
+    def _abandon_client(self) -> None:
+        client, self._client = self._client, None
+        if client is not None:
+            self.runtime.started.driver.detach(client)
+            sock = client.prepared_socket
+            if sock is not None:
+                sock.close()
+        for waiter in self._puback_waiters.values():
+            waiter.cancel()
+        self._puback_waiters.clear()
+
+    # paho callbacks: they run inside `loop_read`, so they must never raise into paho.
+
+    def _on_connect(
+        self,
+        client: mqtt.Client,
+        _userdata: Any,
+        _flags: mqtt.ConnectFlags,
+        reason_code: ReasonCode,
+        _properties: Properties | None,
+    ) -> None:
+        if client is not self._client:
+            return
+        if reason_code.is_failure:
+            error = SpeakerConnectError(f"{self.address}: the broker refused the connection: {reason_code}")
+            if self._ready is not None and not self._ready.done():
+                self._ready.set_exception(error)
+            else:
+                logger.warning("%s", error)
+            return
+        self._reconnect_delay_s = _RECONNECT_FIRST_DELAY_S
+        self._publish_state()
+        _, self._subscribe_mid = client.subscribe(self._cmd_topic, qos=1)
+
+    def _on_subscribe(
+        self,
+        client: mqtt.Client,
+        _userdata: Any,
+        mid: int,
+        reason_codes: list[ReasonCode],
+        _properties: Properties | None,
+    ) -> None:
+        if client is not self._client or mid != self._subscribe_mid:
+            return
+        ready = self._ready
+        if not reason_codes or reason_codes[0].is_failure:
+            error = SpeakerConnectError(
+                f"{self.address}: the broker refused the subscription to {self._cmd_topic}"
+            )
+            if ready is not None and not ready.done():
+                ready.set_exception(error)
+            else:
+                logger.error("%s", error)
+        elif ready is not None and not ready.done():
+            ready.set_result(None)
+
+    def _on_publish(
+        self,
+        _client: mqtt.Client,
+        _userdata: Any,
+        mid: int,
+        _reason_code: ReasonCode,
+        _properties: Properties,
+    ) -> None:
+        waiter = self._puback_waiters.pop(mid, None)
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def _on_disconnect(
+        self,
+        client: mqtt.Client,
+        _userdata: Any,
+        _flags: mqtt.DisconnectFlags,
+        reason_code: ReasonCode,
+        _properties: Properties | None,
+    ) -> None:
+        if self._disconnected is not None and not self._disconnected.done():
+            self._disconnected.set_result(None)
+        if client is not self._client or self._stopping or not self._ever_ready:
+            return
+        logger.info("%s: connection lost (%s); reconnecting", self.address, reason_code)
+        self._cancel_reconnect()
+        self._reconnect_task = self.runtime.started.loop.create_task(
+            self._reconnect_forever(self._client), name=f"reconnect-{self.address}"
+        )
+
+    def _on_message(self, _client: mqtt.Client, _userdata: Any, message: mqtt.MQTTMessage) -> None:
+        try:
+            self._handle_command(message.payload)
+        except Exception:
+            logger.exception("%s: a command could not be handled", self.address)
+
+    # Commands
+
+    def _handle_command(self, payload: bytes | bytearray) -> None:
+        try:
+            envelope = wire.open_envelope(payload)
+        except wire.UnidentifiableCommandError as error:
+            logger.warning("%s: ignored a command that no report could name: %s", self.address, error)
+            return
+        if envelope.command_id in self._active or envelope.command_id in self._latest_reports:
+            self._repeat_latest_report(envelope.command_id)
+            return
+        try:
+            command = wire.parse_command(envelope, self.address)
+        except wire.CommandRejectedError as rejection:
+            logger.info("%s: rejected command %s: %s", self.address, envelope.command_id, rejection.detail)
+            self._report(
+                envelope.command_id, envelope.correlation_id, "rejected", None, detail=rejection.detail
+            )
+            return
+        if isinstance(command, StopCommand):
+            self._apply_stop(command)
+        else:
+            self._accept_play(command)
+
+    def _repeat_latest_report(self, command_id: str) -> None:
+        latest = self._latest_reports.get(command_id)
+        if latest is not None:
+            self._latest_reports.move_to_end(command_id)
+            self._publish(self._ack_topic, latest)
+
+    def _accept_play(self, command: PlayCommand) -> None:
+        now = self.runtime.clock()
+        if now > command.expires_at:
+            self._report_play(command, "expired", detail="arrived after expires_at")
+            return
+        self._report_play(command, "delivered")
+        play = _Play(command, next(self._arrivals))
+        self._active[command.id] = play
+        loop = self.runtime.started.loop
+        play.expiry_timer = loop.call_later(
+            (command.expires_at - now).total_seconds(), self._on_expiry_due, play
+        )
+        cached = self.runtime.started.fetcher.cached(command.media, self._media_cache)
+        if cached is not None:
+            play.media = cached
+            play.phase = "waiting"
+            self._schedule()
+        else:
+            play.fetch_task = loop.create_task(self._fetch(play))
+
+    async def _fetch(self, play: _Play) -> None:
+        try:
+            media = await self.runtime.started.fetcher.fetch(play.command.media, self._media_cache)
+        except MediaFetchError as error:
+            self._finish(play, "failed", detail=error.detail)
+            self._schedule()
+            return
+        except Exception:
+            logger.exception("%s: fetching the media of %s broke", self.address, play.command.id)
+            self._finish(play, "failed", detail="the media could not be fetched")
+            self._schedule()
+            return
+        if self._active.get(play.command.id) is play:
+            play.media = media
+            play.phase = "waiting"
+            self._schedule()
+
+    def _apply_stop(self, stop: StopCommand) -> None:
+        if stop.target == wire.STOP_ALL:
+            victims = list(self._active.values())
+        else:
+            target = self._active.get(stop.target)
+            victims = [target] if target is not None else []
+        for play in victims:
+            self._finish(play, "stopped", played_s=self._played_so_far(play))
+        self._report(
+            stop.id,
+            stop.correlation_id,
+            "completed",
+            None,
+            detail=None if victims else "nothing to stop: the target is neither playing nor waiting",
+        )
+        self._schedule()
+
+    def _on_expiry_due(self, play: _Play) -> None:
+        if self._active.get(play.command.id) is not play or play.phase == "playing":
+            return
+        remaining_s = (play.command.expires_at - self.runtime.clock()).total_seconds()
+        if remaining_s > 0:
+            play.expiry_timer = self.runtime.started.loop.call_later(remaining_s, self._on_expiry_due, play)
+            return
+        self._finish(play, "expired", detail="expires_at passed before it could start")
+        self._schedule()
+
+    # The speaker itself
+
+    def _schedule(self) -> None:
+        """Gives the speaker to the best ready command if §1.4.1 lets it take the speaker."""
+        while (candidate := self._best_waiting()) is not None:
+            holder = self._playing
+            if holder is not None and not takes_speaker(
+                candidate.rank, candidate.arrival, holder.rank, holder.arrival
+            ):
+                break
+            if self.runtime.clock() > candidate.command.expires_at:
+                self._finish(candidate, "expired", detail="expires_at passed while it waited for the speaker")
+                continue
+            if holder is not None:
+                self._finish(holder, "interrupted", played_s=self._played_so_far(holder))
+            self._start_playing(candidate)
+        self._publish_state_if_changed()
+
+    def _best_waiting(self) -> _Play | None:
+        best: _Play | None = None
+        for play in self._active.values():
+            if play.phase != "waiting":
+                continue
+            if best is None or takes_speaker(play.rank, play.arrival, best.rank, best.arrival):
+                best = play
+        return best
+
+    def _start_playing(self, play: _Play) -> None:
+        if play.media is None:
+            raise RuntimeError("a play started before its media was verified")
+        total_s = play.media.duration_s * play.command.repeats
+        play.planned_s = min(total_s, play.command.max_duration_s)
+        play.truncated = total_s > play.command.max_duration_s
+        play.phase = "playing"
+        loop = self.runtime.started.loop
+        play.started_at = loop.time()
+        if play.expiry_timer is not None:
+            play.expiry_timer.cancel()
+            play.expiry_timer = None
+        play.end_timer = loop.call_later(play.planned_s / self.runtime.speed, self._on_play_end, play)
+        self._playing = play
+        self._report_play(play.command, "playing")
+
+    def _on_play_end(self, play: _Play) -> None:
+        self._finish(play, "completed", played_s=play.planned_s, truncated=play.truncated)
+        self._schedule()
+
+    def _played_so_far(self, play: _Play) -> float:
+        if play.phase != "playing":
+            return 0.0
+        elapsed_s = (self.runtime.started.loop.time() - play.started_at) * self.runtime.speed
+        return min(play.planned_s, elapsed_s)
+
+    def _finish(
+        self,
+        play: _Play,
+        state: ReportState,
+        *,
+        detail: str | None = None,
+        played_s: float | None = None,
+        truncated: bool | None = None,
+    ) -> None:
+        """Ends a play in its one terminal state (§1.4); a play already ended is left alone."""
+        if not self._drop_silently(play):
+            return
+        self._report_play(play.command, state, detail=detail, played_s=played_s, truncated=truncated)
+
+    def _drop_silently(self, play: _Play) -> bool:
+        if self._active.get(play.command.id) is not play:
+            return False
+        del self._active[play.command.id]
+        for timer in (play.expiry_timer, play.end_timer):
+            if timer is not None:
+                timer.cancel()
+        task = play.fetch_task
+        if task is not None and not task.done() and task is not asyncio.current_task():
+            task.cancel()
+        if self._playing is play:
+            self._playing = None
+        return True
+
+    # Publishing
+
+    def _report_play(
+        self,
+        command: PlayCommand,
+        state: ReportState,
+        *,
+        detail: str | None = None,
+        played_s: float | None = None,
+        truncated: bool | None = None,
+    ) -> None:
+        self._report(
+            command.id,
+            command.correlation_id,
+            state,
+            command,
+            detail=detail,
+            played_s=played_s,
+            truncated=truncated,
+        )
+
+    def _report(
+        self,
+        command_id: str,
+        correlation_id: str,
+        state: ReportState,
+        command: PlayCommand | None,
+        *,
+        detail: str | None = None,
+        played_s: float | None = None,
+        truncated: bool | None = None,
+    ) -> None:
+        document = wire.report_document(
+            command_id,
+            correlation_id,
+            state,
+            self.runtime.clock(),
+            detail=detail,
+            played_s=played_s,
+            truncated=truncated,
+        )
+        payload = wire.encode(document)
+        self._latest_reports[command_id] = payload
+        self._latest_reports.move_to_end(command_id)
+        if len(self._latest_reports) > self._dedupe_memory:
+            self._latest_reports.popitem(last=False)
+        self._publish(self._ack_topic, payload)
+        play_log = self.runtime.started.play_log
+        if play_log is not None and (command is not None or state == "rejected"):
+            entry: dict[str, object] = {
+                "address": self.address,
+                "command_id": command_id,
+                "broadcast_id": command.broadcast_id if command is not None else None,
+                "correlation_id": correlation_id,
+                "event": state,
+                "at": document["at"],
+                "mode": command.mode if command is not None else None,
+            }
+            entry.update(
+                (key, document[key]) for key in ("detail", "played_s", "truncated") if key in document
+            )
+            play_log.record(entry)
+
+    def _publish_state_if_changed(self) -> None:
+        if self.playing != self._published_playing:
+            self._publish_state()
+
+    def _publish_state(self) -> None:
+        client = self._client
+        if client is None or not client.is_connected():
+            return  # the state goes out with the next connect anyway
+        playing = self.playing
+        payload = wire.online_state(
+            self.runtime.clock(),
+            kind=self.kind,
+            firmware=FIRMWARE,
+            volume=self.volume,
+            playing=playing,
+            rssi_dbm=self.rssi_dbm,
+        )
+        client.publish(self._state_topic, payload, qos=1, retain=True)
+        self._published_playing = playing
+
+    def _publish(self, topic: str, payload: bytes) -> None:
+        # While the link is down paho keeps QoS 1 messages and sends them after the reconnect.
+        if self._client is not None:
+            self._client.publish(topic, payload, qos=1)

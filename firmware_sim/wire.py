@@ -1,0 +1,359 @@
+"""Wire protocol v1 as a device reads it (docs/protocol.md §1), written from the text alone.
+
+Pure functions and value types: topics, timestamps, command validation and the JSON documents a
+device publishes. Nothing here touches the network, so the speaker can stay a thin state machine.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import uuid
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, Final, Literal, TypeVar
+from urllib.parse import urlsplit
+
+WIRE_VERSION: Final = 1
+TOPIC_ROOT: Final = "wardcast/v1"
+ADDRESS_PATTERN: Final = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
+EMERGENCY_RANK_FLOOR: Final = 2 * 256
+
+PRIORITY_BANDS: Final[Mapping[str, int]] = {"normal": 0, "priority": 1, "emergency": 2}
+PLAY_MODES: Final = frozenset({"live", "drill"})
+STOP_REASONS: Final = frozenset({"cancelled", "preempted", "all_clear"})
+STOP_ALL: Final = "*"
+
+ReportState = Literal[
+    "delivered", "playing", "completed", "interrupted", "stopped", "failed", "expired", "rejected"
+]
+Clock = Callable[[], datetime]
+_T = TypeVar("_T")
+
+_TIMESTAMP = re.compile(r"(\d{4})-(\d{2})-(\d{2})T(\d{2}):(\d{2}):(\d{2})(?:\.(\d{1,6}))?Z")
+_SHA256_HEX = re.compile(r"[0-9a-fA-F]{64}")
+
+
+def utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+def cmd_topic(address: str) -> str:
+    return f"{TOPIC_ROOT}/dev/{address}/cmd"
+
+
+def ack_topic(address: str) -> str:
+    return f"{TOPIC_ROOT}/dev/{address}/ack"
+
+
+def state_topic(address: str) -> str:
+    return f"{TOPIC_ROOT}/dev/{address}/state"
+
+
+def is_valid_address(address: str) -> bool:
+    return ADDRESS_PATTERN.fullmatch(address) is not None
+
+
+def format_timestamp(instant: datetime) -> str:
+    return instant.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def parse_timestamp(text: str) -> datetime:
+    """RFC 3339 in UTC with a `Z` and at most microseconds, the only form §1.1 allows."""
+    match = _TIMESTAMP.fullmatch(text)
+    if match is None:
+        raise ValueError(f"{text!r} is not an RFC 3339 UTC timestamp ending in Z")
+    year, month, day, hour, minute, second, fraction = match.groups()
+    microsecond = int((fraction or "0").ljust(6, "0"))
+    return datetime(
+        int(year), int(month), int(day), int(hour), int(minute), int(second), microsecond, tzinfo=UTC
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class Priority:
+    band: str
+    sub: int
+    rank: int
+
+
+@dataclass(frozen=True, slots=True)
+class MediaRef:
+    url: str
+    sha256: str
+    duration_s: float
+    content_type: str
+
+
+@dataclass(frozen=True, slots=True)
+class PlayCommand:
+    id: str
+    correlation_id: str
+    device: str
+    issued_at: datetime
+    expires_at: datetime
+    seq: int
+    broadcast_id: str
+    priority: Priority
+    mode: str
+    media: MediaRef
+    repeats: int
+    max_duration_s: float
+
+
+@dataclass(frozen=True, slots=True)
+class StopCommand:
+    id: str
+    correlation_id: str
+    device: str
+    issued_at: datetime
+    expires_at: datetime
+    seq: int
+    target: str
+    reason: str
+
+
+Command = PlayCommand | StopCommand
+
+
+class UnidentifiableCommandError(ValueError):
+    """The payload has no usable `id`, so no report can name it; the device can only log it."""
+
+
+class CommandRejectedError(ValueError):
+    """The command carries an id but breaks the spec; `member` is the offending JSON member."""
+
+    def __init__(self, member: str, reason: str) -> None:
+        super().__init__(f"{member}: {reason}")
+        self.member = member
+        self.detail = f"{member}: {reason}"
+
+
+@dataclass(frozen=True, slots=True)
+class Envelope:
+    """The members a device needs before anything else, to deduplicate and to address a report."""
+
+    command_id: str
+    correlation_id: str
+    document: Mapping[str, Any]
+
+
+def open_envelope(payload: bytes | bytearray) -> Envelope:
+    try:
+        document = json.loads(payload)
+    except ValueError as error:
+        raise UnidentifiableCommandError(f"payload is not JSON: {error}") from error
+    if not isinstance(document, dict):
+        raise UnidentifiableCommandError("payload is not a JSON object")
+    command_id = document.get("id")
+    if not isinstance(command_id, str) or not command_id:
+        raise UnidentifiableCommandError("member id is missing or not a non-empty string")
+    correlation_id = document.get("correlation_id")
+    return Envelope(command_id, correlation_id if isinstance(correlation_id, str) else "", document)
+
+
+def parse_command(envelope: Envelope, address: str) -> Command:
+    """Validates every member §1.3 defines; raises `CommandRejectedError` naming the first bad one."""
+    document = envelope.document
+    version = document.get("v")
+    if not _is_int(version) or version != WIRE_VERSION:
+        raise CommandRejectedError("v", f"wire version {version!r} is not spoken here (only {WIRE_VERSION})")
+    command_type = _member(document, "type", str)
+    command_id = _uuid_member(document, "id")
+    correlation_id = _member(document, "correlation_id", str)
+    if not correlation_id:
+        raise CommandRejectedError("correlation_id", "must not be empty")
+    device = _member(document, "device", str)
+    if device != address:
+        raise CommandRejectedError("device", f"meant for {device!r}, this device is {address!r}")
+    issued_at = _timestamp_member(document, "issued_at")
+    expires_at = _timestamp_member(document, "expires_at")
+    if expires_at < issued_at:
+        raise CommandRejectedError("expires_at", "is before issued_at")
+    seq = _member(document, "seq", int)
+    if seq < 0:
+        raise CommandRejectedError("seq", "must not be negative")
+    if command_type == "play":
+        return PlayCommand(
+            id=command_id,
+            correlation_id=correlation_id,
+            device=device,
+            issued_at=issued_at,
+            expires_at=expires_at,
+            seq=seq,
+            broadcast_id=_non_empty_string(document, "broadcast_id"),
+            priority=_priority(document.get("priority")),
+            mode=_choice(document, "mode", PLAY_MODES),
+            media=_media(document.get("media")),
+            repeats=_repeats(document),
+            max_duration_s=_positive_number(document, "max_duration_s"),
+        )
+    if command_type == "stop":
+        target = _member(document, "target", str)
+        if target != STOP_ALL:
+            target = _uuid_member(document, "target")
+        return StopCommand(
+            id=command_id,
+            correlation_id=correlation_id,
+            device=device,
+            issued_at=issued_at,
+            expires_at=expires_at,
+            seq=seq,
+            target=target,
+            reason=_choice(document, "reason", STOP_REASONS),
+        )
+    raise CommandRejectedError("type", f"{command_type!r} is neither 'play' nor 'stop'")
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _member(document: Mapping[str, Any], name: str, kind: type[_T], prefix: str = "") -> _T:
+    value = document.get(name)
+    if value is None:
+        raise CommandRejectedError(prefix + name, "is missing")
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise CommandRejectedError(prefix + name, f"must be of JSON type {_json_type_name(kind)}")
+    return value
+
+
+def _json_type_name(kind: type) -> str:
+    return {str: "string", int: "integer", dict: "object"}.get(kind, kind.__name__)
+
+
+def _non_empty_string(document: Mapping[str, Any], name: str, prefix: str = "") -> str:
+    value = _member(document, name, str, prefix)
+    if not value:
+        raise CommandRejectedError(prefix + name, "must not be empty")
+    return value
+
+
+def _uuid_member(document: Mapping[str, Any], name: str) -> str:
+    value = _member(document, name, str)
+    try:
+        uuid.UUID(value)
+    except ValueError as error:
+        raise CommandRejectedError(name, f"{value!r} is not a UUID") from error
+    return value
+
+
+def _timestamp_member(document: Mapping[str, Any], name: str) -> datetime:
+    value = _member(document, name, str)
+    try:
+        return parse_timestamp(value)
+    except ValueError as error:
+        raise CommandRejectedError(name, str(error)) from error
+
+
+def _choice(document: Mapping[str, Any], name: str, allowed: frozenset[str]) -> str:
+    value = _member(document, name, str)
+    if value not in allowed:
+        raise CommandRejectedError(name, f"{value!r} is not one of {sorted(allowed)}")
+    return value
+
+
+def _positive_number(document: Mapping[str, Any], name: str, prefix: str = "") -> float:
+    value = document.get(name)
+    if not isinstance(value, int | float) or isinstance(value, bool) or not math.isfinite(value):
+        raise CommandRejectedError(prefix + name, "must be a finite number")
+    number = float(value)
+    if number <= 0:
+        raise CommandRejectedError(prefix + name, "must be greater than 0")
+    return number
+
+
+def _repeats(document: Mapping[str, Any]) -> int:
+    repeats = _member(document, "repeats", int)
+    if repeats < 1:
+        raise CommandRejectedError("repeats", "must be at least 1")
+    return repeats
+
+
+def _priority(value: object) -> Priority:
+    if not isinstance(value, dict):
+        raise CommandRejectedError("priority", "must be a JSON object")
+    band = _member(value, "class", str, "priority.")
+    if band not in PRIORITY_BANDS:
+        raise CommandRejectedError("priority.class", f"{band!r} is not one of {list(PRIORITY_BANDS)}")
+    sub = _member(value, "sub", int, "priority.")
+    if not 0 <= sub <= 255:  # noqa: PLR2004 - the sub-priority is one byte by definition (§1.3)
+        raise CommandRejectedError("priority.sub", "must be within 0..255")
+    rank = _member(value, "rank", int, "priority.")
+    expected = PRIORITY_BANDS[band] * 256 + sub
+    if rank != expected:
+        raise CommandRejectedError(
+            "priority.rank", f"is {rank}, but class {band!r} with sub {sub} gives {expected}"
+        )
+    return Priority(band, sub, rank)
+
+
+def _media(value: object) -> MediaRef:
+    if not isinstance(value, dict):
+        raise CommandRejectedError("media", "must be a JSON object")
+    url = _non_empty_string(value, "url", "media.")
+    parts = urlsplit(url)
+    if parts.scheme not in {"http", "https"} or not parts.netloc:
+        raise CommandRejectedError("media.url", f"{url!r} is not an absolute HTTP URL")
+    sha256 = _member(value, "sha256", str, "media.")
+    if _SHA256_HEX.fullmatch(sha256) is None:
+        raise CommandRejectedError("media.sha256", "must be 64 hexadecimal digits")
+    return MediaRef(
+        url=url,
+        sha256=sha256.lower(),
+        duration_s=_positive_number(value, "duration_s", "media."),
+        content_type=_non_empty_string(value, "content_type", "media."),
+    )
+
+
+def encode(document: Mapping[str, object]) -> bytes:
+    return json.dumps(document, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def report_document(
+    command_id: str,
+    correlation_id: str,
+    state: ReportState,
+    at: datetime,
+    *,
+    detail: str | None = None,
+    played_s: float | None = None,
+    truncated: bool | None = None,
+) -> dict[str, object]:
+    document: dict[str, object] = {
+        "v": WIRE_VERSION,
+        "command_id": command_id,
+        "correlation_id": correlation_id,
+        "state": state,
+        "at": format_timestamp(at),
+    }
+    if detail is not None:
+        document["detail"] = detail
+    if played_s is not None:
+        document["played_s"] = round(played_s, 3)
+    if truncated is not None:
+        document["truncated"] = truncated
+    return document
+
+
+def online_state(
+    at: datetime, *, kind: str, firmware: str, volume: int, playing: str | None, rssi_dbm: int
+) -> bytes:
+    return encode(
+        {
+            "v": WIRE_VERSION,
+            "online": True,
+            "at": format_timestamp(at),
+            "kind": kind,
+            "firmware": firmware,
+            "volume": volume,
+            "playing": playing,
+            "rssi_dbm": rssi_dbm,
+        }
+    )
+
+
+OFFLINE_SHUTDOWN: Final = encode({"v": WIRE_VERSION, "online": False, "reason": "shutdown"})
+OFFLINE_WILL: Final = encode({"v": WIRE_VERSION, "online": False, "reason": "will"})

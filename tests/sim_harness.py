@@ -1,0 +1,300 @@
+"""The controller's side of the simulator tests, written from docs/protocol.md like the simulator.
+
+A tiny HTTP server for media (with Range and a fault that cuts a transfer), a controller probe that
+publishes commands with the `controller` account and collects every report and state, command
+builders, and a clock a test can move forward.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import io
+import json
+import re
+import threading
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from types import TracebackType
+from typing import Any, Self, TypeVar
+
+import aiomqtt
+import numpy as np
+import soundfile
+
+from tests.support.broker import TestBroker
+
+T = TypeVar("T")
+TERMINAL_STATES = frozenset({"completed", "interrupted", "stopped", "failed", "expired", "rejected"})
+WAIT_S = 10.0
+_RANGE = re.compile(r"bytes=(\d+)-$")
+
+
+def timestamp(instant: datetime) -> str:
+    return instant.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def wav_bytes(seconds: float, rate: int = 8000) -> bytes:
+    samples = np.sin(2 * np.pi * 440 * np.arange(int(seconds * rate)) / rate).astype(np.float32) * 0.2
+    buffer = io.BytesIO()
+    soundfile.write(buffer, samples, rate, format="WAV", subtype="PCM_16")
+    return buffer.getvalue()
+
+
+class ShiftableClock:
+    """Wall-clock time plus an offset a test moves forward, instead of sleeping until an expiry."""
+
+    def __init__(self) -> None:
+        self.offset = timedelta()
+
+    def __call__(self) -> datetime:
+        return datetime.now(UTC) + self.offset
+
+    def advance(self, seconds: float) -> None:
+        self.offset += timedelta(seconds=seconds)
+
+
+@dataclass
+class _Resource:
+    body: bytes
+    content_type: str
+    cut_first_transfer: bool = False
+    required_token: str | None = None
+
+
+@dataclass
+class MediaServer:
+    """GET /media/{sha256} with Range support, plus JSON resources for API lookups."""
+
+    resources: dict[str, _Resource] = field(default_factory=dict)
+    requests: list[tuple[str, str | None]] = field(default_factory=list)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+    _server: ThreadingHTTPServer | None = None
+    _thread: threading.Thread | None = None
+
+    def __enter__(self) -> Self:
+        server = ThreadingHTTPServer(("127.0.0.1", 0), _handler_for(self))
+        server.daemon_threads = True
+        self._server = server
+        # A short poll interval keeps shutdown() (which waits for the next poll) from slowing every test.
+        self._thread = threading.Thread(
+            target=server.serve_forever, args=(0.02,), name="media-server", daemon=True
+        )
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+        if self._thread is not None:
+            self._thread.join()
+
+    @property
+    def base_url(self) -> str:
+        assert self._server is not None
+        host, port = self._server.server_address[:2]
+        return f"http://{host!s}:{port}"
+
+    def add_media(self, body: bytes, *, cut_first_transfer: bool = False) -> str:
+        sha256 = hashlib.sha256(body).hexdigest()
+        self.resources[f"/media/{sha256}"] = _Resource(body, "audio/wav", cut_first_transfer)
+        return sha256
+
+    def add_json(self, path: str, document: object, *, token: str) -> None:
+        self.resources[path] = _Resource(
+            json.dumps(document).encode(), "application/json", required_token=token
+        )
+
+    def media_url(self, sha256: str) -> str:
+        return f"{self.base_url}/media/{sha256}"
+
+    def requests_for(self, sha256: str) -> list[str | None]:
+        with self._lock:
+            return [range_header for path, range_header in self.requests if path == f"/media/{sha256}"]
+
+    def _record(self, path: str, range_header: str | None) -> None:
+        with self._lock:
+            self.requests.append((path, range_header))
+
+
+def _handler_for(server: MediaServer) -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            path = self.path.split("?", 1)[0]
+            range_header = self.headers.get("Range")
+            server._record(path, range_header)
+            resource = server.resources.get(path)
+            if resource is None:
+                self.send_error(404)
+                return
+            if (
+                resource.required_token
+                and self.headers.get("Authorization") != f"Bearer {resource.required_token}"
+            ):
+                self.send_error(401)
+                return
+            body, start = resource.body, 0
+            match = _RANGE.match(range_header or "")
+            if match is not None:
+                start = int(match.group(1))
+                self.send_response(206)
+                self.send_header("Content-Range", f"bytes {start}-{len(body) - 1}/{len(body)}")
+            else:
+                self.send_response(200)
+            self.send_header("Content-Type", resource.content_type)
+            self.send_header("Content-Length", str(len(body) - start))
+            self.end_headers()
+            if resource.cut_first_transfer:
+                resource.cut_first_transfer = False
+                self.wfile.write(body[start : start + (len(body) - start) // 2])
+                self.close_connection = True
+                return
+            self.wfile.write(body[start:])
+
+        def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the base class names it so
+            """Quiet: the test output is for failures."""
+
+    return Handler
+
+
+class ControllerProbe:
+    """Publishes commands as the controller and records every report and state, by topic."""
+
+    def __init__(self, broker: TestBroker) -> None:
+        self._client = aiomqtt.Client(
+            broker.host,
+            broker.port,
+            username=broker.controller.username,
+            password=broker.controller.password,
+            identifier=f"probe-{uuid.uuid4().hex[:8]}",
+        )
+        self.reports: list[dict[str, Any]] = []
+        self.states: dict[str, list[dict[str, Any]]] = {}
+        self._changed = asyncio.Condition()
+        self._reader: asyncio.Task[None] | None = None
+
+    async def __aenter__(self) -> Self:
+        await self._client.__aenter__()
+        await self._client.subscribe([("wardcast/v1/dev/+/ack", 1), ("wardcast/v1/dev/+/state", 1)])
+        self._reader = asyncio.create_task(self._read())
+        return self
+
+    async def __aexit__(
+        self, _type: type[BaseException] | None, _value: BaseException | None, _tb: TracebackType | None
+    ) -> None:
+        if self._reader is not None:
+            self._reader.cancel()
+            await asyncio.gather(self._reader, return_exceptions=True)
+        await self._client.__aexit__(None, None, None)
+
+    async def _read(self) -> None:
+        async for message in self._client.messages:
+            _, _, _, address, kind = message.topic.value.split("/")
+            assert isinstance(message.payload, bytes | bytearray)
+            document = json.loads(message.payload)
+            async with self._changed:
+                if kind == "ack":
+                    self.reports.append({**document, "_address": address})
+                else:
+                    self.states.setdefault(address, []).append(document)
+                self._changed.notify_all()
+
+    async def wait_until(self, predicate: Callable[[], T | None], timeout: float = WAIT_S) -> T:
+        async with asyncio.timeout(timeout), self._changed:
+            return await self._changed.wait_for(predicate)  # type: ignore[arg-type]
+
+    def reports_for(self, command_id: str) -> list[dict[str, Any]]:
+        return [report for report in self.reports if report["command_id"] == command_id]
+
+    def states_of(self, command_id: str) -> list[str]:
+        return [report["state"] for report in self.reports_for(command_id)]
+
+    async def report(self, command_id: str, state: str, timeout: float = WAIT_S) -> dict[str, Any]:
+        def found() -> dict[str, Any] | None:
+            return next((r for r in self.reports_for(command_id) if r["state"] == state), None)
+
+        try:
+            return await self.wait_until(found, timeout)
+        except TimeoutError:
+            raise AssertionError(
+                f"no {state!r} report for {command_id} within {timeout} s; got {self.states_of(command_id)}"
+            ) from None
+
+    async def final_report(self, command_id: str, timeout: float = WAIT_S) -> dict[str, Any]:
+        def found() -> dict[str, Any] | None:
+            return next((r for r in self.reports_for(command_id) if r["state"] in TERMINAL_STATES), None)
+
+        try:
+            return await self.wait_until(found, timeout)
+        except TimeoutError:
+            raise AssertionError(
+                f"{command_id} did not end within {timeout} s; got {self.states_of(command_id)}"
+            ) from None
+
+    async def state(self, address: str, predicate: Callable[[dict[str, Any]], bool]) -> dict[str, Any]:
+        def found() -> dict[str, Any] | None:
+            return next((s for s in reversed(self.states.get(address, [])) if predicate(s)), None)
+
+        return await self.wait_until(found)
+
+    async def send(self, command: dict[str, Any]) -> None:
+        await self.send_raw(command["device"], json.dumps(command).encode())
+
+    async def send_raw(self, address: str, payload: bytes) -> None:
+        await self._client.publish(f"wardcast/v1/dev/{address}/cmd", payload, qos=1)
+
+
+_BANDS = {"normal": 0, "priority": 1, "emergency": 2}
+
+
+def play_command(
+    address: str,
+    media_url: str,
+    sha256: str,
+    *,
+    duration_s: float,
+    band: str = "normal",
+    sub: int = 0,
+    repeats: int = 1,
+    max_duration_s: float = 600.0,
+    expires_in_s: float = 60.0,
+    mode: str = "live",
+    now: datetime | None = None,
+) -> dict[str, Any]:
+    issued = now or datetime.now(UTC)
+    return {
+        "v": 1,
+        "type": "play",
+        "id": str(uuid.uuid4()),
+        "correlation_id": f"delivery-{uuid.uuid4().hex[:12]}",
+        "device": address,
+        "issued_at": timestamp(issued),
+        "expires_at": timestamp(issued + timedelta(seconds=expires_in_s)),
+        "seq": 1,
+        "broadcast_id": f"broadcast-{uuid.uuid4().hex[:8]}",
+        "priority": {"class": band, "sub": sub, "rank": _BANDS[band] * 256 + sub},
+        "mode": mode,
+        "media": {"url": media_url, "sha256": sha256, "duration_s": duration_s, "content_type": "audio/wav"},
+        "repeats": repeats,
+        "max_duration_s": max_duration_s,
+    }
+
+
+def stop_command(address: str, target: str, reason: str = "cancelled") -> dict[str, Any]:
+    issued = datetime.now(UTC)
+    return {
+        "v": 1,
+        "type": "stop",
+        "id": str(uuid.uuid4()),
+        "correlation_id": f"stop-{uuid.uuid4().hex[:12]}",
+        "device": address,
+        "issued_at": timestamp(issued),
+        "expires_at": timestamp(issued + timedelta(seconds=60)),
+        "seq": 2,
+        "target": target,
+        "reason": reason,
+    }

@@ -1,0 +1,323 @@
+"""Real processes for integration tests: the controller, a simulated fleet, PostgreSQL databases,
+and a watcher on the controller's event stream (tests wait on events, never on sleeps)."""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import secrets
+import subprocess
+import sys
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psycopg
+import pytest
+
+from controller.broker import free_tcp_port
+from tests.support.broker import TestBroker
+
+POSTGRES_ADMIN_DSN = os.environ.get("WARDCAST_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/postgres")
+
+
+def _read_ready_line(process: subprocess.Popen[str], timeout: float, what: str, log: Path) -> str:
+    """Wait for the `READY …` line a process prints on stdout when it is up."""
+    lines: queue.Queue[str | None] = queue.Queue()
+
+    def pump() -> None:
+        assert process.stdout is not None
+        for line in process.stdout:
+            lines.put(line)
+        lines.put(None)
+
+    threading.Thread(target=pump, daemon=True).start()
+    try:
+        while True:
+            line = lines.get(timeout=timeout)
+            if line is None:
+                break
+            if line.startswith("READY"):
+                return line.strip()
+    except queue.Empty:
+        pass
+    process.kill()
+    process.wait()
+    tail = log.read_text(errors="replace")[-4000:] if log.exists() else ""
+    pytest.fail(f"{what} did not report READY within {timeout} s:\n{tail}")
+
+
+@dataclass
+class ManagedProcess:
+    process: subprocess.Popen[str]
+    log_path: Path
+    ready_line: str
+
+    def terminate(self, timeout: float = 15) -> int:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self._close()
+        return self.process.returncode
+
+    def kill(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+        self._close()
+
+    def _close(self) -> None:
+        if self.process.stdout is not None:
+            self.process.stdout.close()
+
+
+def start_process(
+    args: list[str], env: dict[str, str], log_path: Path, what: str, timeout: float = 60
+) -> ManagedProcess:
+    with log_path.open("a") as log:
+        process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=log, text=True, env=env)
+    ready = _read_ready_line(process, timeout, what, log_path)
+    return ManagedProcess(process, log_path, ready)
+
+
+@dataclass
+class ControllerHandle:
+    """A controller subprocess on its own port, pointed at the test's broker and database."""
+
+    workdir: Path
+    database_url: str
+    broker: TestBroker
+    port: int = field(default_factory=free_tcp_port)
+    process: ManagedProcess | None = None
+    _token: str | None = None
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def env(self) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("WARDCAST_")}
+        env.update(
+            {
+                "WARDCAST_DATABASE__URL": self.database_url,
+                "WARDCAST_HTTP__PORT": str(self.port),
+                "WARDCAST_MQTT__MODE": "external",
+                "WARDCAST_MQTT__URL": self.broker.url,
+                "WARDCAST_MQTT__USERNAME": self.broker.controller.username,
+                "WARDCAST_MQTT__PASSWORD": self.broker.controller.password,
+                "WARDCAST_MQTT__CLIENT_ID": "wardcast-test-controller",
+                "WARDCAST_MEDIA__DIR": str(self.workdir / "media"),
+                "WARDCAST_DATA_DIR": str(self.workdir),
+                "WARDCAST_DISPATCH__COMPLETION_GRACE_S": "5",
+                "WARDCAST_LOGGING__LEVEL": "debug",
+            }
+        )
+        return env
+
+    def start(self) -> None:
+        self.process = start_process(
+            [sys.executable, "-m", "controller", "serve"],
+            self.env(),
+            self.workdir / "controller.log",
+            "the controller",
+        )
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.terminate()
+            self.process = None
+
+    def kill(self) -> None:
+        if self.process is not None:
+            self.process.kill()
+            self.process = None
+
+    def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "controller", *args],
+            env=self.env(),
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+
+    def api_key(self, role: str = "admin", ward: str | None = None) -> str:
+        args = ["apikey", "create", "--name", f"test-{role}", "--role", role]
+        if ward:
+            args += ["--ward", ward]
+        result = self.cli(*args)
+        assert result.returncode == 0, result.stderr
+        return result.stdout.strip().splitlines()[-1]
+
+    @property
+    def token(self) -> str:
+        if self._token is None:
+            self._token = self.api_key("admin")
+        return self._token
+
+    def client(self, token: str | None = None) -> httpx.Client:
+        return httpx.Client(
+            base_url=self.base_url, timeout=30, headers={"Authorization": f"Bearer {token or self.token}"}
+        )
+
+
+@dataclass
+class FleetHandle:
+    broker: TestBroker
+    workdir: Path
+    addresses: list[str]
+    speed: float = 20.0
+    process: ManagedProcess | None = None
+
+    @property
+    def play_log(self) -> Path:
+        return self.workdir / "plays.jsonl"
+
+    def start(self) -> None:
+        csv_path = self.workdir / "fleet.csv"
+        csv_path.write_text("address,kind\n" + "".join(f"{a},speaker\n" for a in self.addresses))
+        self.process = start_process(
+            [
+                sys.executable,
+                "-m",
+                "firmware_sim",
+                "fleet",
+                "--mqtt-url",
+                self.broker.url,
+                "--username",
+                self.broker.device.username,
+                "--password",
+                self.broker.device.password,
+                "--csv",
+                str(csv_path),
+                "--speed",
+                str(self.speed),
+                "--play-log",
+                str(self.play_log),
+            ],
+            {k: v for k, v in os.environ.items() if not k.startswith("WARDCAST_")},
+            self.workdir / "fleet.log",
+            "the simulated fleet",
+        )
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.terminate()
+            self.process = None
+
+    def kill(self) -> None:
+        if self.process is not None:
+            self.process.kill()
+            self.process = None
+
+    def plays(self) -> list[dict[str, Any]]:
+        entries: list[dict[str, Any]] = []
+        for path in sorted(self.workdir.glob("plays*.jsonl*")):
+            entries.extend(json.loads(line) for line in path.read_text().splitlines() if line.strip())
+        return entries
+
+
+class EventWatcher:
+    """Follows /api/v1/events in a thread; `wait_for` blocks until a predicate over all events holds."""
+
+    def __init__(self, controller: ControllerHandle) -> None:
+        self._controller = controller
+        self.events: list[dict[str, Any]] = []
+        self._condition = threading.Condition()
+        self._stop = threading.Event()
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._response: httpx.Response | None = None
+
+    def __enter__(self) -> EventWatcher:
+        self._thread.start()
+        assert self._ready.wait(30), "the event stream did not open"
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._stop.set()
+        if self._response is not None:
+            self._response.close()
+        self._thread.join(timeout=10)
+
+    def _run(self) -> None:
+        with (
+            self._controller.client() as client,
+            client.stream("GET", "/api/v1/events", timeout=httpx.Timeout(None, connect=10)) as response,
+        ):
+            self._response = response
+            try:
+                for line in response.iter_lines():
+                    if self._stop.is_set():
+                        return
+                    if line.startswith("event: ready"):
+                        self._ready.set()
+                    if line.startswith("data:") and line[5:].strip() != "{}":
+                        with self._condition:
+                            self.events.append(json.loads(line[5:]))
+                            self._condition.notify_all()
+            except (httpx.ReadError, httpx.RemoteProtocolError, httpx.StreamClosed):
+                return
+
+    def wait_for(
+        self, predicate: Callable[[list[dict[str, Any]]], bool], timeout: float = 30, what: str = "condition"
+    ) -> None:
+        with self._condition:
+            if not self._condition.wait_for(lambda: predicate(self.events), timeout=timeout):
+                pytest.fail(
+                    f"timed out after {timeout} s waiting for {what}; last events: {self.events[-5:]}"
+                )
+
+    def delivery_states(self, broadcast_id: str) -> dict[str, str]:
+        states: dict[str, str] = {}
+        for event in self.events:
+            if event.get("type") == "delivery" and event["broadcast_id"] == broadcast_id:
+                states[event["device_id"]] = event["state"]
+        return states
+
+
+def create_postgres_database() -> tuple[str, Callable[[], None]]:
+    name = f"wardcast_test_{secrets.token_hex(6)}"
+    try:
+        with psycopg.connect(POSTGRES_ADMIN_DSN, autocommit=True) as connection:
+            connection.execute(f'CREATE DATABASE "{name}"')
+    except psycopg.OperationalError as error:
+        pytest.fail(f"PostgreSQL is not reachable at {POSTGRES_ADMIN_DSN}: {error}")
+
+    def drop() -> None:
+        with psycopg.connect(POSTGRES_ADMIN_DSN, autocommit=True) as connection:
+            connection.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+    base = POSTGRES_ADMIN_DSN.rsplit("/", 1)[0]
+    return f"{base}/{name}".replace("postgresql://", "postgresql+psycopg://"), drop
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'wardcast.db'}"
+        return
+    url, drop = create_postgres_database()
+    try:
+        yield url
+    finally:
+        drop()
+
+
+@pytest.fixture
+def controller(tmp_path: Path, database_url: str, mosquitto: TestBroker) -> Iterator[ControllerHandle]:
+    handle = ControllerHandle(workdir=tmp_path, database_url=database_url, broker=mosquitto)
+    handle.start()
+    try:
+        yield handle
+    finally:
+        handle.stop()
