@@ -87,6 +87,9 @@ class Runtime:
             self.clock,
             publish_timeout_s=self.settings.dispatch.publish_timeout_s,
         )
+        dispatcher = self._dispatcher
+        self.driver.add_link_listener(lambda state: dispatcher.link_changed(up=state == "connected"))
+        dispatcher.link_changed(up=self.driver.link_state == "connected")
         self._broadcasts = BroadcastService(
             self.engine,
             self._dispatcher,
@@ -105,7 +108,6 @@ class Runtime:
         self._tasks = [
             asyncio.create_task(self.tracker.run(), name="tracker"),
             asyncio.create_task(inbound.run(self.driver.events()), name="inbound"),
-            asyncio.create_task(self._watch_link(), name="link-watch"),
         ]
         log.info("controller started", broker=url, database=self.engine.url.render_as_string())
 
@@ -126,16 +128,6 @@ class Runtime:
         self.broker.start()
         controller = accounts[CONTROLLER_ACCOUNT]
         return self.broker.url, controller.username, controller.password
-
-    async def _watch_link(self) -> None:
-        assert self.driver is not None  # noqa: S101
-        was_up: bool | None = None
-        while True:
-            up = await self.driver.ping()
-            if up != was_up and self._dispatcher is not None:
-                self._dispatcher.link_changed(up=up)
-                was_up = up
-            await asyncio.sleep(0.2)
 
     async def stop(self) -> None:
         for task in self._tasks:

@@ -60,16 +60,20 @@ class MediaFetcher:
         *,
         concurrency: int = 8,
         shared_cache: bool = False,
-        max_attempts: int = 3,
+        retry_window_s: float = 120.0,
         retry_delay_s: float = 0.2,
+        max_retry_delay_s: float = 5.0,
     ) -> None:
         self._http = http
         # httpcore rescans its whole queue of waiting requests whenever a connection frees, which
         # turns thousands of simultaneous fetches quadratic; waiting here keeps its queue short.
         self._gate = asyncio.Semaphore(concurrency)
         self._shared = MediaCache() if shared_cache else None
-        self._max_attempts = max_attempts
+        # A real receiver keeps retrying while the controller restarts; the command's own expiry
+        # (enforced by the speaker) ends a wait that would be pointless.
+        self._retry_window_s = retry_window_s
         self._retry_delay_s = retry_delay_s
+        self._max_retry_delay_s = max_retry_delay_s
         self._downloads: set[asyncio.Task[VerifiedMedia]] = set()
         self.requests_sent = 0
 
@@ -125,6 +129,9 @@ class MediaFetcher:
     async def _download(self, media: MediaRef) -> VerifiedMedia:
         body = bytearray()
         attempt = 0
+        loop = asyncio.get_running_loop()
+        give_up_at = loop.time() + self._retry_window_s
+        delay_s = self._retry_delay_s
         while True:
             attempt += 1
             try:
@@ -132,10 +139,11 @@ class MediaFetcher:
                 break
             except httpx.TransportError as error:
                 # A dropped transfer resumes with a Range request (§1.8) instead of starting over.
-                if attempt >= self._max_attempts:
+                if loop.time() + delay_s > give_up_at:
                     raise MediaFetchError(f"fetch failed after {attempt} attempts: {error!r}") from error
-                logger.info("media %s: attempt %d failed (%r), resuming", media.url, attempt, error)
-                await asyncio.sleep(self._retry_delay_s * attempt)
+                logger.info("media %s: attempt %d failed (%r), retrying", media.url, attempt, error)
+                await asyncio.sleep(delay_s)
+                delay_s = min(delay_s * 2, self._max_retry_delay_s)
             except httpx.HTTPError as error:
                 raise MediaFetchError(f"fetch failed: {error!r}") from error
             except httpx.InvalidURL as error:

@@ -101,7 +101,7 @@ class SpeakerRuntime:
         self._shared_media_cache = shared_media_cache
         self._http_connections = http_connections
         self._media_timeout_s = media_timeout_s
-        self._started: _Started | None = None
+        self._services: RuntimeServices | None = None
 
     async def __aenter__(self) -> Self:
         loop = asyncio.get_running_loop()
@@ -117,7 +117,7 @@ class SpeakerRuntime:
             # for a connection is expected there, not an error.
             timeout=httpx.Timeout(self._media_timeout_s, pool=None),
         )
-        self._started = _Started(
+        self._services = RuntimeServices(
             loop=loop,
             driver=PahoLoopDriver(),
             http=http,
@@ -136,19 +136,18 @@ class SpeakerRuntime:
         _value: BaseException | None,
         _traceback: TracebackType | None,
     ) -> None:
-        started, self._started = self._started, None
-        if started is None:
+        services = self._services
+        if services is None:
             return
-        self._started = started
         try:
             await self.stop_all()
         finally:
-            self._started = None
-            await started.fetcher.aclose()
-            await started.http.aclose()
-            await started.driver.aclose()
-            if started.play_log is not None:
-                started.play_log.close()
+            self._services = None
+            await services.fetcher.aclose()
+            await services.http.aclose()
+            await services.driver.aclose()
+            if services.play_log is not None:
+                services.play_log.close()
 
     def speaker(
         self,
@@ -174,20 +173,22 @@ class SpeakerRuntime:
         await asyncio.gather(*(stop(speaker) for speaker in self.speakers.values()))
 
     @property
-    def started(self) -> _Started:
-        if self._started is None:
+    def services(self) -> RuntimeServices:
+        if self._services is None:
             raise RuntimeError("the speaker runtime is not running; use `async with SpeakerRuntime(...)`")
-        return self._started
+        return self._services
 
     async def open_broker_connection(self) -> socket.socket:
-        started = self.started
+        services = self.services
         return await open_tcp_connection(
-            started.broker_address, started.broker_family, self.broker.connect_timeout_s
+            services.broker_address, services.broker_family, self.broker.connect_timeout_s
         )
 
 
 @dataclass(frozen=True, slots=True)
-class _Started:
+class RuntimeServices:
+    """The shared machinery of a running `SpeakerRuntime`."""
+
     loop: asyncio.AbstractEventLoop
     driver: PahoLoopDriver
     http: httpx.AsyncClient
@@ -287,7 +288,7 @@ class SimulatedSpeaker:
         """Connects, announces itself online and returns once the broker granted its subscription."""
         if self._client is not None:
             raise RuntimeError(f"{self.address} is already started")
-        loop = self.runtime.started.loop
+        loop = self.runtime.services.loop
         broker = self.runtime.broker
         self._stopping = False
         self._ever_ready = False
@@ -314,7 +315,7 @@ class SimulatedSpeaker:
         client.on_message = self._on_message
         client.on_publish = self._on_publish
         client.on_disconnect = self._on_disconnect
-        self.runtime.started.driver.attach(client)
+        self.runtime.services.driver.attach(client)
         self._client = client
         self._ready = loop.create_future()
         try:
@@ -336,7 +337,7 @@ class SimulatedSpeaker:
         for play in list(self._active.values()):
             self._finish(play, "failed", detail="the device shut down before the command ended")
         if client.is_connected():
-            loop = self.runtime.started.loop
+            loop = self.runtime.services.loop
             info = client.publish(self._state_topic, wire.OFFLINE_SHUTDOWN, qos=1, retain=True)
             acknowledged = loop.create_future()
             self._puback_waiters[info.mid] = acknowledged
@@ -400,10 +401,10 @@ class SimulatedSpeaker:
             await asyncio.sleep(delay)
             try:
                 client.prepared_socket = await self.runtime.open_broker_connection()
+                client.reconnect()
             except OSError as error:
                 logger.info("%s: reconnect failed (%s)", self.address, error)
                 continue
-            client.reconnect()
             return
 
     def _cancel_reconnect(self) -> None:
@@ -414,7 +415,7 @@ class SimulatedSpeaker:
     def _abandon_client(self) -> None:
         client, self._client = self._client, None
         if client is not None:
-            self.runtime.started.driver.detach(client)
+            self.runtime.services.driver.detach(client)
             sock = client.prepared_socket
             if sock is not None:
                 sock.close()
@@ -489,11 +490,19 @@ class SimulatedSpeaker:
     ) -> None:
         if self._disconnected is not None and not self._disconnected.done():
             self._disconnected.set_result(None)
-        if client is not self._client or self._stopping or not self._ever_ready:
+        if client is not self._client or self._stopping:
+            return
+        if not self._ever_ready:
+            if self._ready is not None and not self._ready.done():
+                self._ready.set_exception(
+                    SpeakerConnectError(
+                        f"{self.address}: the connection closed during the handshake: {reason_code}"
+                    )
+                )
             return
         logger.info("%s: connection lost (%s); reconnecting", self.address, reason_code)
         self._cancel_reconnect()
-        self._reconnect_task = self.runtime.started.loop.create_task(
+        self._reconnect_task = self.runtime.services.loop.create_task(
             self._reconnect_forever(self._client), name=f"reconnect-{self.address}"
         )
 
@@ -541,11 +550,11 @@ class SimulatedSpeaker:
         self._report_play(command, "delivered")
         play = _Play(command, next(self._arrivals))
         self._active[command.id] = play
-        loop = self.runtime.started.loop
+        loop = self.runtime.services.loop
         play.expiry_timer = loop.call_later(
             (command.expires_at - now).total_seconds(), self._on_expiry_due, play
         )
-        cached = self.runtime.started.fetcher.cached(command.media, self._media_cache)
+        cached = self.runtime.services.fetcher.cached(command.media, self._media_cache)
         if cached is not None:
             play.media = cached
             play.phase = "waiting"
@@ -555,7 +564,7 @@ class SimulatedSpeaker:
 
     async def _fetch(self, play: _Play) -> None:
         try:
-            media = await self.runtime.started.fetcher.fetch(play.command.media, self._media_cache)
+            media = await self.runtime.services.fetcher.fetch(play.command.media, self._media_cache)
         except MediaFetchError as error:
             self._finish(play, "failed", detail=error.detail)
             self._schedule()
@@ -592,7 +601,7 @@ class SimulatedSpeaker:
             return
         remaining_s = (play.command.expires_at - self.runtime.clock()).total_seconds()
         if remaining_s > 0:
-            play.expiry_timer = self.runtime.started.loop.call_later(remaining_s, self._on_expiry_due, play)
+            play.expiry_timer = self.runtime.services.loop.call_later(remaining_s, self._on_expiry_due, play)
             return
         self._finish(play, "expired", detail="expires_at passed before it could start")
         self._schedule()
@@ -631,7 +640,7 @@ class SimulatedSpeaker:
         play.planned_s = min(total_s, play.command.max_duration_s)
         play.truncated = total_s > play.command.max_duration_s
         play.phase = "playing"
-        loop = self.runtime.started.loop
+        loop = self.runtime.services.loop
         play.started_at = loop.time()
         if play.expiry_timer is not None:
             play.expiry_timer.cancel()
@@ -647,7 +656,7 @@ class SimulatedSpeaker:
     def _played_so_far(self, play: _Play) -> float:
         if play.phase != "playing":
             return 0.0
-        elapsed_s = (self.runtime.started.loop.time() - play.started_at) * self.runtime.speed
+        elapsed_s = (self.runtime.services.loop.time() - play.started_at) * self.runtime.speed
         return min(play.planned_s, elapsed_s)
 
     def _finish(
@@ -725,7 +734,7 @@ class SimulatedSpeaker:
         if len(self._latest_reports) > self._dedupe_memory:
             self._latest_reports.popitem(last=False)
         self._publish(self._ack_topic, payload)
-        play_log = self.runtime.started.play_log
+        play_log = self.runtime.services.play_log
         if play_log is not None and (command is not None or state == "rejected"):
             entry: dict[str, object] = {
                 "address": self.address,

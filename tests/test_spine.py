@@ -5,6 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import paho.mqtt.client as mqtt
 import pytest
 
 from tests.support.broker import TestBroker
@@ -89,3 +90,61 @@ def test_an_offline_speaker_never_plays_an_expired_command(
         p for p in plays if p.get("broadcast_id") == stale["id"] and p["event"] in {"playing", "completed"}
     ]
     assert [p for p in plays if p.get("broadcast_id") == fresh["id"] and p["event"] == "completed"]
+
+
+def test_an_emergency_preempts_a_normal_broadcast(controller: ControllerHandle, fleet: FleetHandle):
+    seed(controller)
+    long_notice = upload(controller, 120.0)
+    alarm = upload(controller, 1.0)
+    with EventWatcher(controller) as watcher:
+        normal = send(controller, long_notice, targets={"areas": ["hn.a.t1"]})
+        watcher.wait_for(all_in(str(normal["id"]), 2, "playing"), what="the normal notice playing")
+        emergency = send(controller, alarm, targets={"areas": ["hn.a.t1"]}, priority="emergency")
+        watcher.wait_for(all_ended(str(emergency["id"]), 2, "completed"), what="the emergency completed")
+        watcher.wait_for(all_ended(str(normal["id"]), 2, "interrupted"), what="the notice interrupted")
+
+
+def _publish_as(broker: TestBroker, client_id: str, messages: list[tuple[str, bytes]]) -> None:
+    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id)
+    client.username_pw_set(broker.device.username, broker.device.password)
+    client.connect(broker.host, broker.port)
+    client.loop_start()
+    try:
+        for topic, payload in messages:
+            client.publish(topic, payload, qos=1).wait_for_publish(10)
+    finally:
+        client.disconnect()
+        client.loop_stop()
+
+
+def test_malformed_and_unknown_device_payloads_are_counted_not_fatal(
+    controller: ControllerHandle, mosquitto: TestBroker
+):
+    seed(controller)
+    with EventWatcher(controller) as watcher:
+        _publish_as(mosquitto, "stranger", [("wardcast/v1/dev/stranger/state", b'{"v":1,"online":true}')])
+        _publish_as(
+            mosquitto,
+            "a1-1",
+            [
+                ("wardcast/v1/dev/a1-1/ack", b"{not json"),
+                ("wardcast/v1/dev/a1-1/ack", b'{"v": 9}'),
+                ("wardcast/v1/dev/a1-1/state", b'{"v":1,"online":true,"at":"2026-01-01T00:00:00Z"}'),
+            ],
+        )
+        # Mosquitto forwards to one subscriber in the order it received: once the valid state is
+        # seen, the garbage before it has been handled, and the controller is still processing.
+        watcher.wait_for(
+            lambda events: any(e.get("type") == "device" and e["device_id"] == "spk-a1-1" for e in events),
+            what="the valid state after the garbage",
+        )
+    with controller.client() as api:
+        assert api.get("/healthz").status_code == 200
+        metrics = api.get("/metrics").text
+    counts = {
+        line.split("{", 1)[1].split("}", 1)[0]: float(line.rsplit(" ", 1)[1])
+        for line in metrics.splitlines()
+        if line.startswith("wardcast_rejected_payloads_total{")
+    }
+    assert counts.get('reason="malformed"', 0) >= 2
+    assert counts.get('reason="unknown_device"', 0) >= 1

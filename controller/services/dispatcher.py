@@ -9,6 +9,7 @@ was acknowledged just before the crash plays once.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import heapq
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -171,12 +172,14 @@ class Dispatcher:
             except (DeviceUnreachable, DeviceTimeout) as error:
                 PUBLISH_FAILURES.labels(type(error).__name__).inc()
                 heapq.heappush(lane.heap, command)
-                # Back off, and come back at once when the link is known to be up again.
-                self._link_up.clear()
-                try:
-                    await asyncio.wait_for(self._link_up.wait(), timeout=retry_s)
-                except TimeoutError:
-                    retry_s = min(retry_s * 2, _RETRY_MAX_S)
+                if isinstance(error, DeviceUnreachable):
+                    # Wait for the link listener to say the link is back (or retry after the backoff).
+                    self._link_up.clear()
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._link_up.wait(), timeout=retry_s)
+                else:
+                    await asyncio.sleep(retry_s)
+                retry_s = min(retry_s * 2, _RETRY_MAX_S)
                 continue
             except DriverError as error:
                 PUBLISH_FAILURES.labels(type(error).__name__).inc()

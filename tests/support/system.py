@@ -3,10 +3,12 @@ and a watcher on the controller's event stream (tests wait on events, never on s
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import queue
 import secrets
+import socket
 import subprocess
 import sys
 import threading
@@ -246,8 +248,15 @@ class EventWatcher:
     def __exit__(self, *exc_info: object) -> None:
         self._stop.set()
         if self._response is not None:
-            self._response.close()
+            # Closing the response does not wake a read blocked in another thread; shutting the
+            # socket down does.
+            stream = self._response.extensions.get("network_stream")
+            sock = stream.get_extra_info("socket") if stream is not None else None
+            if sock is not None:
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
         self._thread.join(timeout=10)
+        assert not self._thread.is_alive(), "the event watcher did not stop"
 
     def _run(self) -> None:
         with (
@@ -265,7 +274,7 @@ class EventWatcher:
                         with self._condition:
                             self.events.append(json.loads(line[5:]))
                             self._condition.notify_all()
-            except (httpx.ReadError, httpx.RemoteProtocolError, httpx.StreamClosed):
+            except (httpx.ReadError, httpx.RemoteProtocolError, httpx.StreamClosed, httpx.StreamError):
                 return
 
     def wait_for(
