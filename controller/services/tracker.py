@@ -17,7 +17,7 @@ import structlog
 from prometheus_client import Counter
 from sqlalchemy import Engine, bindparam, insert, update
 from sqlalchemy.exc import SQLAlchemyError
-from sqlmodel import Session, col, select
+from sqlmodel import Session, SQLModel, col, select
 
 from controller.domain.clock import Clock, rfc3339
 from controller.domain.deliveries import DeliveryState, can_advance
@@ -294,45 +294,34 @@ class DeliveryTracker:
             self._bus.publish(notification)
 
     def _write(self, pending: _PendingWrites) -> None:
+        def update_by_id(table: type[SQLModel], rows: list[dict[str, Any]], **columns: str) -> None:
+            if rows:
+                statement = (
+                    update(table)
+                    .where(table.id == bindparam("b_id"))  # type: ignore[attr-defined]
+                    .values({column: bindparam(key) for column, key in columns.items()})
+                )
+                session.connection().execute(statement, rows)
+
         with Session(self._engine) as session:
-            if pending.delivery_updates:
-                session.connection().execute(
-                    update(DeliveryRow)
-                    .where(col(DeliveryRow.id) == bindparam("b_id"))
-                    .values(
-                        state=bindparam("b_state"),
-                        state_at=bindparam("b_state_at"),
-                        detail=bindparam("b_detail"),
-                    ),
-                    pending.delivery_updates,
-                )
-            if pending.played:
-                session.connection().execute(
-                    update(DeliveryRow)
-                    .where(col(DeliveryRow.id) == bindparam("b_id"))
-                    .values(played_s=bindparam("b_played_s")),
-                    pending.played,
-                )
+            update_by_id(
+                DeliveryRow,
+                pending.delivery_updates,
+                state="b_state",
+                state_at="b_state_at",
+                detail="b_detail",
+            )
+            update_by_id(DeliveryRow, pending.played, played_s="b_played_s")
             if pending.events:
                 session.connection().execute(insert(DeliveryEventRow), pending.events)
-            if pending.published:
-                session.connection().execute(
-                    update(OutboxRow)
-                    .where(col(OutboxRow.id) == bindparam("b_id"))
-                    .values(published_at=bindparam("b_at")),
-                    pending.published,
-                )
-            if pending.devices:
-                session.connection().execute(
-                    update(DeviceRow)
-                    .where(col(DeviceRow.id) == bindparam("b_id"))
-                    .values(
-                        online=bindparam("b_online"),
-                        last_seen=bindparam("b_last_seen"),
-                        status=bindparam("b_status"),
-                    ),
-                    list(pending.devices.values()),
-                )
+            update_by_id(OutboxRow, pending.published, published_at="b_at")
+            update_by_id(
+                DeviceRow,
+                list(pending.devices.values()),
+                online="b_online",
+                last_seen="b_last_seen",
+                status="b_status",
+            )
             session.commit()
 
 

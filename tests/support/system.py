@@ -90,8 +90,24 @@ def start_process(
     return ManagedProcess(process, log_path, ready)
 
 
+class _Supervised:
+    """A handle whose process can be stopped gracefully or killed as a crash would."""
+
+    process: ManagedProcess | None
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.terminate()
+            self.process = None
+
+    def kill(self) -> None:
+        if self.process is not None:
+            self.process.kill()
+            self.process = None
+
+
 @dataclass
-class ControllerHandle:
+class ControllerHandle(_Supervised):
     """A controller subprocess on its own port, pointed at the test's broker and database."""
 
     workdir: Path
@@ -132,16 +148,6 @@ class ControllerHandle:
             "the controller",
         )
 
-    def stop(self) -> None:
-        if self.process is not None:
-            self.process.terminate()
-            self.process = None
-
-    def kill(self) -> None:
-        if self.process is not None:
-            self.process.kill()
-            self.process = None
-
     def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
             [sys.executable, "-m", "controller", *args],
@@ -173,7 +179,7 @@ class ControllerHandle:
 
 
 @dataclass
-class FleetHandle:
+class FleetHandle(_Supervised):
     broker: TestBroker
     workdir: Path
     addresses: list[str]
@@ -210,16 +216,6 @@ class FleetHandle:
             self.workdir / "fleet.log",
             "the simulated fleet",
         )
-
-    def stop(self) -> None:
-        if self.process is not None:
-            self.process.terminate()
-            self.process = None
-
-    def kill(self) -> None:
-        if self.process is not None:
-            self.process.kill()
-            self.process = None
 
     def plays(self) -> list[dict[str, Any]]:
         entries: list[dict[str, Any]] = []

@@ -114,6 +114,14 @@ def _get_visible(session: Session, runtime: Any, principal: Principal, device_id
     return row
 
 
+def _refuse_address_clash(session: Session, transport: str, address: str) -> None:
+    clash = session.exec(
+        select(DeviceRow).where(DeviceRow.transport == transport, DeviceRow.address == address)
+    ).first()
+    if clash is not None:
+        raise ApiError(409, "conflict", "address", f"address {address!r} is used by {clash.id!r}")
+
+
 @router.get("", response_model=list[DeviceOut])
 async def list_devices(
     runtime: RuntimeDep,
@@ -152,11 +160,7 @@ async def create_device(body: DeviceIn, runtime: RuntimeDep, principal: DeviceMa
         with Session(runtime.engine) as session:
             if session.get(DeviceRow, device_id) is not None:
                 raise ApiError(409, "conflict", "id", f"device {device_id!r} already exists")
-            clash = session.exec(
-                select(DeviceRow).where(DeviceRow.transport == body.transport, DeviceRow.address == address)
-            ).first()
-            if clash is not None:
-                raise ApiError(409, "conflict", "address", f"address {address!r} is used by {clash.id!r}")
+            _refuse_address_clash(session, body.transport, address)
             row = DeviceRow(
                 id=device_id,
                 kind=body.kind,
@@ -200,13 +204,7 @@ async def patch_device(
                 _check_area(runtime, principal, changes["area"], "area")
                 row.area_code = changes.pop("area")
             if "address" in changes and changes["address"] != row.address:
-                clash = session.exec(
-                    select(DeviceRow).where(
-                        DeviceRow.transport == row.transport, DeviceRow.address == changes["address"]
-                    )
-                ).first()
-                if clash is not None:
-                    raise ApiError(409, "conflict", "address", f"address is used by {clash.id!r}")
+                _refuse_address_clash(session, row.transport, changes["address"])
             for key, value in changes.items():
                 setattr(row, key, value)
             session.add(row)
