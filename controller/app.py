@@ -21,6 +21,8 @@ from controller.services.dispatcher import Dispatcher
 from controller.services.events import EventBus
 from controller.services.inbound import DeviceDirectory, InboundProcessor
 from controller.services.media import MediaStore
+from controller.services.schedule_runner import ScheduleRunner
+from controller.services.schedules import ScheduleService
 from controller.services.tracker import DeliveryTracker
 from controller.settings import Settings
 from controller.store.db import create_db_engine, migrate
@@ -66,6 +68,8 @@ class Runtime:
         self._tasks: list[asyncio.Task[None]] = []
         self._area_tree: AreaTree | None = None
         self._inbound: InboundProcessor | None = None
+        self.schedules = ScheduleService(self.engine, settings.schedules, now=self.clock.now)
+        self.schedule_runner: ScheduleRunner | None = None
 
     # -- lifecycle -----------------------------------------------------------------------------
     async def start(self) -> None:
@@ -98,6 +102,9 @@ class Runtime:
             media_base_url=self.settings.http.base_url(),
             default_expiry_s=self.settings.dispatch.default_expiry_s,
         )
+        self.schedule_runner = ScheduleRunner(
+            self.engine, self._broadcasts, self.settings.schedules, self.clock
+        )
         await asyncio.to_thread(self.directory.reload)
         await asyncio.to_thread(self.tracker.load_open_deliveries)
         pending = await asyncio.to_thread(self._dispatcher.load_outbox)
@@ -105,6 +112,7 @@ class Runtime:
             log.info("resuming commands from the outbox", count=len(pending))
         self._dispatcher.submit(pending)
         inbound = self._inbound = InboundProcessor("mqtt", self.directory, self.tracker, self.clock)
+        await self.schedule_runner.start()
         self._tasks = [
             asyncio.create_task(self.tracker.run(), name="tracker"),
             asyncio.create_task(inbound.run(self.driver.events()), name="inbound"),
@@ -130,6 +138,8 @@ class Runtime:
         return self.broker.url, controller.username, controller.password
 
     async def stop(self) -> None:
+        if self.schedule_runner is not None:
+            self.schedule_runner.stop()
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -165,6 +175,10 @@ class Runtime:
         self.directory.put(transport, address, device_id)
         if self._inbound is not None and transport == "mqtt":
             self._inbound.device_registered(address)
+
+    async def replan_schedule(self, schedule_id: str) -> None:
+        if self.schedule_runner is not None:
+            await self.schedule_runner.replan(schedule_id)
 
     def invalidate_areas(self) -> None:
         self._area_tree = None

@@ -133,7 +133,9 @@ class ManagedMosquitto:
             f"password_file {password_path}",
             f"acl_file {acl_path}",
             f"listener {self.port} {self.host}",
-            "max_queued_messages 10000",
+            # The controller's one session receives every device's reports; at 10,000 devices a
+            # broadcast brings ~50,000 of them, which must queue rather than be dropped.
+            "max_queued_messages 200000",
             "max_inflight_messages 100",
             f"persistence {'true' if self._persistence else 'false'}",
             f"persistence_location {persistence_dir}/",

@@ -116,6 +116,22 @@ class DispatchSettings(_Section):
     completion_grace_s: Annotated[float, Field(ge=0)] = 30.0
 
 
+class GraceSettings(_Section):
+    """How late a missed occurrence may still play, per priority class (seconds)."""
+
+    normal: Annotated[int, Field(ge=0)] = 900
+    priority: Annotated[int, Field(ge=0)] = 1800
+    emergency: Annotated[int, Field(ge=0)] = 3600
+
+
+class SchedulesSettings(_Section):
+    conflict_horizon_days: Annotated[int, Field(ge=1, le=366)] = 60
+    max_window_days: Annotated[int, Field(ge=1, le=3660)] = 366
+    # After a restart, occurrences this far back that never fired are recorded as missed.
+    catch_up_days: Annotated[int, Field(ge=0, le=60)] = 7
+    grace_s: GraceSettings = GraceSettings()
+
+
 class LoggingSettings(_Section):
     level: Literal["debug", "info", "warning", "error"] = "info"
     format: Literal["console", "json"] = "console"
@@ -135,6 +151,7 @@ class Settings(BaseSettings):
     mqtt: MqttSettings = MqttSettings()
     media: MediaSettings = MediaSettings()
     dispatch: DispatchSettings = DispatchSettings()
+    schedules: SchedulesSettings = SchedulesSettings()
     logging: LoggingSettings = LoggingSettings()
     data_dir: Path = Path("var")
 

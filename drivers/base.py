@@ -45,12 +45,14 @@ class DeviceCommand:
 class Ack:
     """What the transport confirmed for one `send`.
 
-    `accepted_at` is when the broker (MQTT PUBACK) or the device (Modbus reply, CoAP ACK) took the
-    command; device-level progress arrives later as `InboundEvent`s.
+    `published_at` is when the command went on the wire (after any wait for a free publish slot);
+    `accepted_at` is when the broker (MQTT PUBACK) or the device (Modbus reply, CoAP ACK) confirmed it.
+    Device-level progress arrives later as `InboundEvent`s.
     """
 
     command_id: str
     accepted_at: datetime
+    published_at: datetime
 
 
 @dataclass(frozen=True, slots=True)

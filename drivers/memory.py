@@ -72,7 +72,8 @@ class MemoryDriver:
         async with self._sent_changed:
             self.sent.append(command)
             self._sent_changed.notify_all()
-        return Ack(command_id=command.command_id, accepted_at=self._clock())
+        now = self._clock()
+        return Ack(command_id=command.command_id, accepted_at=now, published_at=now)
 
     async def events(self) -> AsyncIterator[InboundEvent]:
         while True:

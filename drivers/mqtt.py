@@ -305,7 +305,7 @@ class MqttDriver:
             properties = self._command_properties(command) if self.protocol == "5" else None
         except (ValueError, TypeError) as error:
             raise ProtocolError(f"command {command.command_id} cannot go on the wire: {error}") from error
-        await self._publish(
+        published_at = await self._publish(
             topic,
             payload,
             retain=False,
@@ -313,7 +313,7 @@ class MqttDriver:
             what=f"command {command.command_id} to {command.address}",
             properties=properties,
         )
-        return Ack(command_id=command.command_id, accepted_at=self._clock())
+        return Ack(command_id=command.command_id, accepted_at=self._clock(), published_at=published_at)
 
     async def events(self) -> AsyncIterator[InboundEvent]:
         """Reports, states and telemetry (and `MalformedPayload`s) until the driver closes."""
@@ -370,7 +370,8 @@ class MqttDriver:
         timeout: float,
         what: str,
         properties: Properties | None,
-    ) -> None:
+    ) -> datetime:
+        """Publish at QoS 1 and wait for the PUBACK; return when the PUBLISH went on the wire."""
         link = self._link
         if link is None:
             raise DeviceUnreachable(f"{what}: not connected to the broker at {self.url}")
@@ -386,6 +387,7 @@ class MqttDriver:
         if link.lost:
             link.window.release()
             raise DeviceUnreachable(f"{what}: the connection to {self.url} was lost") from link.loss
+        published_at = self._clock()
         publishing = link.publish(topic, payload, retain=retain, properties=properties)
         # asyncio.wait, unlike wait_for, leaves the publish running when we stop waiting: its slot stays
         # taken until the broker acknowledges it.
@@ -399,6 +401,7 @@ class MqttDriver:
         failure = publishing.exception()
         if failure is not None:
             raise _translate(failure, what) from failure
+        return published_at
 
     def _command_properties(self, command: DeviceCommand) -> Properties:
         seconds_left = (command.expires_at - self._clock()).total_seconds()

@@ -205,7 +205,8 @@ class _Play:
     command: PlayCommand
     arrival: int
     phase: Literal["fetching", "waiting", "playing"] = "fetching"
-    media: VerifiedMedia | None = None
+    # Every playlist item, fetched and verified, in order; set when the phase leaves "fetching".
+    playlist: tuple[VerifiedMedia, ...] | None = None
     fetch_task: asyncio.Task[None] | None = None
     expiry_timer: asyncio.TimerHandle | None = None
     end_timer: asyncio.TimerHandle | None = None
@@ -554,17 +555,28 @@ class SimulatedSpeaker:
         play.expiry_timer = loop.call_later(
             (command.expires_at - now).total_seconds(), self._on_expiry_due, play
         )
-        cached = self.runtime.services.fetcher.cached(command.media, self._media_cache)
+        cached = self._cached_playlist(command)
         if cached is not None:
-            play.media = cached
+            play.playlist = cached
             play.phase = "waiting"
             self._schedule()
         else:
             play.fetch_task = loop.create_task(self._fetch(play))
 
+    def _cached_playlist(self, command: PlayCommand) -> tuple[VerifiedMedia, ...] | None:
+        """Every playlist item if all of them were verified before: no network needed."""
+        fetcher = self.runtime.services.fetcher
+        verified: list[VerifiedMedia] = []
+        for item in command.playlist:
+            found = fetcher.cached(item, self._media_cache)
+            if found is None:
+                return None
+            verified.append(found)
+        return tuple(verified)
+
     async def _fetch(self, play: _Play) -> None:
         try:
-            media = await self.runtime.services.fetcher.fetch(play.command.media, self._media_cache)
+            playlist = await self._fetch_playlist(play.command)
         except MediaFetchError as error:
             self._finish(play, "failed", detail=error.detail)
             self._schedule()
@@ -575,9 +587,35 @@ class SimulatedSpeaker:
             self._schedule()
             return
         if self._active.get(play.command.id) is play:
-            play.media = media
+            play.playlist = playlist
             play.phase = "waiting"
             self._schedule()
+
+    async def _fetch_playlist(self, command: PlayCommand) -> tuple[VerifiedMedia, ...]:
+        """Fetches and verifies every item at once (§1.9); the first failure, in playlist order
+        among those seen, cancels the others and is raised naming its item."""
+        if len(command.playlist) == 1:
+            return (await self._fetch_item(command, 0),)
+        try:
+            async with asyncio.TaskGroup() as group:
+                tasks = [
+                    group.create_task(self._fetch_item(command, index))
+                    for index in range(len(command.playlist))
+                ]
+        except ExceptionGroup as failures:
+            for task in tasks:
+                if task.done() and not task.cancelled() and (error := task.exception()) is not None:
+                    raise error from failures
+            raise
+        return tuple(task.result() for task in tasks)
+
+    async def _fetch_item(self, command: PlayCommand, index: int) -> VerifiedMedia:
+        try:
+            return await self.runtime.services.fetcher.fetch(command.playlist[index], self._media_cache)
+        except MediaFetchError as error:
+            if not command.playlist_given:
+                raise  # a plain `media` fails with the bare detail §1.8 gives ("sha256 mismatch")
+            raise MediaFetchError(f"playlist[{index}]: {error.detail}") from error
 
     def _apply_stop(self, stop: StopCommand) -> None:
         if stop.target == wire.STOP_ALL:
@@ -634,9 +672,12 @@ class SimulatedSpeaker:
         return best
 
     def _start_playing(self, play: _Play) -> None:
-        if play.media is None:
+        if play.playlist is None:
             raise RuntimeError("a play started before its media was verified")
-        total_s = play.media.duration_s * play.command.repeats
+        # §1.9: the whole playlist per repeat, `gap_s` of silence between repeats, decoded durations.
+        command = play.command
+        playlist_s = sum(item.duration_s for item in play.playlist)
+        total_s = playlist_s * command.repeats + command.gap_s * (command.repeats - 1)
         play.planned_s = min(total_s, play.command.max_duration_s)
         play.truncated = total_s > play.command.max_duration_s
         play.phase = "playing"

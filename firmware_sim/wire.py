@@ -101,6 +101,11 @@ class PlayCommand:
     media: MediaRef
     repeats: int
     max_duration_s: float
+    # Never empty: `(media,)` when the command carries no `playlist` (§1.3).
+    playlist: tuple[MediaRef, ...]
+    gap_s: float
+    # Whether the command itself carried `playlist`, so a failure can name the item (`playlist[1]`).
+    playlist_given: bool
 
 
 @dataclass(frozen=True, slots=True)
@@ -176,6 +181,12 @@ def parse_command(envelope: Envelope, address: str) -> Command:
     if seq < 0:
         raise CommandRejectedError("seq", "must not be negative")
     if command_type == "play":
+        # Members are checked in the order §1.3 lists them, so the first bad one is named.
+        broadcast_id = _non_empty_string(document, "broadcast_id")
+        priority = _priority(document.get("priority"))
+        mode = _choice(document, "mode", PLAY_MODES)
+        media = _media(document.get("media"))
+        playlist = _playlist(document, media)
         return PlayCommand(
             id=command_id,
             correlation_id=correlation_id,
@@ -183,10 +194,13 @@ def parse_command(envelope: Envelope, address: str) -> Command:
             issued_at=issued_at,
             expires_at=expires_at,
             seq=seq,
-            broadcast_id=_non_empty_string(document, "broadcast_id"),
-            priority=_priority(document.get("priority")),
-            mode=_choice(document, "mode", PLAY_MODES),
-            media=_media(document.get("media")),
+            broadcast_id=broadcast_id,
+            priority=priority,
+            mode=mode,
+            media=media,
+            playlist=playlist if playlist is not None else (media,),
+            playlist_given=playlist is not None,
+            gap_s=_gap(document),
             repeats=_repeats(document),
             max_duration_s=_positive_number(document, "max_duration_s"),
         )
@@ -255,14 +269,28 @@ def _choice(document: Mapping[str, Any], name: str, allowed: frozenset[str]) -> 
     return value
 
 
-def _positive_number(document: Mapping[str, Any], name: str, prefix: str = "") -> float:
+def _finite_number(document: Mapping[str, Any], name: str, prefix: str = "") -> float:
     value = document.get(name)
     if not isinstance(value, int | float) or isinstance(value, bool) or not math.isfinite(value):
         raise CommandRejectedError(prefix + name, "must be a finite number")
-    number = float(value)
+    return float(value)
+
+
+def _positive_number(document: Mapping[str, Any], name: str, prefix: str = "") -> float:
+    number = _finite_number(document, name, prefix)
     if number <= 0:
         raise CommandRejectedError(prefix + name, "must be greater than 0")
     return number
+
+
+def _gap(document: Mapping[str, Any]) -> float:
+    """`gap_s`, optional: seconds of silence between repeats, 0 when absent (§1.3)."""
+    if "gap_s" not in document:
+        return 0.0
+    gap_s = _finite_number(document, "gap_s")
+    if gap_s < 0:
+        raise CommandRejectedError("gap_s", "must not be negative")
+    return gap_s
 
 
 def _repeats(document: Mapping[str, Any]) -> int:
@@ -290,22 +318,38 @@ def _priority(value: object) -> Priority:
     return Priority(band, sub, rank)
 
 
-def _media(value: object) -> MediaRef:
+def _media(value: object, name: str = "media") -> MediaRef:
     if not isinstance(value, dict):
-        raise CommandRejectedError("media", "must be a JSON object")
-    url = _non_empty_string(value, "url", "media.")
+        raise CommandRejectedError(name, "must be a JSON object")
+    prefix = f"{name}."
+    url = _non_empty_string(value, "url", prefix)
     parts = urlsplit(url)
     if parts.scheme not in {"http", "https"} or not parts.netloc:
-        raise CommandRejectedError("media.url", f"{url!r} is not an absolute HTTP URL")
-    sha256 = _member(value, "sha256", str, "media.")
+        raise CommandRejectedError(prefix + "url", f"{url!r} is not an absolute HTTP URL")
+    sha256 = _member(value, "sha256", str, prefix)
     if _SHA256_HEX.fullmatch(sha256) is None:
-        raise CommandRejectedError("media.sha256", "must be 64 hexadecimal digits")
+        raise CommandRejectedError(prefix + "sha256", "must be 64 hexadecimal digits")
     return MediaRef(
         url=url,
         sha256=sha256.lower(),
-        duration_s=_positive_number(value, "duration_s", "media."),
-        content_type=_non_empty_string(value, "content_type", "media."),
+        duration_s=_positive_number(value, "duration_s", prefix),
+        content_type=_non_empty_string(value, "content_type", prefix),
     )
+
+
+def _playlist(document: Mapping[str, Any], media: MediaRef) -> tuple[MediaRef, ...] | None:
+    """`playlist`, optional: `None` when absent; when present its first item must equal `media`."""
+    if "playlist" not in document:
+        return None
+    value = document["playlist"]
+    if not isinstance(value, list):
+        raise CommandRejectedError("playlist", "must be a JSON array")
+    if not value:
+        raise CommandRejectedError("playlist", "must not be empty")
+    items = tuple(_media(item, f"playlist[{index}]") for index, item in enumerate(value))
+    if items[0] != media:
+        raise CommandRejectedError("playlist[0]", "must equal media")
+    return items
 
 
 def encode(document: Mapping[str, object]) -> bytes:

@@ -63,6 +63,9 @@ class _Resource:
     content_type: str
     cut_first_transfer: bool = False
     required_token: str | None = None
+    # A held resource answers only once the test releases it; `requested` tells the test it was asked.
+    release: threading.Event | None = None
+    requested: threading.Event = field(default_factory=threading.Event)
 
 
 @dataclass
@@ -87,6 +90,9 @@ class MediaServer:
         return self
 
     def __exit__(self, *_exc: object) -> None:
+        for resource in self.resources.values():
+            if resource.release is not None:
+                resource.release.set()
         if self._server is not None:
             self._server.shutdown()
             self._server.server_close()
@@ -99,10 +105,24 @@ class MediaServer:
         host, port = self._server.server_address[:2]
         return f"http://{host!s}:{port}"
 
-    def add_media(self, body: bytes, *, cut_first_transfer: bool = False) -> str:
+    def add_media(self, body: bytes, *, cut_first_transfer: bool = False, held: bool = False) -> str:
+        """Serves `body` at /media/{sha256}; a `held` one answers only after `release(sha256)`."""
         sha256 = hashlib.sha256(body).hexdigest()
-        self.resources[f"/media/{sha256}"] = _Resource(body, "audio/wav", cut_first_transfer)
+        self.resources[f"/media/{sha256}"] = _Resource(
+            body, "audio/wav", cut_first_transfer, release=threading.Event() if held else None
+        )
         return sha256
+
+    async def requested(self, sha256: str, timeout: float = WAIT_S) -> None:
+        """Returns once a request for the media arrived (a held one is then waiting for `release`)."""
+        event = self.resources[f"/media/{sha256}"].requested
+        if not await asyncio.to_thread(event.wait, timeout):
+            raise AssertionError(f"nobody asked for /media/{sha256} within {timeout} s")
+
+    def release(self, sha256: str) -> None:
+        release = self.resources[f"/media/{sha256}"].release
+        assert release is not None, "only a held resource can be released"
+        release.set()
 
     def add_json(self, path: str, document: object, *, token: str) -> None:
         self.resources[path] = _Resource(
@@ -131,6 +151,9 @@ def _handler_for(server: MediaServer) -> type[BaseHTTPRequestHandler]:
             if resource is None:
                 self.send_error(404)
                 return
+            resource.requested.set()
+            if resource.release is not None:
+                resource.release.wait(WAIT_S)
             if (
                 resource.required_token
                 and self.headers.get("Authorization") != f"Bearer {resource.required_token}"
@@ -264,9 +287,14 @@ def play_command(
     expires_in_s: float = 60.0,
     mode: str = "live",
     now: datetime | None = None,
+    playlist: list[dict[str, Any]] | None = None,
+    gap_s: float | None = None,
 ) -> dict[str, Any]:
+    """A valid `play`; with `playlist`, `media` is its first item (and the url/sha256/duration
+    arguments are ignored); `gap_s` is left out unless given."""
     issued = now or datetime.now(UTC)
-    return {
+    media = dict(playlist[0]) if playlist else media_object(media_url, sha256, duration_s=duration_s)
+    command: dict[str, Any] = {
         "v": 1,
         "type": "play",
         "id": str(uuid.uuid4()),
@@ -278,10 +306,20 @@ def play_command(
         "broadcast_id": f"broadcast-{uuid.uuid4().hex[:8]}",
         "priority": {"class": band, "sub": sub, "rank": _BANDS[band] * 256 + sub},
         "mode": mode,
-        "media": {"url": media_url, "sha256": sha256, "duration_s": duration_s, "content_type": "audio/wav"},
+        "media": media,
         "repeats": repeats,
         "max_duration_s": max_duration_s,
     }
+    if playlist is not None:
+        command["playlist"] = [dict(item) for item in playlist]
+    if gap_s is not None:
+        command["gap_s"] = gap_s
+    return command
+
+
+def media_object(media_url: str, sha256: str, *, duration_s: float) -> dict[str, Any]:
+    """A §1.3 media object, as `media` or as a `playlist` item."""
+    return {"url": media_url, "sha256": sha256, "duration_s": duration_s, "content_type": "audio/wav"}
 
 
 def stop_command(address: str, target: str, reason: str = "cancelled") -> dict[str, Any]:

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
+import math
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from datetime import UTC, datetime
@@ -19,6 +21,7 @@ from tests.sim_harness import (
     ControllerProbe,
     MediaServer,
     ShiftableClock,
+    media_object,
     play_command,
     stop_command,
     wav_bytes,
@@ -459,6 +462,8 @@ MALFORMED_PLAYS: list[tuple[Callable[[dict[str, Any]], None], str]] = [
     (_setting("media.duration_s", True), "media.duration_s"),
     (_setting("repeats", 0), "repeats"),
     (_setting("max_duration_s", -1), "max_duration_s"),
+    (_setting("gap_s", -0.5), "gap_s"),
+    (_setting("gap_s", "1"), "gap_s"),
 ]
 
 
@@ -477,6 +482,11 @@ async def test_malformed_commands_are_rejected_naming_the_member(
     await probe.send(bad_stop)
     sent.append((bad_stop["id"], "reason"))
 
+    await assert_rejected(probe, sent, play_log_path)
+
+
+async def assert_rejected(probe: ControllerProbe, sent: list[tuple[str, str]], play_log_path: Path) -> None:
+    """Each (command id, member) was rejected with a detail naming the member, and nothing played."""
     for command_id, member in sent:
         report = await probe.final_report(command_id)
         assert report["state"] == "rejected", member
@@ -521,3 +531,273 @@ async def test_speaker_reconnects_to_its_session_after_a_link_drop(
     await probe.send(command)
     assert (await probe.final_report(command["id"]))["state"] == "completed"
     assert speaker.connected
+
+
+# Playlists and gaps (§1.3, §1.9)
+
+PLAYLIST_S = (0.5, 1.0, 0.25)  # 1.75 s of audio per repeat; every length is exact in binary and in samples
+OTHER_SHA256 = hashlib.sha256(b"a body nobody serves").hexdigest()
+
+
+@pytest.fixture
+def playlist_items(media_server: MediaServer) -> list[dict[str, Any]]:
+    """Three WAVs of PLAYLIST_S seconds on the media server, as §1.3 media objects."""
+    items = []
+    for seconds in PLAYLIST_S:
+        sha256 = media_server.add_media(wav_bytes(seconds))
+        items.append(media_object(media_server.media_url(sha256), sha256, duration_s=seconds))
+    return items
+
+
+def play_list(address: str, items: list[dict[str, Any]], **options: Any) -> dict[str, Any]:
+    """A `play` carrying `items` as its playlist, `media` being the first of them."""
+    first = items[0] if items else {"url": "http://unused.invalid/", "sha256": OTHER_SHA256, "duration_s": 1}
+    return play_command(
+        address, first["url"], first["sha256"], duration_s=first["duration_s"], playlist=items, **options
+    )
+
+
+def wire_time(text: str) -> datetime:
+    return datetime.strptime(text, "%Y-%m-%dT%H:%M:%S.%f%z")
+
+
+async def test_playlist_plays_every_item_per_repeat_with_the_gap_between_repeats(
+    runtime: SpeakerRuntime,
+    probe: ControllerProbe,
+    media_server: MediaServer,
+    playlist_items: list[dict[str, Any]],
+    play_log_path: Path,
+) -> None:
+    await started(runtime)
+    gap_s = 2.0
+    command = play_list("spk-1", playlist_items, repeats=2, gap_s=gap_s)
+    await probe.send(command)
+
+    completed = await probe.report(command["id"], "completed")
+    expected_s = sum(PLAYLIST_S) * 2 + gap_s  # 5.5 device seconds, one gap between two repeats
+    assert probe.states_of(command["id"]) == ["delivered", "playing", "completed"]
+    assert completed["played_s"] == pytest.approx(expected_s, abs=1e-3)
+    assert completed["truncated"] is False
+    # The speaker really played that long, in device seconds scaled by SPEED (0.275 s of wall time);
+    # the upper bound is loose for a loaded machine but still catches an unscaled gap (2 s).
+    playing = await probe.report(command["id"], "playing")
+    wall_s = (wire_time(completed["at"]) - wire_time(playing["at"])).total_seconds()
+    assert expected_s / SPEED - 0.02 <= wall_s < expected_s / SPEED + 1.5
+    for item in playlist_items:
+        assert len(media_server.requests_for(item["sha256"])) == 1
+    assert log_events(play_log_path, command["id"]) == ["delivered", "playing", "completed"]
+
+    again = play_list("spk-1", playlist_items)
+    await probe.send(again)
+    assert (await probe.report(again["id"], "completed"))["played_s"] == pytest.approx(sum(PLAYLIST_S))
+    for item in playlist_items:  # every item came from the device's cache the second time
+        assert len(media_server.requests_for(item["sha256"])) == 1
+
+
+@pytest.mark.parametrize(
+    ("repeats", "gap_s", "max_duration_s", "played_s", "truncated"),
+    [
+        (1, None, 1.2, 1.2, True),  # cut inside the second item of the only repeat
+        (3, 0.5, 4.5, 4.5, True),  # cut inside the third repeat, after two items and a gap
+        (3, 0.5, 6.25, 6.25, False),  # 3 x 1.75 + 2 x 0.5 is exactly the limit: nothing is cut
+    ],
+)
+async def test_playlist_is_cut_at_max_duration_across_items_and_gaps(
+    runtime: SpeakerRuntime,
+    probe: ControllerProbe,
+    playlist_items: list[dict[str, Any]],
+    repeats: int,
+    gap_s: float | None,
+    max_duration_s: float,
+    played_s: float,
+    truncated: bool,
+) -> None:
+    await started(runtime)
+    command = play_list("spk-1", playlist_items, repeats=repeats, gap_s=gap_s, max_duration_s=max_duration_s)
+    await probe.send(command)
+
+    completed = await probe.report(command["id"], "completed")
+    assert completed["played_s"] == pytest.approx(played_s, abs=1e-3)
+    assert completed["truncated"] is truncated
+
+
+@pytest.mark.parametrize(
+    ("index", "fault", "detail"),
+    [
+        (0, "sha256", "playlist[0]: sha256 mismatch"),
+        (1, "sha256", "playlist[1]: sha256 mismatch"),
+        (2, "missing", "playlist[2]: fetch failed: HTTP 404"),
+    ],
+)
+async def test_a_playlist_item_that_fails_fails_the_command_naming_the_item(
+    runtime: SpeakerRuntime,
+    probe: ControllerProbe,
+    media_server: MediaServer,
+    playlist_items: list[dict[str, Any]],
+    play_log_path: Path,
+    index: int,
+    fault: str,
+    detail: str,
+) -> None:
+    await started(runtime)
+    if fault == "sha256":  # the server sends the real body, the command claims another digest
+        playlist_items[index]["sha256"] = OTHER_SHA256
+    else:
+        playlist_items[index] = media_object(
+            media_server.media_url(OTHER_SHA256), OTHER_SHA256, duration_s=1.0
+        )
+    command = play_list("spk-1", playlist_items, repeats=2)
+    await probe.send(command)
+
+    failed = await probe.final_report(command["id"])
+    assert failed["state"] == "failed"
+    assert failed["detail"] == detail
+    assert probe.states_of(command["id"]) == ["delivered", "failed"]
+    assert log_events(play_log_path, command["id"]) == ["delivered", "failed"]
+
+
+def _item_setting(index: int, member: str, value: object) -> Callable[[dict[str, Any]], None]:
+    def mutate(command: dict[str, Any]) -> None:
+        command["playlist"][index][member] = value
+
+    return mutate
+
+
+def _item_without(index: int, member: str) -> Callable[[dict[str, Any]], None]:
+    def mutate(command: dict[str, Any]) -> None:
+        del command["playlist"][index][member]
+
+    return mutate
+
+
+def _item_replaced(index: int, value: object) -> Callable[[dict[str, Any]], None]:
+    def mutate(command: dict[str, Any]) -> None:
+        command["playlist"][index] = value
+
+    return mutate
+
+
+MALFORMED_PLAYLISTS: list[tuple[Callable[[dict[str, Any]], None], str]] = [
+    (_setting("playlist", []), "playlist"),
+    (_setting("playlist", {"0": {}}), "playlist"),
+    (_setting("playlist", None), "playlist"),
+    (_item_replaced(1, "http://example.org/a.wav"), "playlist[1]"),
+    (_item_setting(1, "sha256", "abc"), "playlist[1].sha256"),
+    (_item_setting(2, "url", "ftp://example.org/a.wav"), "playlist[2].url"),
+    (_item_setting(1, "duration_s", 0), "playlist[1].duration_s"),
+    (_item_setting(2, "duration_s", "1.0"), "playlist[2].duration_s"),
+    (_item_without(2, "content_type"), "playlist[2].content_type"),
+    (_item_setting(0, "sha256", OTHER_SHA256), "playlist[0]"),  # no longer equal to `media`
+    (_item_setting(0, "duration_s", 9.5), "playlist[0]"),
+    (_setting("media.sha256", OTHER_SHA256), "playlist[0]"),
+    (_setting("gap_s", -1), "gap_s"),
+    (_setting("gap_s", True), "gap_s"),
+    (_setting("gap_s", math.inf), "gap_s"),
+]
+
+
+async def test_malformed_playlists_are_rejected_naming_the_member(
+    runtime: SpeakerRuntime,
+    probe: ControllerProbe,
+    playlist_items: list[dict[str, Any]],
+    play_log_path: Path,
+) -> None:
+    await started(runtime)
+    sent: list[tuple[str, str]] = []
+    for mutate, member in MALFORMED_PLAYLISTS:
+        command = play_list("spk-1", playlist_items, gap_s=1.0)
+        mutate(command)
+        await probe.send(command)
+        sent.append((command["id"], member))
+
+    await assert_rejected(probe, sent, play_log_path)
+
+
+@pytest.mark.parametrize(
+    ("gap_s", "as_playlist", "played_s"),
+    [
+        (None, False, 3 * MEDIA_S),  # the command as it was before playlists existed
+        (0.25, False, 3 * MEDIA_S + 2 * 0.25),  # a gap applies to a single media too
+        (0.25, True, 3 * MEDIA_S + 2 * 0.25),  # `playlist: [media]` means the same as no playlist
+    ],
+)
+async def test_a_play_without_a_playlist_plays_its_media(
+    runtime: SpeakerRuntime,
+    probe: ControllerProbe,
+    media: tuple[str, str],
+    play_log_path: Path,
+    gap_s: float | None,
+    as_playlist: bool,
+    played_s: float,
+) -> None:
+    await started(runtime)
+    command = play("spk-1", media, repeats=3, gap_s=gap_s)
+    if as_playlist:
+        command["playlist"] = [dict(command["media"])]
+    assert ("playlist" in command) is as_playlist
+    await probe.send(command)
+
+    completed = await probe.report(command["id"], "completed")
+    assert completed["played_s"] == pytest.approx(played_s, abs=1e-3)
+    assert completed["truncated"] is False
+    assert probe.states_of(command["id"]) == ["delivered", "playing", "completed"]
+    assert log_events(play_log_path, command["id"]) == ["delivered", "playing", "completed"]
+
+
+async def test_preemption_waits_until_every_playlist_item_is_verified(
+    runtime: SpeakerRuntime,
+    probe: ControllerProbe,
+    media_server: MediaServer,
+    media: tuple[str, str],
+    playlist_items: list[dict[str, Any]],
+) -> None:
+    speaker = await started(runtime)
+    notice = play("spk-1", media, band="normal", repeats=LONG_REPEATS)
+    await probe.send(notice)
+    await probe.report(notice["id"], "playing")
+    held = media_server.add_media(wav_bytes(0.75), held=True)
+    items = [*playlist_items[:2], media_object(media_server.media_url(held), held, duration_s=0.75)]
+    alert = play_list("spk-1", items, band="emergency")
+    await probe.send(alert)
+    await probe.report(alert["id"], "delivered")
+    await media_server.requested(held)
+
+    # The first items may be verified already; the last one is not, so nothing changes yet.
+    assert speaker.playing == notice["id"]
+    assert speaker.waiting == (alert["id"],)
+    assert probe.states_of(notice["id"]) == ["delivered", "playing"]
+    media_server.release(held)
+
+    interrupted = await probe.final_report(notice["id"])
+    assert interrupted["state"] == "interrupted"
+    completed = await probe.final_report(alert["id"])
+    assert completed["state"] == "completed"
+    assert completed["played_s"] == pytest.approx(0.5 + 1.0 + 0.75, abs=1e-3)
+    assert (await probe.report(alert["id"], "playing"))["at"] >= interrupted["at"]
+
+
+async def test_stop_drops_a_playlist_still_being_fetched(
+    runtime: SpeakerRuntime,
+    probe: ControllerProbe,
+    media_server: MediaServer,
+    playlist_items: list[dict[str, Any]],
+    play_log_path: Path,
+) -> None:
+    await started(runtime)
+    held = media_server.add_media(wav_bytes(0.75), held=True)
+    items = [*playlist_items, media_object(media_server.media_url(held), held, duration_s=0.75)]
+    fetching = play_list("spk-1", items)
+    await probe.send(fetching)
+    await media_server.requested(held)
+    await probe.send(stop_command("spk-1", "*"))
+
+    stopped = await probe.final_report(fetching["id"])
+    assert stopped["state"] == "stopped"
+    assert stopped["played_s"] == 0
+    media_server.release(held)
+    # The same items again: the held download finished for the cache, and the old command stays ended.
+    again = play_list("spk-1", items)
+    await probe.send(again)
+    assert (await probe.final_report(again["id"]))["state"] == "completed"
+    assert probe.states_of(fetching["id"]) == ["delivered", "stopped"]
+    assert log_events(play_log_path, fetching["id"]) == ["delivered", "stopped"]

@@ -8,7 +8,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from controller.domain.areas import AreaError
-from controller.services.broadcasts import BroadcastError
+from controller.services.errors import ServiceError
 
 
 class ApiError(Exception):
@@ -52,12 +52,10 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _api_error(_request: Request, exc: ApiError) -> JSONResponse:
         return JSONResponse(error_body(exc.error, exc.field, exc.detail), status_code=exc.status)
 
-    @app.exception_handler(BroadcastError)
-    async def _broadcast_error(_request: Request, exc: BroadcastError) -> JSONResponse:
-        return JSONResponse(
-            error_body(_STATUS_NAMES.get(exc.status, "invalid"), exc.field, exc.detail),
-            status_code=exc.status,
-        )
+    @app.exception_handler(ServiceError)
+    async def _service_error(_request: Request, exc: ServiceError) -> JSONResponse:
+        body = {**error_body(_STATUS_NAMES.get(exc.status, "invalid"), exc.field, exc.detail), **exc.extra}
+        return JSONResponse(body, status_code=exc.status)
 
     @app.exception_handler(AreaError)
     async def _area_error(_request: Request, exc: AreaError) -> JSONResponse:

@@ -13,6 +13,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import Engine, insert, update
+from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
 
 from controller.domain.areas import Area, AreaTree
@@ -22,6 +23,7 @@ from controller.domain.planner import DeviceEntry, TargetError, Targets, resolve
 from controller.domain.priority import Priority, PriorityClass
 from controller.services.auth import Action, Principal
 from controller.services.dispatcher import STOP_RANK, Dispatcher, QueuedCommand
+from controller.services.errors import ServiceError
 from controller.services.tracker import DeliveryTracker, TrackedDelivery, expected_play_seconds
 from controller.store.models import (
     AreaRow,
@@ -30,31 +32,34 @@ from controller.store.models import (
     DeliveryRow,
     DeviceRow,
     MediaRow,
+    OccurrenceRow,
     OutboxRow,
 )
 
 AUDIO_DEVICE_KINDS = frozenset({"speaker"})
 
 
-class BroadcastError(ValueError):
-    """A request that cannot be accepted; `status` is the HTTP status that fits."""
-
-    def __init__(self, field: str, detail: str, *, status: int = 422) -> None:
-        super().__init__(f"{field}: {detail}")
-        self.field = field
-        self.detail = detail
-        self.status = status
+class BroadcastError(ServiceError):
+    """A broadcast that cannot be accepted, cancelled or read."""
 
 
 @dataclass(frozen=True, slots=True)
 class BroadcastRequest:
     targets: Targets
-    media_id: str
+    media_ids: tuple[str, ...]
     priority: Priority
     repeats: int
     max_duration_s: float
     expires_at: datetime | None
     mode: str = "live"
+    gap_s: float = 0.0
+    # (schedule id, planned start) when a schedule fires it: recorded in the same transaction, under a
+    # unique key, so that an occurrence becomes a broadcast exactly once.
+    occurrence: tuple[str, datetime] | None = None
+
+
+class OccurrenceAlreadyFired(Exception):  # noqa: N818  (a fact, not a failure)
+    """The occurrence was already turned into a broadcast (by this process before a crash, say)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,9 +137,30 @@ class BroadcastService:
         if expires_at <= now:
             raise BroadcastError("expires_at", "is already in the past")
         with Session(self._engine, expire_on_commit=False) as session:
-            media = session.get(MediaRow, request.media_id)
-            if media is None:
-                raise BroadcastError("content.media_id", f"unknown media {request.media_id!r}", status=404)
+            if not request.media_ids:
+                raise BroadcastError("content.media_ids", "name at least one media item")
+            playlist: list[MediaRow] = []
+            for index, media_id in enumerate(request.media_ids):
+                found = session.get(MediaRow, media_id)
+                if found is None:
+                    field = (
+                        "content.media_id" if len(request.media_ids) == 1 else f"content.media_ids[{index}]"
+                    )
+                    raise BroadcastError(field, f"unknown media {media_id!r}", status=404)
+                playlist.append(found)
+            media = playlist[0]
+            media_documents = [
+                {
+                    "url": f"{self._media_base_url}/media/{item.sha256}",
+                    "sha256": item.sha256,
+                    "duration_s": item.duration_s,
+                    "content_type": item.content_type,
+                }
+                for item in playlist
+            ]
+            planned_play_s = expected_play_seconds(
+                [item.duration_s for item in playlist], request.repeats, request.gap_s, request.max_duration_s
+            )
             tree = load_area_tree(session)
             principal_scope_check(principal, tree, list(request.targets.areas))
             devices = [
@@ -171,6 +197,9 @@ class BroadcastService:
                     mode=request.mode,
                     repeats=request.repeats,
                     max_duration_s=request.max_duration_s,
+                    playlist_tail=[item.id for item in playlist[1:]],
+                    gap_s=request.gap_s,
+                    planned_play_s=planned_play_s,
                     targets={"areas": list(request.targets.areas), "devices": list(request.targets.devices)},
                     created_by=principal.key_id,
                     created_at=now,
@@ -204,7 +233,14 @@ class BroadcastService:
                         "expires_at": expires_at,
                         "published_at": None,
                         "document": self._play_document(
-                            request, broadcast_id, delivery_id, command_id, device, media, now, expires_at
+                            request,
+                            broadcast_id,
+                            delivery_id,
+                            command_id,
+                            device,
+                            media_documents,
+                            now,
+                            expires_at,
                         ),
                     }
                 )
@@ -223,13 +259,29 @@ class BroadcastService:
                 ],
             )
             session.connection().execute(insert(OutboxRow), outbox)
-            session.commit()
+            if request.occurrence is not None:
+                schedule_id, planned_at = request.occurrence
+                session.add(
+                    OccurrenceRow(
+                        schedule_id=schedule_id,
+                        planned_at=planned_at,
+                        outcome="fired",
+                        broadcast_id=broadcast_id,
+                        recorded_at=now,
+                    )
+                )
+            try:
+                session.commit()
+            except IntegrityError as error:
+                session.rollback()
+                if request.occurrence is not None:
+                    raise OccurrenceAlreadyFired(*request.occurrence) from error
+                raise
             rows = session.exec(
                 select(OutboxRow).where(col(OutboxRow.command_id).in_([o["command_id"] for o in outbox]))
             ).all()
         address_of = {device.id: device.address for device in chosen}
         commands = [QueuedCommand.from_row(row, address_of[row.device_id]) for row in rows]
-        expected = expected_play_seconds(media.duration_s, request.repeats, request.max_duration_s)
         tracked = [
             TrackedDelivery(
                 delivery_id=d["id"],
@@ -238,7 +290,7 @@ class BroadcastService:
                 command_id=d["command_id"],
                 state=DeliveryState.QUEUED,
                 expires_at=expires_at,
-                expected_play_s=expected,
+                expected_play_s=planned_play_s,
             )
             for d in deliveries
         ]
@@ -251,11 +303,11 @@ class BroadcastService:
         delivery_id: str,
         command_id: str,
         device: DeviceEntry,
-        media: MediaRow,
+        items: list[dict[str, Any]],
         now: datetime,
         expires_at: datetime,
     ) -> dict[str, Any]:
-        return {
+        document: dict[str, Any] = {
             "v": 1,
             "type": "play",
             "id": command_id,
@@ -270,15 +322,15 @@ class BroadcastService:
                 "rank": request.priority.rank,
             },
             "mode": request.mode,
-            "media": {
-                "url": f"{self._media_base_url}/media/{media.sha256}",
-                "sha256": media.sha256,
-                "duration_s": media.duration_s,
-                "content_type": media.content_type,
-            },
+            "media": items[0],
             "repeats": request.repeats,
             "max_duration_s": request.max_duration_s,
         }
+        if len(items) > 1:
+            document["playlist"] = items
+        if request.gap_s:
+            document["gap_s"] = request.gap_s
+        return document
 
     async def cancel(self, broadcast_id: str, principal: Principal) -> int:
         """Stop the broadcast on every device; returns how many deliveries it ended."""
@@ -415,6 +467,9 @@ class BroadcastService:
             "sub_priority": row.sub_priority,
             "mode": row.mode,
             "media_id": row.media_id,
+            "media_ids": [row.media_id, *row.playlist_tail],
+            "gap_s": row.gap_s,
+            "planned_play_s": row.planned_play_s,
             "repeats": row.repeats,
             "max_duration_s": row.max_duration_s,
             "targets": row.targets,

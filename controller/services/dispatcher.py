@@ -158,9 +158,8 @@ class Dispatcher:
             if command.kind == "play" and command.expires_at <= self._clock.now():
                 self._expire_unsent(command)
                 continue
-            handed_over_at = self._clock.now()
             try:
-                await self._driver.send(
+                ack = await self._driver.send(
                     DeviceCommand(
                         address=command.address,
                         command_id=command.command_id,
@@ -190,9 +189,9 @@ class Dispatcher:
                 continue
             retry_s = _RETRY_MIN_S
             COMMANDS_PUBLISHED.labels(command.kind).inc()
-            # "sent" is dated when the command was handed to the broker: the PUBACK can be processed
-            # after the device has already reported receiving it.
-            self._tracker.mark_published(command.outbox_id, command.delivery_id, handed_over_at)
+            # "sent" is dated when the command went on the wire: the PUBACK can be processed after
+            # the device has already reported receiving it.
+            self._tracker.mark_published(command.outbox_id, command.delivery_id, ack.published_at)
             log.debug("command published", command_id=command.command_id, device_id=command.device_id)
 
     def _expire_unsent(self, command: QueuedCommand) -> None:

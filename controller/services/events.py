@@ -26,7 +26,10 @@ class EventBus:
             except asyncio.QueueFull:
                 log.warning("event subscriber too slow, disconnecting it")
                 self._subscribers.discard(queue)
-                queue.put_nowait(None) if not queue.full() else None
+                # Make room for the end marker, so that the stream ends instead of hanging silently.
+                while not queue.empty():
+                    queue.get_nowait()
+                queue.put_nowait(None)
 
     @asynccontextmanager
     async def subscribe(self) -> AsyncIterator[asyncio.Queue[dict[str, Any] | None]]:

@@ -32,21 +32,26 @@ class DeviceDirectory:
     def __init__(self, engine: Engine) -> None:
         self._engine = engine
         self._by_address: dict[tuple[str, str], str] = {}
+        self._address_of: dict[str, tuple[str, str]] = {}
 
     def reload(self) -> None:
         with Session(self._engine) as session:
             rows = session.exec(select(DeviceRow.transport, DeviceRow.address, DeviceRow.id)).all()
         self._by_address = {(transport, address): device_id for transport, address, device_id in rows}
+        self._address_of = {device_id: key for key, device_id in self._by_address.items()}
 
     def device_id(self, transport: str, address: str) -> str | None:
         return self._by_address.get((transport, address))
 
     def put(self, transport: str, address: str, device_id: str) -> None:
-        self._by_address = {k: v for k, v in self._by_address.items() if v != device_id}
+        self.remove(device_id)
         self._by_address[(transport, address)] = device_id
+        self._address_of[device_id] = (transport, address)
 
     def remove(self, device_id: str) -> None:
-        self._by_address = {k: v for k, v in self._by_address.items() if v != device_id}
+        key = self._address_of.pop(device_id, None)
+        if key is not None:
+            self._by_address.pop(key, None)
 
 
 class InboundProcessor:

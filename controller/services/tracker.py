@@ -8,7 +8,7 @@ transaction per flush (every `flush_interval_s`), which keeps 5,000 simultaneous
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
@@ -27,7 +27,6 @@ from controller.store.models import (
     DeliveryEventRow,
     DeliveryRow,
     DeviceRow,
-    MediaRow,
     OutboxRow,
 )
 
@@ -101,12 +100,11 @@ class DeliveryTracker:
         terminal = [state.value for state in DeliveryState if state.is_terminal]
         with Session(self._engine) as session:
             rows = session.exec(
-                select(DeliveryRow, BroadcastRow, MediaRow)
+                select(DeliveryRow, BroadcastRow)
                 .join(BroadcastRow, col(BroadcastRow.id) == col(DeliveryRow.broadcast_id))
-                .join(MediaRow, col(MediaRow.id) == col(BroadcastRow.media_id))
                 .where(col(DeliveryRow.state).not_in(terminal))
             ).all()
-            for delivery, broadcast, media in rows:
+            for delivery, broadcast in rows:
                 self.track(
                     TrackedDelivery(
                         delivery_id=delivery.id,
@@ -115,9 +113,7 @@ class DeliveryTracker:
                         command_id=delivery.command_id,
                         state=DeliveryState(delivery.state),
                         expires_at=broadcast.expires_at,
-                        expected_play_s=expected_play_seconds(
-                            media.duration_s, broadcast.repeats, broadcast.max_duration_s
-                        ),
+                        expected_play_s=broadcast.planned_play_s,
                         playing_since=delivery.state_at if delivery.state == DeliveryState.PLAYING else None,
                     )
                 )
@@ -325,5 +321,8 @@ class DeliveryTracker:
             session.commit()
 
 
-def expected_play_seconds(duration_s: float, repeats: int, max_duration_s: float) -> float:
-    return min(duration_s * repeats, max_duration_s)
+def expected_play_seconds(
+    durations_s: Sequence[float], repeats: int, gap_s: float, max_duration_s: float
+) -> float:
+    """How long a device plays a playlist `repeats` times with `gap_s` between repeats, capped."""
+    return min(sum(durations_s) * repeats + gap_s * (repeats - 1), max_duration_s)

@@ -5,7 +5,17 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import JSON, BigInteger, Column, DateTime, Dialect, Index, TypeDecorator, UniqueConstraint
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Column,
+    DateTime,
+    Dialect,
+    Float,
+    Index,
+    TypeDecorator,
+    UniqueConstraint,
+)
 from sqlmodel import Field, SQLModel
 
 
@@ -87,6 +97,13 @@ class BroadcastRow(SQLModel, table=True):
     mode: str = Field(default="live", max_length=8)
     repeats: int
     max_duration_s: float
+    # Further media played after `media_id`, in order, as one item (issue 3); empty for a single file.
+    playlist_tail: list[str] = Field(
+        default_factory=list, sa_column=Column(JSON, nullable=False, server_default="[]")
+    )
+    gap_s: float = Field(default=0.0, sa_column=Column(Float, nullable=False, server_default="0"))
+    # Audio length × repeats + gaps, capped by max_duration_s: how long a device should play it.
+    planned_play_s: float = Field(default=0.0, sa_column=Column(Float, nullable=False, server_default="0"))
     targets: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
     created_by: str | None = Field(default=None, max_length=36)
     created_at: datetime = _utc_column(nullable=False, index=True)
@@ -146,3 +163,46 @@ class ApiKeyRow(SQLModel, table=True):
     token_hash: str = Field(unique=True, max_length=64)
     created_at: datetime = _utc_column(nullable=False)
     revoked_at: datetime | None = _utc_column()
+
+
+class ScheduleRow(SQLModel, table=True):
+    """A rule that creates broadcasts: one-off or recurring (RFC 5545), in a local time zone."""
+
+    __tablename__ = "schedules"
+
+    id: str = Field(primary_key=True, max_length=36)
+    name: str = Field(max_length=200)
+    targets: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    media_ids: list[str] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
+    priority_class: str = Field(max_length=16)
+    sub_priority: int
+    rank: int = Field(index=True)
+    repeats: int
+    gap_s: float
+    max_duration_s: float
+    timezone: str = Field(max_length=64)
+    dtstart_local: str = Field(max_length=32)
+    rrule: str | None = Field(default=None, max_length=500)
+    exdates_local: list[str] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
+    enabled: bool = True
+    # Where two priority-class schedules of one ward clash, the staff's order: lower plays first.
+    ward_order: int | None = None
+    on_preempted: str = Field(default="resume", max_length=8)
+    created_by: str | None = Field(default=None, max_length=36)
+    created_at: datetime = _utc_column(nullable=False)
+    updated_at: datetime = _utc_column(nullable=False)
+
+
+class OccurrenceRow(SQLModel, table=True):
+    """One planned start of a schedule; its unique key is what makes firing happen exactly once."""
+
+    __tablename__ = "occurrences"
+    __table_args__ = (UniqueConstraint("schedule_id", "planned_at", name="uq_occurrences_schedule_planned"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    schedule_id: str = Field(foreign_key="schedules.id", index=True, max_length=36)
+    planned_at: datetime = _utc_column(nullable=False, index=True)
+    outcome: str = Field(max_length=16)
+    broadcast_id: str | None = Field(default=None, foreign_key="broadcasts.id", max_length=36)
+    recorded_at: datetime = _utc_column(nullable=False)
+    detail: str | None = Field(default=None, max_length=500)

@@ -2,10 +2,10 @@ from __future__ import annotations
 
 import asyncio
 from datetime import datetime
-from typing import Any, Literal
+from typing import Any, Literal, Self
 
 from fastapi import APIRouter, status
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, model_validator
 
 from controller.api.deps import Broadcaster, Canceller, Reader, RuntimeDep
 from controller.domain.planner import Targets
@@ -23,9 +23,21 @@ class TargetsIn(BaseModel):
 
 
 class ContentIn(BaseModel):
+    """One audio file (`media_id`) or several played in order as one item (`media_ids`)."""
+
     model_config = ConfigDict(extra="forbid")
 
-    media_id: str
+    media_id: str | None = None
+    media_ids: list[str] | None = Field(default=None, min_length=1, max_length=50)
+
+    @model_validator(mode="after")
+    def _exactly_one_form(self) -> Self:
+        if (self.media_id is None) == (self.media_ids is None):
+            raise ValueError("give either media_id or media_ids")
+        return self
+
+    def playlist(self) -> tuple[str, ...]:
+        return (self.media_id,) if self.media_id is not None else tuple(self.media_ids or ())
 
 
 class BroadcastIn(BaseModel):
@@ -36,6 +48,7 @@ class BroadcastIn(BaseModel):
     priority: PriorityClass = PriorityClass.NORMAL
     sub_priority: int = Field(default=0, ge=0, le=SUB_PRIORITY_MAX)
     repeats: int = Field(default=1, ge=1, le=20)
+    gap_s: float = Field(default=0, ge=0, le=600)
     max_duration_s: float = Field(default=600, gt=0, le=4 * 3600)
     expires_at: AwareDatetime | None = None
     mode: Literal["live", "drill"] = "live"
@@ -57,7 +70,8 @@ async def create_broadcast(body: BroadcastIn, runtime: RuntimeDep, principal: Br
     accepted = await runtime.broadcasts.create(
         BroadcastRequest(
             targets=Targets(areas=tuple(body.targets.areas), devices=tuple(body.targets.devices)),
-            media_id=body.content.media_id,
+            media_ids=body.content.playlist(),
+            gap_s=body.gap_s,
             priority=Priority(body.priority, body.sub_priority),
             repeats=body.repeats,
             max_duration_s=body.max_duration_s,

@@ -232,7 +232,7 @@ async def delete_device(device_id: str, runtime: RuntimeDep, principal: DeviceMa
                 )
             session.delete(row)
             session.commit()
-            runtime.directory.remove(device_id)
 
     await asyncio.to_thread(delete)
+    runtime.directory.remove(device_id)
     return Response(status_code=status.HTTP_204_NO_CONTENT)

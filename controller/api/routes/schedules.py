@@ -1,0 +1,202 @@
+from __future__ import annotations
+
+import asyncio
+from datetime import datetime
+from typing import Annotated, Any, Literal, Self
+
+from fastapi import APIRouter, Query, Response, status
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, model_validator
+
+from controller.api.deps import Broadcaster, Reader, RuntimeDep
+from controller.api.errors import ApiError
+from controller.domain.planner import Targets
+from controller.domain.priority import SUB_PRIORITY_MAX, Priority, PriorityClass
+from controller.services.schedules import ScheduleSpec
+from schedules.conflicts import Resolution
+
+router = APIRouter(tags=["schedules"])
+
+
+class TargetsIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    areas: list[str] = Field(default_factory=list, max_length=1000)
+    devices: list[str] = Field(default_factory=list, max_length=10000)
+
+
+class ScheduleContentIn(BaseModel):
+    """Media played in order (`media_ids`), or a text for Vietnamese text-to-speech (`tts`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    media_ids: list[str] | None = Field(default=None, max_length=50)
+    tts: str | None = Field(default=None, max_length=5000)
+
+    @model_validator(mode="after")
+    def _one_form(self) -> Self:
+        if (self.media_ids is None) == (self.tts is None):
+            raise ValueError("give either media_ids or tts")
+        return self
+
+
+class ScheduleIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1, max_length=200)
+    targets: TargetsIn
+    content: ScheduleContentIn
+    priority: PriorityClass = PriorityClass.NORMAL
+    sub_priority: int = Field(default=0, ge=0, le=SUB_PRIORITY_MAX)
+    repeats: int = Field(default=1, ge=1, le=20)
+    gap_s: float = Field(default=0, ge=0, le=600)
+    max_duration_s: float = Field(default=1800, gt=0, le=4 * 3600)
+    dtstart: str = Field(description="local date-time in `timezone`, e.g. 2026-12-01T06:00")
+    rrule: str | None = Field(default=None, description="RFC 5545 RRULE without the RRULE: prefix")
+    exdates: list[str] = Field(default_factory=list, max_length=1000)
+    timezone: str | None = None
+    enabled: bool = True
+    ward_order: int | None = Field(default=None, ge=0, le=10_000)
+    on_preempted: Literal["resume", "missed"] = "resume"
+    resolution: Resolution = Resolution.NONE
+
+
+class SchedulePatch(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str | None = Field(default=None, min_length=1, max_length=200)
+    targets: TargetsIn | None = None
+    content: ScheduleContentIn | None = None
+    priority: PriorityClass | None = None
+    sub_priority: int | None = Field(default=None, ge=0, le=SUB_PRIORITY_MAX)
+    repeats: int | None = Field(default=None, ge=1, le=20)
+    gap_s: float | None = Field(default=None, ge=0, le=600)
+    max_duration_s: float | None = Field(default=None, gt=0, le=4 * 3600)
+    dtstart: str | None = None
+    rrule: str | None = None
+    exdates: list[str] | None = None
+    timezone: str | None = None
+    enabled: bool | None = None
+    ward_order: int | None = Field(default=None, ge=0, le=10_000)
+    on_preempted: Literal["resume", "missed"] | None = None
+    resolution: Resolution = Resolution.NONE
+
+
+def _media_ids(content: ScheduleContentIn) -> tuple[str, ...]:
+    if content.tts is not None:
+        raise ApiError(
+            422,
+            "invalid",
+            "content.tts",
+            "text-to-speech is not available yet; upload the audio "
+            "with POST /api/v1/media and give its id in content.media_ids",
+        )
+    return tuple(content.media_ids or ())
+
+
+def _spec(body: ScheduleIn, default_timezone: str) -> ScheduleSpec:
+    return ScheduleSpec(
+        name=body.name,
+        targets=Targets(areas=tuple(body.targets.areas), devices=tuple(body.targets.devices)),
+        media_ids=_media_ids(body.content),
+        priority=Priority(body.priority, body.sub_priority),
+        repeats=body.repeats,
+        gap_s=body.gap_s,
+        max_duration_s=body.max_duration_s,
+        dtstart=body.dtstart,
+        rrule=body.rrule,
+        exdates=tuple(body.exdates),
+        timezone=body.timezone or default_timezone,
+        enabled=body.enabled,
+        ward_order=body.ward_order,
+        on_preempted=body.on_preempted,
+    )
+
+
+def _changes(body: SchedulePatch) -> dict[str, Any]:
+    """The patched fields as ScheduleSpec fields; priority is merged by the caller."""
+    given = body.model_dump(exclude_unset=True, exclude={"resolution"})
+    changes: dict[str, Any] = {}
+    for key, value in given.items():
+        if key == "targets":
+            changes["targets"] = Targets(areas=tuple(value["areas"]), devices=tuple(value["devices"]))
+        elif key == "content":
+            changes["media_ids"] = _media_ids(body.content) if body.content is not None else ()
+        elif key == "exdates":
+            changes["exdates"] = tuple(value)
+        elif key not in {"priority", "sub_priority"}:
+            changes[key] = value
+    return changes
+
+
+@router.post("/api/v1/schedules", status_code=status.HTTP_201_CREATED)
+async def create_schedule(body: ScheduleIn, runtime: RuntimeDep, principal: Broadcaster) -> dict[str, Any]:
+    spec = _spec(body, runtime.settings.timezone)
+    result: dict[str, Any] = await asyncio.to_thread(
+        runtime.schedules.create, spec, principal, body.resolution
+    )
+    await runtime.replan_schedule(result["id"])
+    return result
+
+
+@router.get("/api/v1/schedules")
+async def list_schedules(runtime: RuntimeDep, principal: Reader) -> list[dict[str, Any]]:
+    result: list[dict[str, Any]] = await asyncio.to_thread(runtime.schedules.list_visible, principal)
+    return result
+
+
+@router.get("/api/v1/schedules/{schedule_id}")
+async def get_schedule(schedule_id: str, runtime: RuntimeDep, principal: Reader) -> dict[str, Any]:
+    result: dict[str, Any] = await asyncio.to_thread(runtime.schedules.describe, schedule_id, principal)
+    return result
+
+
+@router.patch("/api/v1/schedules/{schedule_id}")
+async def patch_schedule(
+    schedule_id: str, body: SchedulePatch, runtime: RuntimeDep, principal: Broadcaster
+) -> dict[str, Any]:
+    changes = _changes(body)
+    if body.priority is not None or body.sub_priority is not None:
+        current = await asyncio.to_thread(runtime.schedules.describe, schedule_id, principal)
+        changes["priority"] = Priority(
+            body.priority or PriorityClass(current["priority"]),
+            body.sub_priority if body.sub_priority is not None else current["sub_priority"],
+        )
+    result: dict[str, Any] = await asyncio.to_thread(
+        runtime.schedules.update, schedule_id, changes, principal, body.resolution
+    )
+    await runtime.replan_schedule(schedule_id)
+    return result
+
+
+@router.delete("/api/v1/schedules/{schedule_id}", status_code=status.HTTP_204_NO_CONTENT)
+async def delete_schedule(schedule_id: str, runtime: RuntimeDep, principal: Broadcaster) -> Response:
+    await asyncio.to_thread(runtime.schedules.delete, schedule_id, principal)
+    await runtime.replan_schedule(schedule_id)
+    return Response(status_code=status.HTTP_204_NO_CONTENT)
+
+
+Window = Annotated[AwareDatetime, Query(description="ISO 8601 with an offset, e.g. 2026-12-01T00:00+07:00")]
+
+
+@router.get("/api/v1/schedules/{schedule_id}/occurrences")
+async def schedule_occurrences(
+    schedule_id: str, start: Window, end: Window, runtime: RuntimeDep, principal: Reader
+) -> list[dict[str, str]]:
+    """Exactly the RFC 5545 expansion in [start, end)."""
+    window: tuple[datetime, datetime] = (start, end)
+    result: list[dict[str, str]] = await asyncio.to_thread(
+        runtime.schedules.occurrences, schedule_id, *window, principal
+    )
+    return result
+
+
+@router.get("/api/v1/areas/{code}/programme")
+async def area_programme(
+    code: str, start: Window, end: Window, runtime: RuntimeDep, principal: Reader
+) -> list[dict[str, Any]]:
+    """Every occurrence that reaches the area, its own and its ancestors' (and, marked `part`, its
+    sub-areas' and its devices')."""
+    result: list[dict[str, Any]] = await asyncio.to_thread(
+        runtime.schedules.programme, code, start, end, principal
+    )
+    return result

@@ -1,0 +1,452 @@
+"""Ward programmes: schedules checked (timing, targets, media, clashes) before they are stored."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from sqlalchemy import Engine
+from sqlmodel import Session, col, select
+
+from controller.domain.areas import AreaTree
+from controller.domain.planner import DeviceEntry, TargetError, Targets, resolve_targets
+from controller.domain.priority import Priority, PriorityClass
+from controller.services.auth import Action, Principal
+from controller.services.broadcasts import AUDIO_DEVICE_KINDS, load_area_tree, principal_scope_check
+from controller.services.errors import ServiceError
+from controller.services.tracker import expected_play_seconds
+from controller.settings import SchedulesSettings
+from controller.store.models import DeviceRow, MediaRow, OccurrenceRow, ScheduleRow
+from schedules.conflicts import Interval, PlannedSchedule, Resolution, find_conflicts
+from schedules.recurrence import RecurrenceError, ScheduleTime, expand, next_after, validate_schedule_time
+
+ON_PREEMPTED = ("resume", "missed")
+
+
+class ScheduleError(ServiceError):
+    """A schedule that cannot be stored or read."""
+
+
+@dataclass(frozen=True, slots=True)
+class ScheduleSpec:
+    name: str
+    targets: Targets
+    media_ids: tuple[str, ...]
+    priority: Priority
+    repeats: int
+    gap_s: float
+    max_duration_s: float
+    dtstart: str
+    rrule: str | None
+    exdates: tuple[str, ...]
+    timezone: str
+    enabled: bool = True
+    ward_order: int | None = None
+    on_preempted: str = "resume"
+
+    @classmethod
+    def from_row(cls, row: ScheduleRow) -> ScheduleSpec:
+        return cls(
+            name=row.name,
+            targets=Targets(
+                areas=tuple(row.targets.get("areas", ())), devices=tuple(row.targets.get("devices", ()))
+            ),
+            media_ids=tuple(row.media_ids),
+            priority=Priority(PriorityClass(row.priority_class), row.sub_priority),
+            repeats=row.repeats,
+            gap_s=row.gap_s,
+            max_duration_s=row.max_duration_s,
+            dtstart=row.dtstart_local,
+            rrule=row.rrule,
+            exdates=tuple(row.exdates_local),
+            timezone=row.timezone,
+            enabled=row.enabled,
+            ward_order=row.ward_order,
+            on_preempted=row.on_preempted,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class _Context:
+    """What checking a schedule needs from the store, loaded once per request."""
+
+    tree: AreaTree
+    devices: list[DeviceEntry]
+    durations: dict[str, float]
+
+
+def schedule_time(spec: ScheduleSpec) -> ScheduleTime:
+    try:
+        return validate_schedule_time(spec.rrule, spec.dtstart, spec.timezone, spec.exdates)
+    except RecurrenceError as error:
+        raise ScheduleError(error.field, error.detail) from error
+
+
+def occurrence_dict(moment: datetime) -> dict[str, str]:
+    return {
+        "start_local": moment.isoformat(),
+        "start_utc": moment.astimezone(UTC).isoformat().replace("+00:00", "Z"),
+    }
+
+
+class ScheduleService:
+    def __init__(self, engine: Engine, settings: SchedulesSettings, *, now: Callable[[], datetime]) -> None:
+        self._engine = engine
+        self._settings = settings
+        self._now = now
+
+    # -- checks ----------------------------------------------------------------------------------
+    def _context(self, session: Session) -> _Context:
+        tree = load_area_tree(session)
+        devices = [
+            DeviceEntry(
+                id=d.id,
+                kind=d.kind,
+                area_code=d.area_code,
+                address=d.address,
+                transport=d.transport,
+                enabled=d.enabled,
+            )
+            for d in session.exec(select(DeviceRow)).all()
+        ]
+        durations = dict(session.exec(select(MediaRow.id, MediaRow.duration_s)).all())
+        return _Context(tree, devices, durations)
+
+    def _devices(
+        self, spec: ScheduleSpec, context: _Context, principal: Principal | None
+    ) -> list[DeviceEntry]:
+        if principal is not None:
+            try:
+                principal_scope_check(principal, context.tree, list(spec.targets.areas))
+            except ServiceError as error:
+                raise ScheduleError(error.field, error.detail, status=error.status) from error
+        try:
+            chosen = resolve_targets(spec.targets, context.tree, context.devices, kinds=AUDIO_DEVICE_KINDS)
+        except TargetError as error:
+            raise ScheduleError(error.field, error.detail) from error
+        if principal is not None and principal.ward_code is not None:
+            outside = [d.id for d in chosen if not context.tree.is_within(d.area_code, principal.ward_code)]
+            if outside:
+                raise ScheduleError(
+                    "targets.devices",
+                    f"devices {outside[:5]} are outside ward {principal.ward_code!r} of this key",
+                    status=403,
+                )
+        return chosen
+
+    def _play_seconds(self, spec: ScheduleSpec, context: _Context) -> float:
+        durations = [context.durations[media_id] for media_id in spec.media_ids]
+        return expected_play_seconds(durations, spec.repeats, spec.gap_s, spec.max_duration_s)
+
+    def _check_content(self, spec: ScheduleSpec, context: _Context) -> None:
+        if not spec.name.strip():
+            raise ScheduleError("name", "must not be empty")
+        if not spec.media_ids:
+            raise ScheduleError("content.media_ids", "the playlist is empty")
+        for index, media_id in enumerate(spec.media_ids):
+            if media_id not in context.durations:
+                raise ScheduleError(f"content.media_ids[{index}]", f"unknown media {media_id!r}")
+        if spec.on_preempted not in ON_PREEMPTED:
+            raise ScheduleError("on_preempted", f"must be one of {', '.join(ON_PREEMPTED)}")
+
+    def _planned(
+        self,
+        schedule_id: str,
+        spec: ScheduleSpec,
+        timing: ScheduleTime,
+        devices: Sequence[DeviceEntry],
+        context: _Context,
+        start: datetime,
+        end: datetime,
+    ) -> PlannedSchedule:
+        length = timedelta(seconds=self._play_seconds(spec, context))
+        starts = expand(timing.rule, timing.dtstart, start=start, end=end, exdates=timing.exdates)
+        return PlannedSchedule(
+            id=schedule_id,
+            name=spec.name,
+            priority_class=spec.priority.priority_class.value,
+            rank=spec.priority.rank,
+            devices=frozenset(device.id for device in devices),
+            intervals=[Interval(moment, moment + length) for moment in starts],
+            ward_order=spec.ward_order,
+        )
+
+    def _check_conflicts(
+        self,
+        session: Session,
+        schedule_id: str,
+        spec: ScheduleSpec,
+        timing: ScheduleTime,
+        devices: Sequence[DeviceEntry],
+        context: _Context,
+        resolution: Resolution,
+    ) -> list[dict[str, Any]]:
+        """Raise 409 listing the clashes the request did not settle; return the settled ones."""
+        if not spec.enabled or spec.priority.priority_class is PriorityClass.EMERGENCY:
+            return []
+        start = self._now()
+        end = start + timedelta(days=self._settings.conflict_horizon_days)
+        candidate = self._planned(schedule_id, spec, timing, devices, context, start, end)
+        device_ids = candidate.devices
+        others: list[PlannedSchedule] = []
+        for row in session.exec(
+            select(ScheduleRow).where(col(ScheduleRow.enabled), ScheduleRow.id != schedule_id)
+        ):
+            other = ScheduleSpec.from_row(row)
+            other_devices = resolve_targets_quietly(other, context)
+            if not device_ids & {d.id for d in other_devices}:
+                continue
+            others.append(
+                self._planned(row.id, other, schedule_time(other), other_devices, context, start, end)
+            )
+        report = find_conflicts(candidate, others, resolution)
+        if report.blocking:
+            raise ScheduleError(
+                "dtstart",
+                f"clashes with {len(report.clashes)} schedule(s) on shared devices",
+                status=409,
+                extra={"clashes": [clash_dict(c) for c in report.clashes]},
+            )
+        return [clash_dict(c) for c in report.settled]
+
+    # -- commands --------------------------------------------------------------------------------
+    def create(self, spec: ScheduleSpec, principal: Principal, resolution: Resolution) -> dict[str, Any]:
+        self._require_priority_allowed(spec, principal)
+        timing = schedule_time(spec)
+        schedule_id = str(uuid.uuid4())
+        with Session(self._engine) as session:
+            context = self._context(session)
+            self._check_content(spec, context)
+            devices = self._devices(spec, context, principal)
+            settled = self._check_conflicts(session, schedule_id, spec, timing, devices, context, resolution)
+            now = self._now()
+            session.add(
+                ScheduleRow(
+                    id=schedule_id,
+                    created_by=principal.key_id,
+                    created_at=now,
+                    updated_at=now,
+                    **_row_values(spec, timing),
+                )
+            )
+            session.commit()
+        return {
+            "id": schedule_id,
+            "first_occurrence": occurrence_dict(timing.first_occurrence),
+            "device_count": len(devices),
+            "settled_clashes": settled,
+        }
+
+    def update(
+        self, schedule_id: str, changes: dict[str, Any], principal: Principal, resolution: Resolution
+    ) -> dict[str, Any]:
+        with Session(self._engine) as session:
+            row = self._visible(session, schedule_id, principal)
+            spec = replace(ScheduleSpec.from_row(row), **changes)
+            self._require_priority_allowed(spec, principal)
+            timing = schedule_time(spec)
+            context = self._context(session)
+            self._check_content(spec, context)
+            devices = self._devices(spec, context, principal)
+            settled = self._check_conflicts(session, schedule_id, spec, timing, devices, context, resolution)
+            for key, value in _row_values(spec, timing).items():
+                setattr(row, key, value)
+            row.updated_at = self._now()
+            session.add(row)
+            session.commit()
+        return {
+            "id": schedule_id,
+            "first_occurrence": occurrence_dict(timing.first_occurrence),
+            "device_count": len(devices),
+            "settled_clashes": settled,
+        }
+
+    def delete(self, schedule_id: str, principal: Principal) -> None:
+        with Session(self._engine) as session:
+            row = self._visible(session, schedule_id, principal)
+            fired = session.exec(
+                select(OccurrenceRow.id).where(OccurrenceRow.schedule_id == schedule_id)
+            ).first()
+            if fired is not None:
+                # Its occurrences are the ward's broadcast log: keep them, stop the schedule.
+                row.enabled = False
+                row.updated_at = self._now()
+                session.add(row)
+            else:
+                session.delete(row)
+            session.commit()
+
+    # -- queries ---------------------------------------------------------------------------------
+    def _visible(self, session: Session, schedule_id: str, principal: Principal) -> ScheduleRow:
+        row = session.get(ScheduleRow, schedule_id)
+        if row is None or not self._in_scope(session, row, principal):
+            raise ScheduleError("id", f"unknown schedule {schedule_id!r}", status=404)
+        return row
+
+    def _in_scope(self, session: Session, row: ScheduleRow, principal: Principal) -> bool:
+        if principal.ward_code is None:
+            return True
+        tree = load_area_tree(session)
+        areas = row.targets.get("areas", [])
+        devices = row.targets.get("devices", [])
+        device_areas = session.exec(select(DeviceRow.area_code).where(col(DeviceRow.id).in_(devices))).all()
+        return all(
+            code in tree and tree.is_within(code, principal.ward_code) for code in [*areas, *device_areas]
+        )
+
+    def describe(self, schedule_id: str, principal: Principal) -> dict[str, Any]:
+        with Session(self._engine) as session:
+            return schedule_dict(self._visible(session, schedule_id, principal))
+
+    def list_visible(self, principal: Principal) -> list[dict[str, Any]]:
+        with Session(self._engine) as session:
+            rows = session.exec(select(ScheduleRow).order_by(col(ScheduleRow.created_at))).all()
+            return [schedule_dict(row) for row in rows if self._in_scope(session, row, principal)]
+
+    def _window(self, start: datetime, end: datetime) -> None:
+        if end <= start:
+            raise ScheduleError("end", "must be after start")
+        if end - start > timedelta(days=self._settings.max_window_days):
+            raise ScheduleError("end", f"the window may span at most {self._settings.max_window_days} days")
+
+    def occurrences(
+        self, schedule_id: str, start: datetime, end: datetime, principal: Principal
+    ) -> list[dict[str, str]]:
+        self._window(start, end)
+        with Session(self._engine) as session:
+            row = self._visible(session, schedule_id, principal)
+        timing = schedule_time(ScheduleSpec.from_row(row))
+        moments = expand(timing.rule, timing.dtstart, start=start, end=end, exdates=timing.exdates)
+        return [occurrence_dict(moment) for moment in moments]
+
+    def programme(
+        self, area_code: str, start: datetime, end: datetime, principal: Principal
+    ) -> list[dict[str, Any]]:
+        """Every occurrence that reaches the area: schedules aimed at it, at an area above it, or at
+        devices inside it, and (marked `part`) schedules aimed at an area below it."""
+        self._window(start, end)
+        with Session(self._engine) as session:
+            tree = load_area_tree(session)
+            if area_code not in tree:
+                raise ScheduleError("code", f"unknown area {area_code!r}", status=404)
+            if principal.ward_code is not None and not (
+                tree.is_within(area_code, principal.ward_code)
+                or tree.is_within(principal.ward_code, area_code)
+            ):
+                raise ScheduleError(
+                    "code", f"area {area_code!r} is outside ward {principal.ward_code!r}", status=403
+                )
+            above = {area_code} | {a.code for a in tree.ancestors(area_code)}
+            below = tree.subtree_codes(area_code) - {area_code}
+            device_area = dict(session.exec(select(DeviceRow.id, DeviceRow.area_code)).all())
+            rows = session.exec(select(ScheduleRow).where(col(ScheduleRow.enabled))).all()
+        items: list[dict[str, Any]] = []
+        for row in rows:
+            areas = set(row.targets.get("areas", []))
+            device_areas = {device_area.get(d) for d in row.targets.get("devices", [])}
+            if areas & above:
+                reach = "whole"
+            elif areas & below or device_areas & (below | {area_code}):
+                reach = "part"
+            else:
+                continue
+            timing = schedule_time(ScheduleSpec.from_row(row))
+            shared = {
+                "schedule_id": row.id,
+                "name": row.name,
+                "priority": row.priority_class,
+                "sub_priority": row.sub_priority,
+                "targets": row.targets,
+                "reach": reach,
+            }
+            items.extend(
+                {**occurrence_dict(moment), **shared}
+                for moment in expand(
+                    timing.rule, timing.dtstart, start=start, end=end, exdates=timing.exdates
+                )
+            )
+        return sorted(items, key=lambda item: (item["start_utc"], -_rank(item)))
+
+    def _require_priority_allowed(self, spec: ScheduleSpec, principal: Principal) -> None:
+        if spec.priority.priority_class is PriorityClass.EMERGENCY and not principal.may(
+            Action.BROADCAST_EMERGENCY
+        ):
+            raise ScheduleError(
+                "priority", f"role {principal.role} may not schedule emergency broadcasts", status=403
+            )
+
+
+def _rank(item: dict[str, Any]) -> int:
+    return Priority(PriorityClass(item["priority"]), item["sub_priority"]).rank
+
+
+def resolve_targets_quietly(spec: ScheduleSpec, context: _Context) -> list[DeviceEntry]:
+    """The devices a stored schedule reaches today; none when its targets no longer resolve."""
+    try:
+        return resolve_targets(spec.targets, context.tree, context.devices, kinds=AUDIO_DEVICE_KINDS)
+    except TargetError:
+        return []
+
+
+def _row_values(spec: ScheduleSpec, timing: ScheduleTime) -> dict[str, Any]:
+    return {
+        "name": spec.name.strip(),
+        "targets": {"areas": list(spec.targets.areas), "devices": list(spec.targets.devices)},
+        "media_ids": list(spec.media_ids),
+        "priority_class": spec.priority.priority_class.value,
+        "sub_priority": spec.priority.sub,
+        "rank": spec.priority.rank,
+        "repeats": spec.repeats,
+        "gap_s": spec.gap_s,
+        "max_duration_s": spec.max_duration_s,
+        "timezone": spec.timezone,
+        "dtstart_local": timing.dtstart.replace(tzinfo=None).isoformat(),
+        "rrule": timing.rule.to_text() if timing.rule is not None else None,
+        "exdates_local": [moment.replace(tzinfo=None).isoformat() for moment in timing.exdates],
+        "enabled": spec.enabled,
+        "ward_order": spec.ward_order,
+        "on_preempted": spec.on_preempted,
+    }
+
+
+def clash_dict(clash: Any) -> dict[str, Any]:
+    return {
+        "schedule_id": clash.schedule_id,
+        "name": clash.schedule_name,
+        "devices": list(clash.devices),
+        "device_count": clash.device_count,
+        "times": [{"start": i.start.isoformat(), "end": i.end.isoformat()} for i in clash.times],
+        "overlap_count": clash.overlap_count,
+        "why": clash.why,
+    }
+
+
+def schedule_dict(row: ScheduleRow) -> dict[str, Any]:
+    return {
+        "id": row.id,
+        "name": row.name,
+        "targets": row.targets,
+        "content": {"media_ids": row.media_ids},
+        "priority": row.priority_class,
+        "sub_priority": row.sub_priority,
+        "repeats": row.repeats,
+        "gap_s": row.gap_s,
+        "max_duration_s": row.max_duration_s,
+        "dtstart": row.dtstart_local,
+        "rrule": row.rrule,
+        "exdates": row.exdates_local,
+        "timezone": row.timezone,
+        "enabled": row.enabled,
+        "ward_order": row.ward_order,
+        "on_preempted": row.on_preempted,
+    }
+
+
+def next_planned(row: ScheduleRow, after: datetime) -> datetime | None:
+    """The next start of a stored schedule strictly after `after`, as an aware UTC instant."""
+    timing = schedule_time(ScheduleSpec.from_row(row))
+    moment = next_after(timing.rule, timing.dtstart, after, timing.exdates)
+    return None if moment is None else moment.astimezone(UTC)
