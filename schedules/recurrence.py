@@ -36,7 +36,7 @@ import math
 import re
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from datetime import MINYEAR, UTC, date, datetime, time, timedelta, tzinfo
+from datetime import MINYEAR, UTC, date, datetime, time, tzinfo
 from enum import IntEnum, StrEnum
 from typing import TypeVar
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -459,16 +459,19 @@ def _wall_time(moment: datetime, zone: tzinfo) -> datetime:
     return local.replace(tzinfo=None, fold=0)
 
 
-def _materialize(wall: datetime, zone: tzinfo) -> tuple[datetime, datetime]:
-    """The aware occurrence for a wall time, and its instant in UTC."""
+def _materialize(wall: datetime, zone: tzinfo) -> tuple[datetime, datetime] | None:
+    """The aware occurrence for a wall time and its instant in UTC; None beyond years 1 to 9999 in UTC."""
     local = wall.replace(tzinfo=zone)  # fold=0: the first of two repeated wall times
-    instant = local.astimezone(UTC)
-    real = instant.astimezone(zone)
+    try:
+        instant = local.astimezone(UTC)
+        real = instant.astimezone(zone)
+    except OverflowError:
+        return None
     # Only a wall time inside a DST gap fails the round trip; `real` is where it actually lands.
     return (local if real.replace(tzinfo=None) == wall else real), instant
 
 
-Batch = list[tuple[datetime, datetime]]
+_Batch = list[tuple[datetime, datetime]]
 
 
 class _Occurrences:
@@ -493,15 +496,15 @@ class _Occurrences:
     def _is_excluded(self, wall: datetime, occurrence: datetime) -> bool:
         return wall in self._excluded or occurrence.replace(tzinfo=None, fold=0) in self._excluded
 
-    def batches(self, *, from_day: int) -> Iterator[tuple[int, Batch]]:
+    def batches(self, *, from_day: int) -> Iterator[tuple[int, _Batch]]:
         """(first wall day ordinal of the period, occurrences in it), period after period.
 
         Periods wholly before `from_day` are skipped unless COUNT needs them counted.
         """
         if self._rule is None or self._periods is None:
-            occurrence, instant = _materialize(self._start_wall, self.zone)
-            if not self._is_excluded(self._start_wall, occurrence):
-                yield self.start_day, [(occurrence, instant)]
+            materialized = _materialize(self._start_wall, self.zone)
+            if materialized is not None and not self._is_excluded(self._start_wall, materialized[0]):
+                yield self.start_day, [materialized]
             return
         periods = self._periods
         remaining = self._rule.count
@@ -513,15 +516,15 @@ class _Occurrences:
         for period_first_day, walls in periods.walk(first_period):
             if last_day is not None and period_first_day > last_day:
                 return
-            batch: Batch = []
+            batch: _Batch = []
             finished = False
             for wall in walls:
                 if wall < self._start_wall:
                     continue
-                try:
-                    occurrence, instant = _materialize(wall, self.zone)
-                except OverflowError:
-                    continue  # its instant lies beyond year 1 or 9999: not representable, so not playable
+                materialized = _materialize(wall, self.zone)
+                if materialized is None:
+                    continue
+                occurrence, instant = materialized
                 if self._is_past_until(wall, instant):
                     finished = True
                     break
@@ -568,8 +571,8 @@ class _Occurrences:
 class _PeriodCandidates:
     """The wall times a rule selects in each of its periods (day, week, month or year).
 
-    Period p is the INTERVAL-th next period after the one holding DTSTART, p times over; any
-    period can be reached by arithmetic, so expanding a window never walks from DTSTART.
+    Period 0 holds DTSTART; period p starts p × INTERVAL days, weeks (from WKST), months or years
+    later. Any period is reached by arithmetic, so expanding a window never walks from DTSTART.
     """
 
     def __init__(self, rule: RecurrenceRule, start_wall: datetime) -> None:

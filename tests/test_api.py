@@ -3,49 +3,15 @@
 from __future__ import annotations
 
 import hashlib
-import secrets
 import subprocess
 import sys
-from collections.abc import Iterator
 
 import pytest
 
-from controller.broker import BrokerAccount, ManagedMosquitto
-from tests.support.broker import TestBroker
-from tests.support.scenario import seed, upload, wav_bytes
-from tests.support.system import ControllerHandle, create_postgres_database
+from tests.support.scenario import upload, wav_bytes
+from tests.support.system import ControllerHandle
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
-def api(
-    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[ControllerHandle]:
-    workdir = tmp_path_factory.mktemp("api")
-    controller_account = BrokerAccount("controller", secrets.token_urlsafe(16))
-    device_account = BrokerAccount("device", secrets.token_urlsafe(16))
-    broker = ManagedMosquitto(
-        workdir / "mosquitto", accounts=[controller_account, device_account], controller_username="controller"
-    )
-    broker.start()
-    drop = None
-    if request.param == "sqlite":
-        url = f"sqlite:///{workdir / 'api.db'}"
-    else:
-        url, drop = create_postgres_database()
-    handle = ControllerHandle(
-        workdir=workdir, database_url=url, broker=TestBroker(broker, controller_account, device_account)
-    )
-    handle.start()
-    seed(handle)
-    try:
-        yield handle
-    finally:
-        handle.stop()
-        broker.stop()
-        if drop is not None:
-            drop()
 
 
 def test_every_call_needs_a_token(api: ControllerHandle):

@@ -32,6 +32,7 @@ from schedules.recurrence import (
     Weekday,
     WeekdayRule,
     expand,
+    first_occurrence,
     next_after,
     parse_rrule,
     validate_schedule_time,
@@ -280,6 +281,28 @@ def test_next_after_is_strictly_after() -> None:
     assert next_after(rule, dtstart, dtstart - timedelta(seconds=1)) == dtstart
     assert next_after(rule, dtstart, dtstart, exdates=[at(2025, 6, 12, 19)]) == at(2025, 6, 19, 19)
     assert next_after(parse_rrule("FREQ=WEEKLY;COUNT=2"), dtstart, at(2025, 6, 12, 19)) is None
+
+
+def test_first_occurrence_is_dtstart_only_when_the_rule_produces_it() -> None:
+    thursday_rule = parse_rrule("FREQ=WEEKLY;BYDAY=TH")
+    assert first_occurrence(thursday_rule, at(2025, 6, 5, 19)) == at(2025, 6, 5, 19)
+    assert first_occurrence(thursday_rule, at(2025, 6, 4, 19)) == at(2025, 6, 5, 19)
+    assert first_occurrence(thursday_rule, at(2025, 6, 5, 19), exdates=[at(2025, 6, 5, 19)]) == at(
+        2025, 6, 12, 19
+    )
+    assert first_occurrence(parse_rrule("FREQ=MONTHLY;BYMONTH=2;BYMONTHDAY=30"), at(2025, 6, 5, 19)) is None
+
+
+def test_the_ends_of_the_calendar_do_not_overflow() -> None:
+    rule = parse_rrule("FREQ=DAILY;COUNT=3")
+    dtstart = at(2025, 6, 2, 6)
+    forever = (datetime.min.replace(tzinfo=HCM), datetime.max.replace(tzinfo=HCM))
+    assert len(expand(rule, dtstart, start=forever[0], end=forever[1])) == 3
+    assert next_after(rule, dtstart, forever[0]) == dtstart
+    west = ZoneInfo("America/New_York")
+    assert (
+        expand(None, at(9999, 12, 31, 23, zone=west), start=at(9999, 12, 31, zone=west), end=forever[1]) == []
+    )
 
 
 def test_expansion_beyond_the_limit_is_an_error_not_a_truncation() -> None:

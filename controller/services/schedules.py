@@ -12,6 +12,7 @@ from sqlalchemy import Engine
 from sqlmodel import Session, col, select
 
 from controller.domain.areas import AreaTree
+from controller.domain.clock import rfc3339
 from controller.domain.planner import DeviceEntry, TargetError, Targets, resolve_targets
 from controller.domain.priority import Priority, PriorityClass
 from controller.services.auth import Action, Principal
@@ -305,6 +306,26 @@ class ScheduleService:
         with Session(self._engine) as session:
             rows = session.exec(select(ScheduleRow).order_by(col(ScheduleRow.created_at))).all()
             return [schedule_dict(row) for row in rows if self._in_scope(session, row, principal)]
+
+    def history(self, schedule_id: str, principal: Principal) -> list[dict[str, Any]]:
+        """What became of each occurrence so far: fired (with its broadcast), missed or failed, and why."""
+        with Session(self._engine) as session:
+            self._visible(session, schedule_id, principal)
+            rows = session.exec(
+                select(OccurrenceRow)
+                .where(OccurrenceRow.schedule_id == schedule_id)
+                .order_by(col(OccurrenceRow.planned_at))
+            ).all()
+        return [
+            {
+                "planned_at": rfc3339(row.planned_at),
+                "outcome": row.outcome,
+                "broadcast_id": row.broadcast_id,
+                "detail": row.detail,
+                "recorded_at": rfc3339(row.recorded_at),
+            }
+            for row in rows
+        ]
 
     def _window(self, start: datetime, end: datetime) -> None:
         if end <= start:

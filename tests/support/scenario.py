@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import secrets
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -11,8 +12,9 @@ import numpy as np
 import pytest
 import soundfile
 
+from controller.broker import BrokerAccount, ManagedMosquitto
 from tests.support.broker import TestBroker
-from tests.support.system import ControllerHandle, FleetHandle
+from tests.support.system import ControllerHandle, FleetHandle, create_postgres_database
 
 TERMINAL = {"completed", "interrupted", "failed", "expired", "cancelled"}
 ORDER = ["queued", "sent", "delivered", "playing"]
@@ -152,3 +154,33 @@ def wait_until_ended(
     with controller.client() as client:
         result: dict[str, Any] = client.get(f"/api/v1/broadcasts/{broadcast_id}").json()
     return result
+
+
+@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+def api(  # a seeded controller shared by a module's API tests
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[ControllerHandle]:
+    workdir = tmp_path_factory.mktemp("api")
+    controller_account = BrokerAccount("controller", secrets.token_urlsafe(16))
+    device_account = BrokerAccount("device", secrets.token_urlsafe(16))
+    broker = ManagedMosquitto(
+        workdir / "mosquitto", accounts=[controller_account, device_account], controller_username="controller"
+    )
+    broker.start()
+    drop = None
+    if request.param == "sqlite":
+        url = f"sqlite:///{workdir / 'api.db'}"
+    else:
+        url, drop = create_postgres_database()
+    handle = ControllerHandle(
+        workdir=workdir, database_url=url, broker=TestBroker(broker, controller_account, device_account)
+    )
+    handle.start()
+    seed(handle)
+    try:
+        yield handle
+    finally:
+        handle.stop()
+        broker.stop()
+        if drop is not None:
+            drop()

@@ -115,6 +115,7 @@ class ControllerHandle(_Supervised):
     broker: TestBroker
     port: int = field(default_factory=free_tcp_port)
     process: ManagedProcess | None = None
+    extra_env: dict[str, str] = field(default_factory=dict)
     _token: str | None = None
 
     @property
@@ -138,6 +139,7 @@ class ControllerHandle(_Supervised):
                 "WARDCAST_LOGGING__LEVEL": "debug",
             }
         )
+        env.update(self.extra_env)
         return env
 
     def start(self) -> None:

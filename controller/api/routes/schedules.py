@@ -175,6 +175,13 @@ async def delete_schedule(schedule_id: str, runtime: RuntimeDep, principal: Broa
     return Response(status_code=status.HTTP_204_NO_CONTENT)
 
 
+@router.get("/api/v1/schedules/{schedule_id}/history")
+async def schedule_history(schedule_id: str, runtime: RuntimeDep, principal: Reader) -> list[dict[str, Any]]:
+    """Each occurrence so far: `fired` (with its broadcast), `missed` or `failed`, with the reason."""
+    result: list[dict[str, Any]] = await asyncio.to_thread(runtime.schedules.history, schedule_id, principal)
+    return result
+
+
 Window = Annotated[AwareDatetime, Query(description="ISO 8601 with an offset, e.g. 2026-12-01T00:00+07:00")]
 
 
