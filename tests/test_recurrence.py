@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import calendar
 import contextlib
+import datetime as datetime_module
 import pickle
 import time as clock
 import types
@@ -632,14 +633,15 @@ def rule_cases(draw: st.DrawFn) -> RuleCase:
     set_positions: list[int] = []
     if (by_month or by_day or month_days or by_hour or by_minute) and sometimes(draw):
         set_positions = draw(_int_list(st.one_of(st.integers(1, 6), st.integers(-6, -1)), 2))
-    for name, values in [
+    by_parts: list[tuple[str, Sequence[int | str]]] = [
         ("BYMONTH", by_month),
         ("BYDAY", by_day),
         ("BYMONTHDAY", month_days),
         ("BYHOUR", by_hour),
         ("BYMINUTE", by_minute),
         ("BYSETPOS", set_positions),
-    ]:
+    ]
+    for name, values in by_parts:
         if values:
             parts.append(f"{name}={','.join(str(value) for value in values)}")
     week_start = draw(st.sampled_from(WEEKDAY_CODES))
@@ -671,8 +673,7 @@ def rule_cases(draw: st.DrawFn) -> RuleCase:
         else:
             parts.append(f"UNTIL={until:%Y%m%d}")
             oracle_until = datetime.combine(until.date(), time(23, 59, 59), tzinfo=until.tzinfo)
-    order = draw(st.permutations(range(len(parts))))
-    text = ";".join([f"FREQ={frequency}"] + [parts[index] for index in order])
+    text = ";".join([f"FREQ={frequency}", *draw(st.permutations(parts))])
     if draw(st.booleans()):
         text = text.lower()
     return RuleCase(text, frequency, dtstart, ";".join([f"FREQ={frequency}", *oracle_parts]), oracle_until)
@@ -686,15 +687,13 @@ def dateutil_calendar_ending(year: int) -> Iterator[None]:
     gives up, day by day for a DAILY rule: seconds per example. Every instant the tests compare is
     before `year`, so this changes dateutil's cost, not its answers.
     """
-    real_datetime_module = dateutil_rrule.datetime
     shortened = types.ModuleType("datetime")
-    shortened.__dict__.update(real_datetime_module.__dict__)
-    shortened.MAXYEAR = year  # type: ignore[attr-defined]
-    dateutil_rrule.datetime = shortened  # type: ignore[misc]
+    shortened.__dict__.update(vars(datetime_module), MAXYEAR=year)
+    vars(dateutil_rrule)["datetime"] = shortened
     try:
         yield
     finally:
-        dateutil_rrule.datetime = real_datetime_module  # type: ignore[misc]
+        vars(dateutil_rrule)["datetime"] = datetime_module
 
 
 def oracle(

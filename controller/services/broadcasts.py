@@ -84,6 +84,21 @@ def load_area_tree(session: Session) -> AreaTree:
     )
 
 
+def load_device_entries(session: Session) -> list[DeviceEntry]:
+    """Every registered device as the planner sees it."""
+    return [
+        DeviceEntry(
+            id=d.id,
+            kind=d.kind,
+            area_code=d.area_code,
+            address=d.address,
+            transport=d.transport,
+            enabled=d.enabled,
+        )
+        for d in session.exec(select(DeviceRow)).all()
+    ]
+
+
 def principal_scope_check(principal: Principal, tree: AreaTree, area_codes: list[str]) -> None:
     """A key bound to a ward may only reach areas inside it."""
     if principal.ward_code is None:
@@ -163,17 +178,7 @@ class BroadcastService:
             )
             tree = load_area_tree(session)
             principal_scope_check(principal, tree, list(request.targets.areas))
-            devices = [
-                DeviceEntry(
-                    id=d.id,
-                    kind=d.kind,
-                    area_code=d.area_code,
-                    address=d.address,
-                    transport=d.transport,
-                    enabled=d.enabled,
-                )
-                for d in session.exec(select(DeviceRow)).all()
-            ]
+            devices = load_device_entries(session)
             try:
                 chosen = resolve_targets(request.targets, tree, devices, kinds=AUDIO_DEVICE_KINDS)
             except TargetError as error:

@@ -16,7 +16,12 @@ from controller.domain.clock import rfc3339
 from controller.domain.planner import DeviceEntry, TargetError, Targets, resolve_targets
 from controller.domain.priority import Priority, PriorityClass
 from controller.services.auth import Action, Principal
-from controller.services.broadcasts import AUDIO_DEVICE_KINDS, load_area_tree, principal_scope_check
+from controller.services.broadcasts import (
+    AUDIO_DEVICE_KINDS,
+    load_area_tree,
+    load_device_entries,
+    principal_scope_check,
+)
 from controller.services.errors import ServiceError
 from controller.services.tracker import expected_play_seconds
 from controller.settings import SchedulesSettings
@@ -102,17 +107,7 @@ class ScheduleService:
     # -- checks ----------------------------------------------------------------------------------
     def _context(self, session: Session) -> _Context:
         tree = load_area_tree(session)
-        devices = [
-            DeviceEntry(
-                id=d.id,
-                kind=d.kind,
-                area_code=d.area_code,
-                address=d.address,
-                transport=d.transport,
-                enabled=d.enabled,
-            )
-            for d in session.exec(select(DeviceRow)).all()
-        ]
+        devices = load_device_entries(session)
         durations = dict(session.exec(select(MediaRow.id, MediaRow.duration_s)).all())
         return _Context(tree, devices, durations)
 

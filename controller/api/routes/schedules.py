@@ -9,19 +9,13 @@ from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, model_validato
 
 from controller.api.deps import Broadcaster, Reader, RuntimeDep
 from controller.api.errors import ApiError
+from controller.api.routes.broadcasts import TargetsIn
 from controller.domain.planner import Targets
 from controller.domain.priority import SUB_PRIORITY_MAX, Priority, PriorityClass
 from controller.services.schedules import ScheduleSpec
 from schedules.conflicts import Resolution
 
 router = APIRouter(tags=["schedules"])
-
-
-class TargetsIn(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    areas: list[str] = Field(default_factory=list, max_length=1000)
-    devices: list[str] = Field(default_factory=list, max_length=10000)
 
 
 class ScheduleContentIn(BaseModel):
