@@ -26,11 +26,13 @@ device_app = typer.Typer(help="Speakers, LED screens and sensors.", no_args_is_h
 broadcast_app = typer.Typer(help="Send and follow broadcasts.", no_args_is_help=True)
 apikey_app = typer.Typer(help="API keys.", no_args_is_help=True)
 sim_app = typer.Typer(help="Simulated devices.", no_args_is_help=True)
+schedule_app = typer.Typer(help="Ward programmes: one-off and recurring schedules.", no_args_is_help=True)
 app.add_typer(area_app, name="area")
 app.add_typer(device_app, name="device")
 app.add_typer(broadcast_app, name="broadcast")
 app.add_typer(apikey_app, name="apikey")
 app.add_typer(sim_app, name="sim")
+app.add_typer(schedule_app, name="schedule")
 
 err = Console(stderr=True)
 out = Console()
@@ -292,6 +294,111 @@ def _count(states: dict[str, str]) -> dict[str, int]:
     for state in states.values():
         counts[state] = counts.get(state, 0) + 1
     return counts
+
+
+# -- schedules ---------------------------------------------------------------------------------
+@schedule_app.command("add")
+def schedule_add(
+    name: Annotated[str, typer.Option(help="what staff call it, e.g. 'Bản tin sáng'")],
+    start: Annotated[str, typer.Option("--start", help="local start, e.g. 2026-12-01T06:00")],
+    media_id: Annotated[list[str], typer.Option("--media-id", help="media id (repeatable, played in order)")],
+    area: Annotated[list[str] | None, typer.Option(help="area code (repeatable)")] = None,
+    device: Annotated[list[str] | None, typer.Option(help="device id (repeatable)")] = None,
+    rrule: Annotated[
+        str | None, typer.Option(help="RFC 5545 rule, e.g. FREQ=WEEKLY;BYDAY=MO,TU,WE,TH,FR,SA")
+    ] = None,
+    exdate: Annotated[list[str] | None, typer.Option(help="local start to skip (repeatable)")] = None,
+    priority: Annotated[str, typer.Option(help="normal | priority | emergency")] = "normal",
+    sub_priority: Annotated[int, typer.Option(min=0, max=255)] = 0,
+    repeats: Annotated[int, typer.Option(min=1, max=20)] = 1,
+    gap: Annotated[float, typer.Option(help="seconds between repeats")] = 0,
+    max_duration: Annotated[float, typer.Option(help="seconds")] = 1800,
+    timezone: Annotated[str | None, typer.Option(help="IANA zone (default: the controller's)")] = None,
+    resolution: Annotated[str, typer.Option(help="none | priority | order, to settle clashes")] = "none",
+    ward_order: Annotated[int | None, typer.Option(help="order among the ward's priority items")] = None,
+    api: ApiOption = None,
+    token: TokenOption = None,
+) -> None:
+    """Create a schedule; a clash is shown with the schedules, devices and times it hits."""
+    body: dict[str, Any] = {
+        "name": name,
+        "targets": {"areas": area or [], "devices": device or []},
+        "content": {"media_ids": media_id},
+        "dtstart": start,
+        "rrule": rrule,
+        "exdates": exdate or [],
+        "priority": priority,
+        "sub_priority": sub_priority,
+        "repeats": repeats,
+        "gap_s": gap,
+        "max_duration_s": max_duration,
+        "resolution": resolution,
+        "ward_order": ward_order,
+    }
+    if timezone:
+        body["timezone"] = timezone
+    with _client(api, token) as client:
+        response = client.post("/api/v1/schedules", json=body)
+    if response.status_code == 409:
+        table = Table("clashes with", "devices", "first overlaps", "why", title="Lịch bị trùng / clashes")
+        for clash in response.json().get("clashes", []):
+            times = ", ".join(t["start"] for t in clash["times"][:3])
+            table.add_row(
+                clash["name"],
+                f"{clash['device_count']}: {', '.join(clash['devices'][:5])}",
+                times,
+                clash["why"],
+            )
+        err.print(table)
+        raise typer.Exit(1)
+    created = _checked(response)
+    err.print(
+        f"first occurrence {created['first_occurrence']['start_local']} on {created['device_count']} devices"
+    )
+    typer.echo(created["id"])
+
+
+@schedule_app.command("list")
+def schedule_list(api: ApiOption = None, token: TokenOption = None) -> None:
+    with _client(api, token) as client:
+        schedules = _checked(client.get("/api/v1/schedules"))
+    table = Table("id", "name", "priority", "start", "rule", "targets", "enabled")
+    for item in schedules:
+        targets = ", ".join(item["targets"].get("areas", []) + item["targets"].get("devices", []))
+        table.add_row(
+            item["id"][:8],
+            item["name"],
+            f"{item['priority']}/{item['sub_priority']}",
+            item["dtstart"],
+            item["rrule"] or "(once)",
+            targets,
+            "yes" if item["enabled"] else "no",
+        )
+    out.print(table)
+
+
+@schedule_app.command("show")
+def schedule_show(schedule_id: str, api: ApiOption = None, token: TokenOption = None) -> None:
+    with _client(api, token) as client:
+        item = _checked(client.get(f"/api/v1/schedules/{schedule_id}"))
+        history = _checked(client.get(f"/api/v1/schedules/{schedule_id}/history"))
+    out.print_json(data={**item, "history": history})
+
+
+@schedule_app.command("occurrences")
+def schedule_occurrences(
+    schedule_id: str,
+    start: Annotated[str, typer.Option("--from", help="ISO time with offset, e.g. 2026-12-01T00:00+07:00")],
+    end: Annotated[str, typer.Option("--to", help="ISO time with offset")],
+    api: ApiOption = None,
+    token: TokenOption = None,
+) -> None:
+    with _client(api, token) as client:
+        items = _checked(
+            client.get(f"/api/v1/schedules/{schedule_id}/occurrences", params={"start": start, "end": end})
+        )
+    for item in items:
+        typer.echo(f"{item['start_local']}  ({item['start_utc']})")
 
 
 # -- simulators --------------------------------------------------------------------------------

@@ -79,3 +79,63 @@ def test_cli_errors_name_the_field(controller: ControllerHandle, tmp_path: Path)
     wrong_role = controller.cli("apikey", "create", "--name", "x", "--role", "mayor")
     assert wrong_role.returncode == 2
     assert "role" in wrong_role.stderr
+
+
+def test_cli_schedules_add_list_show_occurrences_and_clash(controller: ControllerHandle, tmp_path: Path):
+    from tests.support.scenario import seed, upload
+
+    seed(controller)
+    media_id = upload(controller, 0.5)
+    api = ["--api", controller.base_url, "--token", controller.token]
+    added = controller.cli(
+        "schedule",
+        "add",
+        "--name",
+        "Bản tin chiều",
+        "--start",
+        "2030-01-07T17:30",
+        "--rrule",
+        "FREQ=WEEKLY;BYDAY=MO,TU,WE,TH,FR,SA",
+        "--area",
+        "hn.a",
+        "--media-id",
+        media_id,
+        *api,
+    )
+    assert added.returncode == 0, added.stderr
+    schedule_id = added.stdout.strip().splitlines()[-1]
+    listed = controller.cli("schedule", "list", *api)
+    assert "Bản tin chiều" in listed.stdout
+    shown = controller.cli("schedule", "show", schedule_id, *api)
+    assert '"rrule": "FREQ=WEEKLY;BYDAY=MO,TU,WE,TH,FR,SA"' in shown.stdout
+    occurrences = controller.cli(
+        "schedule",
+        "occurrences",
+        schedule_id,
+        "--from",
+        "2030-01-07T00:00+07:00",
+        "--to",
+        "2030-01-09T00:00+07:00",
+        *api,
+    )
+    assert occurrences.stdout.splitlines() == [
+        "2030-01-07T17:30:00+07:00  (2030-01-07T10:30:00Z)",
+        "2030-01-08T17:30:00+07:00  (2030-01-08T10:30:00Z)",
+    ]
+    bad = controller.cli(
+        "schedule",
+        "add",
+        "--name",
+        "Sai",
+        "--start",
+        "2030-01-07T17:30",
+        "--rrule",
+        "FREQ=WEEKLY;BYDAY=XX",
+        "--area",
+        "hn.a",
+        "--media-id",
+        media_id,
+        *api,
+    )
+    assert bad.returncode == 1
+    assert "rrule.BYDAY" in bad.stderr

@@ -153,7 +153,7 @@ class ControllerHandle(_Supervised):
     def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
             [sys.executable, "-m", "controller", *args],
-            env=self.env(),
+            env={**self.env(), "COLUMNS": "250"},  # rich tables: wide enough not to wrap names
             capture_output=True,
             text=True,
             timeout=120,
