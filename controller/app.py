@@ -102,6 +102,7 @@ class Runtime:
             media_base_url=self.settings.http.base_url(),
             default_expiry_s=self.settings.dispatch.default_expiry_s,
         )
+        self.tracker.on_ended = self._broadcasts.delivery_ended
         self.schedule_runner = ScheduleRunner(
             self.engine, self._broadcasts, self.settings.schedules, self.clock
         )

@@ -92,16 +92,55 @@ def test_an_offline_speaker_never_plays_an_expired_command(
     assert [p for p in plays if p.get("broadcast_id") == fresh["id"] and p["event"] == "completed"]
 
 
-def test_an_emergency_preempts_a_normal_broadcast(controller: ControllerHandle, fleet: FleetHandle):
+def test_an_emergency_preempts_and_the_notice_plays_again_afterwards(
+    controller: ControllerHandle, fleet: FleetHandle
+):
     seed(controller)
-    long_notice = upload(controller, 120.0)
+    long_notice = upload(controller, 60.0)  # 3 s at the fleet's 20× speed
     alarm = upload(controller, 1.0)
     with EventWatcher(controller) as watcher:
         normal = send(controller, long_notice, targets={"areas": ["hn.a.t1"]})
         watcher.wait_for(all_in(str(normal["id"]), 2, "playing"), what="the normal notice playing")
         emergency = send(controller, alarm, targets={"areas": ["hn.a.t1"]}, priority="emergency")
         watcher.wait_for(all_ended(str(emergency["id"]), 2, "completed"), what="the emergency completed")
+
+        def resumed_and_completed(events: list[dict[str, object]]) -> bool:
+            ended = [e for e in events if e.get("broadcast_id") == normal["id"] and e["state"] == "completed"]
+            return len(ended) == 2
+
+        watcher.wait_for(resumed_and_completed, what="the notice played again to the end")
+    with controller.client() as client:
+        detail = client.get(f"/api/v1/broadcasts/{normal['id']}").json()
+    by_device: dict[str, list[dict[str, object]]] = {}
+    for delivery in detail["deliveries"]:
+        by_device.setdefault(str(delivery["device_id"]), []).append(delivery)
+    assert set(by_device) == {"spk-a1-1", "spk-a1-2"}
+    for deliveries in by_device.values():
+        first = next(d for d in deliveries if d["resumes"] is None)
+        again = next(d for d in deliveries if d["resumes"] == first["id"])
+        assert first["state"] == "interrupted" and "preempted by" in str(first["detail"])
+        assert again["state"] == "completed"
+    # The device was told to stop (stop first), so it reported `stopped`, never both playing at once.
+    plays = [p for p in fleet.plays() if p["broadcast_id"] == normal["id"]]
+    assert {p["address"] for p in plays if p["event"] == "stopped"} == {"a1-1", "a1-2"}
+
+
+def test_a_preempted_broadcast_with_policy_missed_is_not_played_again(
+    controller: ControllerHandle, fleet: FleetHandle
+):
+    seed(controller)
+    long_notice = upload(controller, 60.0)
+    alarm = upload(controller, 1.0)
+    with EventWatcher(controller) as watcher:
+        normal = send(controller, long_notice, targets={"areas": ["hn.a.t2"]}, on_preempted="missed")
+        watcher.wait_for(all_in(str(normal["id"]), 2, "playing"), what="the normal notice playing")
+        emergency = send(controller, alarm, targets={"areas": ["hn.a.t2"]}, priority="emergency")
+        watcher.wait_for(all_ended(str(emergency["id"]), 2, "completed"), what="the emergency completed")
         watcher.wait_for(all_ended(str(normal["id"]), 2, "interrupted"), what="the notice interrupted")
+    with controller.client() as client:
+        detail = client.get(f"/api/v1/broadcasts/{normal['id']}").json()
+    assert len(detail["deliveries"]) == 2
+    assert all("policy: missed" in str(d["detail"]) for d in detail["deliveries"])
 
 
 def _publish_as(broker: TestBroker, client_id: str, messages: list[tuple[str, bytes]]) -> None:

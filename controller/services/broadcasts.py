@@ -37,6 +37,7 @@ from controller.store.models import (
 )
 
 AUDIO_DEVICE_KINDS = frozenset({"speaker"})
+EMERGENCY_RANK = Priority(PriorityClass.EMERGENCY, 0).rank
 
 
 class BroadcastError(ServiceError):
@@ -53,6 +54,7 @@ class BroadcastRequest:
     expires_at: datetime | None
     mode: str = "live"
     gap_s: float = 0.0
+    on_preempted: str = "resume"
     # (schedule id, planned start) when a schedule fires it: recorded in the same transaction, under a
     # unique key, so that an occurrence becomes a broadcast exactly once.
     occurrence: tuple[str, datetime] | None = None
@@ -130,6 +132,8 @@ class BroadcastService:
         self._media_base_url = media_base_url.rstrip("/")
         self._default_expiry = timedelta(seconds=default_expiry_s)
         self._cancel_lock = asyncio.Lock()
+        self._background: set[asyncio.Task[None]] = set()
+        self._waiting_to_resume: dict[str, list[TrackedDelivery]] = {}
 
     async def create(self, request: BroadcastRequest, principal: Principal) -> AcceptedBroadcast:
         if request.priority.priority_class is PriorityClass.EMERGENCY and not principal.may(
@@ -141,8 +145,139 @@ class BroadcastService:
         accepted, commands, tracked = await asyncio.to_thread(self._accept, request, principal)
         for delivery in tracked:
             self._tracker.track(delivery)
-        self._dispatcher.submit(commands)
+        stops = await self._preempt(request.priority, accepted.id, tracked)
+        self._dispatcher.submit([*stops, *commands])
         return accepted
+
+    async def _preempt(
+        self, priority: Priority, broadcast_id: str, tracked: list[TrackedDelivery]
+    ) -> list[QueuedCommand]:
+        """Stop what plays on these devices when the new broadcast outranks it (DESIGN.md §2)."""
+        victims: list[TrackedDelivery] = []
+        for delivery in tracked:
+            current = self._tracker.playing_on(delivery.device_id)
+            if (
+                current is not None
+                and current.broadcast_id != broadcast_id
+                and priority.takes_device_from(Priority.from_rank(current.rank))
+            ):
+                current.preempted_by = broadcast_id
+                victims.append(current)
+        if not victims:
+            return []
+        return await asyncio.to_thread(self._store_stops, victims, "preempted", self._clock.now())
+
+    def _store_stops(
+        self, deliveries: list[TrackedDelivery], reason: str, now: datetime
+    ) -> list[QueuedCommand]:
+        with Session(self._engine) as session:
+            stops = self._stop_rows(session, deliveries, reason, now)
+            session.commit()
+            return stops
+
+    def delivery_ended(self, delivery: TrackedDelivery) -> None:
+        """Called as any delivery ends: queue a preempted one for replay, or replay what waited on it.
+
+        A preempted delivery is played again (per its broadcast's policy) once the broadcast that took
+        the device has ended there; a delivery the device preempted by itself is replayed at once and
+        the device keeps it waiting (protocol §1.4.1). An emergency that a newer emergency replaced is
+        not replayed: the newer alert supersedes it.
+        """
+        replayable = delivery.on_preempted == "resume" and delivery.rank < EMERGENCY_RANK
+        if delivery.state is DeliveryState.INTERRUPTED and replayable:
+            if delivery.preempted_by is None:
+                self._resume_soon(delivery)
+            else:
+                self._waiting_to_resume.setdefault(delivery.device_id, []).append(delivery)
+        waiting = self._waiting_to_resume.get(delivery.device_id)
+        if waiting:
+            ready = [d for d in waiting if d.preempted_by == delivery.broadcast_id]
+            self._waiting_to_resume[delivery.device_id] = [d for d in waiting if d not in ready]
+            for preempted in ready:
+                self._resume_soon(preempted)
+
+    def _resume_soon(self, delivery: TrackedDelivery) -> None:
+        if delivery.expires_at <= self._clock.now():
+            return
+        task = asyncio.get_running_loop().create_task(self._resume(delivery))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _resume(self, delivery: TrackedDelivery) -> None:
+        resumed = await asyncio.to_thread(self._store_resume, delivery, self._clock.now())
+        if resumed is None:
+            return
+        command, tracked = resumed
+        self._tracker.track(tracked)
+        self._dispatcher.submit([command])
+
+    def _store_resume(
+        self, delivery: TrackedDelivery, now: datetime
+    ) -> tuple[QueuedCommand, TrackedDelivery] | None:
+        with Session(self._engine) as session:
+            original = session.exec(
+                select(OutboxRow).where(
+                    OutboxRow.delivery_id == delivery.delivery_id, OutboxRow.kind == "play"
+                )
+            ).first()
+            address = session.exec(
+                select(DeviceRow.address).where(DeviceRow.id == delivery.device_id)
+            ).first()
+            if original is None or address is None:
+                return None
+            delivery_id, command_id = str(uuid.uuid4()), str(uuid.uuid4())
+            document = {
+                **original.document,
+                "id": command_id,
+                "correlation_id": delivery_id,
+                "issued_at": rfc3339(now),
+            }
+            session.add(
+                DeliveryRow(
+                    id=delivery_id,
+                    broadcast_id=delivery.broadcast_id,
+                    device_id=delivery.device_id,
+                    command_id=command_id,
+                    state=DeliveryState.QUEUED.value,
+                    state_at=now,
+                    resumes_delivery_id=delivery.delivery_id,
+                )
+            )
+            session.flush()
+            session.add(
+                DeliveryEventRow(
+                    delivery_id=delivery_id,
+                    state=DeliveryState.QUEUED.value,
+                    at=now,
+                    source="controller",
+                    detail=f"resumes {delivery.delivery_id}",
+                )
+            )
+            row = OutboxRow(
+                device_id=delivery.device_id,
+                command_id=command_id,
+                delivery_id=delivery_id,
+                kind="play",
+                rank=original.rank,
+                document=document,
+                created_at=now,
+                expires_at=delivery.expires_at,
+            )
+            session.add(row)
+            session.commit()
+            session.refresh(row)
+        tracked = TrackedDelivery(
+            delivery_id=delivery_id,
+            broadcast_id=delivery.broadcast_id,
+            device_id=delivery.device_id,
+            command_id=command_id,
+            state=DeliveryState.QUEUED,
+            expires_at=delivery.expires_at,
+            expected_play_s=delivery.expected_play_s,
+            rank=delivery.rank,
+            on_preempted=delivery.on_preempted,
+        )
+        return QueuedCommand.from_row(row, address), tracked
 
     def _accept(
         self, request: BroadcastRequest, principal: Principal
@@ -205,6 +340,7 @@ class BroadcastService:
                     playlist_tail=[item.id for item in playlist[1:]],
                     gap_s=request.gap_s,
                     planned_play_s=planned_play_s,
+                    on_preempted=request.on_preempted,
                     targets={"areas": list(request.targets.areas), "devices": list(request.targets.devices)},
                     created_by=principal.key_id,
                     created_at=now,
@@ -296,6 +432,8 @@ class BroadcastService:
                 state=DeliveryState.QUEUED,
                 expires_at=expires_at,
                 expected_play_s=planned_play_s,
+                rank=request.priority.rank,
+                on_preempted=request.on_preempted,
             )
             for d in deliveries
         ]
@@ -394,41 +532,47 @@ class BroadcastService:
                     .where(col(OutboxRow.delivery_id).in_(withdrawn), col(OutboxRow.published_at).is_(None))
                     .values(published_at=now)
                 )
-            addresses = dict(
-                session.exec(
-                    select(DeviceRow.id, DeviceRow.address).where(
-                        col(DeviceRow.id).in_([d.device_id for d in reached])
-                    )
-                ).all()
-            )
-            stops = [
-                OutboxRow(
-                    device_id=delivery.device_id,
-                    command_id=(stop_id := str(uuid.uuid4())),
-                    delivery_id=delivery.delivery_id,
-                    kind="stop",
-                    rank=STOP_RANK,
-                    created_at=now,
-                    expires_at=delivery.expires_at,
-                    document={
-                        "v": 1,
-                        "type": "stop",
-                        "id": stop_id,
-                        "correlation_id": delivery.delivery_id,
-                        "device": addresses[delivery.device_id],
-                        "issued_at": rfc3339(now),
-                        "expires_at": rfc3339(delivery.expires_at),
-                        "target": delivery.command_id,
-                        "reason": "cancelled",
-                    },
-                )
-                for delivery in reached
-            ]
-            session.add_all(stops)
+            stops = self._stop_rows(session, reached, "cancelled", now)
             session.commit()
-            for stop in stops:
-                session.refresh(stop)
-            return [QueuedCommand.from_row(stop, addresses[stop.device_id]) for stop in stops]
+            return stops
+
+    def _stop_rows(
+        self, session: Session, deliveries: list[TrackedDelivery], reason: str, now: datetime
+    ) -> list[QueuedCommand]:
+        """Durable stop commands for these deliveries (the caller commits); stops jump every queue."""
+        addresses = dict(
+            session.exec(
+                select(DeviceRow.id, DeviceRow.address).where(
+                    col(DeviceRow.id).in_([d.device_id for d in deliveries])
+                )
+            ).all()
+        )
+        stops = [
+            OutboxRow(
+                device_id=delivery.device_id,
+                command_id=(stop_id := str(uuid.uuid4())),
+                delivery_id=delivery.delivery_id,
+                kind="stop",
+                rank=STOP_RANK,
+                created_at=now,
+                expires_at=delivery.expires_at,
+                document={
+                    "v": 1,
+                    "type": "stop",
+                    "id": stop_id,
+                    "correlation_id": delivery.delivery_id,
+                    "device": addresses[delivery.device_id],
+                    "issued_at": rfc3339(now),
+                    "expires_at": rfc3339(delivery.expires_at),
+                    "target": delivery.command_id,
+                    "reason": reason,
+                },
+            )
+            for delivery in deliveries
+        ]
+        session.add_all(stops)
+        session.flush()
+        return [QueuedCommand.from_row(stop, addresses[stop.device_id]) for stop in stops]
 
     def describe(self, broadcast_id: str, principal: Principal) -> dict[str, Any]:
         with Session(self._engine) as session:
@@ -491,6 +635,7 @@ class BroadcastService:
                     "state": d.state,
                     "detail": d.detail,
                     "played_s": d.played_s,
+                    "resumes": d.resumes_delivery_id,
                     "events": events_of.get(d.id, []),
                 }
                 for d in deliveries

@@ -10,7 +10,7 @@ from sqlalchemy import Engine
 from sqlmodel import Session, select
 
 from controller.domain.clock import Clock
-from controller.domain.deliveries import state_from_report
+from controller.domain.deliveries import DeliveryState, state_from_report
 from controller.services.tracker import DeliveryTracker
 from controller.store.models import DeviceRow
 from drivers.base import CommandReport, DeviceState, InboundEvent, MalformedPayload, TelemetryReading
@@ -117,6 +117,11 @@ class InboundProcessor:
             log.warning("unknown report state", command_id=report.command_id, state=report.state)
             return
         detail = report.detail
+        if state is DeliveryState.CANCELLED and delivery.preempted_by is not None:
+            state = DeliveryState.INTERRUPTED
+            detail = f"preempted by broadcast {delivery.preempted_by}"
+            if delivery.on_preempted != "resume":
+                detail += "; not played again (policy: missed)"
         if report.state == "rejected":
             detail = f"rejected by the device: {report.detail or 'no reason given'}"
         self._tracker.advance(

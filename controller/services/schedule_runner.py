@@ -106,6 +106,7 @@ class ScheduleRunner:
             max_duration_s=spec.max_duration_s,
             expires_at=expires_at,
             gap_s=spec.gap_s,
+            on_preempted=spec.on_preempted,
             occurrence=(row.id, planned_at),
         )
         principal = Principal(

@@ -8,7 +8,7 @@ transaction per flush (every `flush_interval_s`), which keeps 5,000 simultaneous
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
@@ -46,6 +46,10 @@ class TrackedDelivery:
     state: DeliveryState
     expires_at: datetime
     expected_play_s: float
+    rank: int = 0
+    on_preempted: str = "resume"
+    # Set when this controller sent a stop because a higher-ranked broadcast took the device.
+    preempted_by: str | None = None
     playing_since: datetime | None = None
     ended_at: datetime | None = None
     recorded: set[DeliveryState] = field(default_factory=set)
@@ -92,6 +96,8 @@ class DeliveryTracker:
         self._flush_interval_s = flush_interval_s
         self._by_delivery: dict[str, TrackedDelivery] = {}
         self._by_command: dict[str, str] = {}
+        self._playing_on: dict[str, str] = {}
+        self.on_ended: Callable[[TrackedDelivery], None] | None = None
         self._pending = _PendingWrites()
 
     # -- loading -------------------------------------------------------------------------------
@@ -114,11 +120,15 @@ class DeliveryTracker:
                         state=DeliveryState(delivery.state),
                         expires_at=broadcast.expires_at,
                         expected_play_s=broadcast.planned_play_s,
+                        rank=broadcast.rank,
+                        on_preempted=broadcast.on_preempted,
                         playing_since=delivery.state_at if delivery.state == DeliveryState.PLAYING else None,
                     )
                 )
 
     def track(self, delivery: TrackedDelivery) -> None:
+        if delivery.state is DeliveryState.PLAYING:
+            self._playing_on[delivery.device_id] = delivery.delivery_id
         # States up to the current one are already in the log (from the DB, or as `queued` when new).
         delivery.recorded.update(
             s for s in DeliveryState if not s.is_terminal and s.progress <= delivery.state.progress
@@ -183,6 +193,9 @@ class DeliveryTracker:
         delivery.recorded.add(state)
         if state is DeliveryState.PLAYING:
             delivery.playing_since = at
+            self._playing_on[delivery.device_id] = delivery.delivery_id
+        elif state.is_terminal and self._playing_on.get(delivery.device_id) == delivery.delivery_id:
+            del self._playing_on[delivery.device_id]
         self._pending.delivery_updates.append(
             {"b_id": delivery.delivery_id, "b_state": state.value, "b_state_at": at, "b_detail": detail}
         )
@@ -209,7 +222,14 @@ class DeliveryTracker:
         )
         if state.is_terminal:
             delivery.ended_at = at
+        if state.is_terminal and self.on_ended is not None:
+            self.on_ended(delivery)
         return True
+
+    def playing_on(self, device_id: str) -> TrackedDelivery | None:
+        """The delivery the device last reported playing, while it has not ended."""
+        delivery_id = self._playing_on.get(device_id)
+        return self._by_delivery.get(delivery_id) if delivery_id else None
 
     def mark_published(self, outbox_id: int, delivery_id: str | None, at: datetime) -> None:
         self._pending.published.append({"b_id": outbox_id, "b_at": at})

@@ -104,6 +104,8 @@ class BroadcastRow(SQLModel, table=True):
     gap_s: float = Field(default=0.0, sa_column=Column(Float, nullable=False, server_default="0"))
     # Audio length × repeats + gaps, capped by max_duration_s: how long a device should play it.
     planned_play_s: float = Field(default=0.0, sa_column=Column(Float, nullable=False, server_default="0"))
+    # What happens to a delivery another broadcast preempts: play it again afterwards, or record it missed.
+    on_preempted: str = Field(default="resume", max_length=8, sa_column_kwargs={"server_default": "resume"})
     targets: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
     created_by: str | None = Field(default=None, max_length=36)
     created_at: datetime = _utc_column(nullable=False, index=True)
@@ -123,6 +125,8 @@ class DeliveryRow(SQLModel, table=True):
     state_at: datetime = _utc_column(nullable=False)
     detail: str | None = Field(default=None, max_length=500)
     played_s: float | None = None
+    # A delivery that plays a preempted one again (same broadcast, same device) points at it.
+    resumes_delivery_id: str | None = Field(default=None, foreign_key="deliveries.id", max_length=36)
 
 
 class DeliveryEventRow(SQLModel, table=True):

@@ -52,6 +52,9 @@ class BroadcastIn(BaseModel):
     max_duration_s: float = Field(default=600, gt=0, le=4 * 3600)
     expires_at: AwareDatetime | None = None
     mode: Literal["live", "drill"] = "live"
+    on_preempted: Literal["resume", "missed"] = Field(
+        default="resume", description="if a higher priority takes the device: play again afterwards, or not"
+    )
 
 
 class AcceptedOut(BaseModel):
@@ -72,6 +75,7 @@ async def create_broadcast(body: BroadcastIn, runtime: RuntimeDep, principal: Br
             targets=Targets(areas=tuple(body.targets.areas), devices=tuple(body.targets.devices)),
             media_ids=body.content.playlist(),
             gap_s=body.gap_s,
+            on_preempted=body.on_preempted,
             priority=Priority(body.priority, body.sub_priority),
             repeats=body.repeats,
             max_duration_s=body.max_duration_s,
