@@ -1106,8 +1106,7 @@ class SizeRun:
                 f"mqtt://{HOST}:{self.port}",
                 "--username",
                 self.device_account.username,
-                "--password",
-                self.device_account.password,
+                f"--password={self.device_account.password}",  # it may start with "-"
                 "--csv",
                 str(csv_path),
                 "--speed",

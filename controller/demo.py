@@ -53,7 +53,30 @@ async def _seed(client: httpx.AsyncClient) -> str:
     )
     tone.raise_for_status()
     media_id: str = tone.json()["id"]
+    await _seed_programme(client, media_id)
     return media_id
+
+
+async def _seed_programme(client: httpx.AsyncClient, media_id: str) -> None:
+    """Each ward's morning and evening bulletins, Monday to Saturday (created once)."""
+    existing = {s["name"] for s in (await client.get("/api/v1/schedules")).json()}
+    wards = [a for a in (await client.get("/api/v1/areas")).json() if a["kind"] in {"ward", "commune"}]
+    for ward in wards:
+        for label, at in (("Bản tin sáng", "06:00"), ("Bản tin chiều", "17:30")):
+            name = f"{label} — {ward['name']}"
+            if name in existing:
+                continue
+            response = await client.post(
+                "/api/v1/schedules",
+                json={
+                    "name": name,
+                    "targets": {"areas": [ward["code"]]},
+                    "content": {"media_ids": [media_id]},
+                    "dtstart": f"2026-01-05T{at}",
+                    "rrule": "FREQ=WEEKLY;BYDAY=MO,TU,WE,TH,FR,SA",
+                },
+            )
+            response.raise_for_status()
 
 
 async def run_demo(settings: Settings, *, speed: float, state_file: Path) -> None:
@@ -116,8 +139,8 @@ async def _start_fleet(
         broker_url,
         "--username",
         DEVICE_ACCOUNT,
-        "--password",
-        accounts[DEVICE_ACCOUNT].password,
+        # `--password=…`: a generated password may start with "-", which argparse would take for an option.
+        f"--password={accounts[DEVICE_ACCOUNT].password}",
         "--from-api",
         base_url,
         "--token",

@@ -120,8 +120,7 @@ async def _start_cli(mosquitto: TestBroker, *options: str) -> asyncio.subprocess
         mosquitto.url,
         "--username",
         mosquitto.device.username,
-        "--password",
-        mosquitto.device.password,
+        f"--password={mosquitto.device.password}",  # it may start with "-"
         *options,
         cwd=REPO_ROOT,
         stdout=asyncio.subprocess.PIPE,

@@ -205,8 +205,7 @@ class FleetHandle(_Supervised):
                 self.broker.url,
                 "--username",
                 self.broker.device.username,
-                "--password",
-                self.broker.device.password,
+                f"--password={self.broker.device.password}",  # it may start with "-"
                 "--csv",
                 str(csv_path),
                 "--speed",
