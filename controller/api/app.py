@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 from fastapi import FastAPI
 
 from controller.api.errors import install_error_handlers
-from controller.api.routes import areas, broadcasts, devices, media, schedules, system
+from controller.api.routes import areas, broadcasts, calendar, devices, media, reports, schedules, system
 
 if TYPE_CHECKING:
     from controller.app import Runtime
@@ -36,6 +36,6 @@ def create_app(runtime: Runtime, *, manage_runtime: bool = True) -> FastAPI:
     )
     app.state.runtime = runtime
     install_error_handlers(app)
-    for module in (areas, devices, media, broadcasts, schedules, system):
+    for module in (areas, devices, media, broadcasts, schedules, reports, calendar, system):
         app.include_router(module.router)
     return app

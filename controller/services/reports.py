@@ -62,7 +62,7 @@ import csv
 import io
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, fields
-from datetime import datetime, timedelta, tzinfo
+from datetime import UTC, datetime, timedelta, tzinfo
 from typing import Any
 
 from sqlalchemy import Connection, Engine, case, func, select
@@ -90,6 +90,7 @@ from controller.store.models import (
 WARD_KINDS = frozenset({"ward", "commune"})
 MAX_WINDOW = timedelta(days=366)
 BOM = "\ufeff"
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _OCCURRENCE_NOT_FIRED = ("missed", "failed")
 _STATE_BUCKET = {
     DeliveryState.COMPLETED: "played_ok",
@@ -193,7 +194,7 @@ class PlaysReport:
         }
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class LogEntry:
     delivery_id: str | None
     broadcast_id: str | None
@@ -218,8 +219,9 @@ class LogEntry:
 
     @property
     def sort_key(self) -> tuple[datetime, str, str, datetime]:
-        moment = self.queued_at or self.planned_at
-        assert moment is not None  # noqa: S101  (a delivery has a queued event, an occurrence a plan)
+        # A delivery has its queued time, a missed occurrence its planned one; a scheduled broadcast
+        # sorts by its plan so that a late catch-up still sits where the programme had it.
+        moment = self.queued_at or self.planned_at or _EPOCH
         return (self.planned_at or moment, self.broadcast_id or "", self.device_id, moment)
 
     def values(self, render_time: Any) -> dict[str, Any]:
@@ -514,11 +516,15 @@ class ReportService:
                 col(BroadcastRow.sub_priority),
                 col(BroadcastRow.mode),
                 col(BroadcastRow.planned_play_s),
-                col(BroadcastRow.created_at),
                 col(OccurrenceRow.planned_at),
                 col(ScheduleRow.id),
                 col(ScheduleRow.name),
-                first_event(DeliveryState.QUEUED),
+                # An accepted delivery is queued as its broadcast is created; only a resume has its own
+                # time (CASE evaluates the subquery for those rows only, on both databases).
+                case(
+                    (col(DeliveryRow.resumes_delivery_id).is_(None), col(BroadcastRow.created_at)),
+                    else_=first_event(DeliveryState.QUEUED),
+                ),
                 first_event(DeliveryState.PLAYING),
             )
             .join(BroadcastRow, col(BroadcastRow.id) == col(DeliveryRow.broadcast_id))
@@ -545,7 +551,6 @@ class ReportService:
                 sub_priority,
                 mode,
                 planned_play_s,
-                created_at,
                 planned_at,
                 schedule_id,
                 schedule_name,
@@ -572,7 +577,7 @@ class ReportService:
                     sub_priority=sub_priority,
                     mode=mode,
                     planned_at=planned_at,
-                    queued_at=queued_at or created_at,
+                    queued_at=queued_at,
                     started_at=started_at,
                     ended_at=state_at if terminal else None,
                     state=state,
@@ -599,10 +604,13 @@ class ReportService:
             return []
         entries = load_device_entries(session)
         media_ids = {media_id for _, schedule in rows for media_id in schedule.media_ids}
-        durations = dict(
-            session.connection().execute(
+        durations: dict[str, float] = dict(
+            session.connection()
+            .execute(
                 select(col(MediaRow.id), col(MediaRow.duration_s)).where(col(MediaRow.id).in_(media_ids))
             )
+            .tuples()
+            .all()
         )
         reached: dict[str, tuple[list[str], float]] = {}
         result: list[_NotFired] = []
@@ -658,29 +666,42 @@ def _cell(value: Any) -> Any:
     return value
 
 
-def _csv_bytes(header: Sequence[str], rows: Iterable[dict[str, Any]]) -> bytes:
+def _csv_bytes(header: Sequence[str], rows: Iterable[dict[str, Any]], text: frozenset[str]) -> bytes:
+    """`text` names the free-text columns (names, details) that could smuggle a formula in."""
     buffer = io.StringIO()
     buffer.write(BOM)
-    writer = csv.writer(buffer, lineterminator="\r\n")
+    writer = csv.writer(buffer, lineterminator="\r\n")  # writes None as an empty cell
     writer.writerow(header)
-    writer.writerows([_cell(row[name]) for name in header] for row in rows)
+    guarded = [name in text for name in header]
+    writer.writerows(
+        [_cell(row[name]) if guard else row[name] for name, guard in zip(header, guarded, strict=True)]
+        for row in rows
+    )
     return buffer.getvalue().encode("utf-8")
 
 
 _COUNT_COLUMNS = (*TOTAL_FIELDS, "played_percent")
 PLAYS_DEVICE_COLUMNS = ("device_id", "name", "area", "area_name", "ward", "ward_name", *_COUNT_COLUMNS)
 PLAYS_WARD_COLUMNS = ("code", "name", "kind", "devices", *_COUNT_COLUMNS)
+_TEXT_COLUMNS = frozenset({"name", "area_name", "ward_name", "device_name", "schedule_name", "detail"})
 
 
 def plays_csv(report: PlaysReport, *, level: str) -> bytes:
     """One row per device (`level="device"`) or per ward (`level="ward"`)."""
     if level == "ward":
-        return _csv_bytes(PLAYS_WARD_COLUMNS, (ward.as_dict() for ward in report.wards))
-    return _csv_bytes(PLAYS_DEVICE_COLUMNS, (device.as_dict() for device in report.devices))
+        return _csv_bytes(PLAYS_WARD_COLUMNS, (ward.as_dict() for ward in report.wards), _TEXT_COLUMNS)
+    return _csv_bytes(PLAYS_DEVICE_COLUMNS, (device.as_dict() for device in report.devices), _TEXT_COLUMNS)
 
 
 def log_csv(log: PlayLog, zone: tzinfo) -> bytes:
-    def local(moment: datetime | None) -> str | None:
-        return moment.astimezone(zone).isoformat(timespec="seconds") if moment is not None else None
+    rendered: dict[datetime, str] = {}  # a broadcast's deliveries share their queued and planned times
 
-    return _csv_bytes(LOG_COLUMNS, (entry.values(local) for entry in log.entries))
+    def local(moment: datetime | None) -> str | None:
+        if moment is None:
+            return None
+        text = rendered.get(moment)
+        if text is None:
+            text = rendered[moment] = moment.astimezone(zone).isoformat(timespec="seconds")
+        return text
+
+    return _csv_bytes(LOG_COLUMNS, (entry.values(local) for entry in log.entries), _TEXT_COLUMNS)

@@ -207,6 +207,6 @@ class OccurrenceRow(SQLModel, table=True):
     schedule_id: str = Field(foreign_key="schedules.id", index=True, max_length=36)
     planned_at: datetime = _utc_column(nullable=False, index=True)
     outcome: str = Field(max_length=16)
-    broadcast_id: str | None = Field(default=None, foreign_key="broadcasts.id", max_length=36)
+    broadcast_id: str | None = Field(default=None, foreign_key="broadcasts.id", index=True, max_length=36)
     recorded_at: datetime = _utc_column(nullable=False)
     detail: str | None = Field(default=None, max_length=500)

@@ -6,12 +6,12 @@ The definitions of every count and column are in `controller/services/reports.py
 from __future__ import annotations
 
 import asyncio
+import json
 from datetime import datetime
 from typing import Annotated, Any, Literal
 from zoneinfo import ZoneInfo
 
 from fastapi import APIRouter, Header, Query, Response
-from fastapi.responses import JSONResponse
 from pydantic import AwareDatetime
 
 from controller.api.deps import Reader, RuntimeDep
@@ -41,6 +41,10 @@ def _wants_csv(fmt: str | None, accept: str | None) -> bool:
     if fmt is not None:
         return fmt == "csv"
     return accept is not None and "text/csv" in accept.lower()
+
+
+def _json_response(document: dict[str, Any]) -> Response:
+    return Response(content=json.dumps(document, ensure_ascii=False), media_type="application/json")
 
 
 def _csv_response(body: bytes, kind: str, area: str, start: datetime, end: datetime) -> Response:
@@ -74,7 +78,7 @@ async def plays_report(
     report = await asyncio.to_thread(service.plays, area, *window, principal)
     if _wants_csv(fmt, accept):
         return _csv_response(plays_csv(report, level=level), f"plays-{level}", area, *window)
-    return JSONResponse(report.as_dict())
+    return _json_response(report.as_dict())
 
 
 @router.get("/plays/log", responses=_CSV_RESPONSE)
@@ -96,4 +100,5 @@ async def plays_log(
         zone = ZoneInfo(runtime.settings.timezone)
         body = await asyncio.to_thread(log_csv, log, zone)
         return _csv_response(body, "broadcast-log", area, *window)
-    return JSONResponse(await asyncio.to_thread(log.as_dict))
+    # Tens of thousands of rows: render off the event loop.
+    return await asyncio.to_thread(lambda: _json_response(log.as_dict()))

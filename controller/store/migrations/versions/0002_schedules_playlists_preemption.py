@@ -68,6 +68,7 @@ def upgrade() -> None:
         sa.UniqueConstraint("schedule_id", "planned_at", name="uq_occurrences_schedule_planned"),
     )
     with op.batch_alter_table("occurrences", schema=None) as batch_op:
+        batch_op.create_index(batch_op.f("ix_occurrences_broadcast_id"), ["broadcast_id"], unique=False)
         batch_op.create_index(batch_op.f("ix_occurrences_planned_at"), ["planned_at"], unique=False)
         batch_op.create_index(batch_op.f("ix_occurrences_schedule_id"), ["schedule_id"], unique=False)
 
@@ -106,6 +107,7 @@ def downgrade() -> None:
     with op.batch_alter_table("occurrences", schema=None) as batch_op:
         batch_op.drop_index(batch_op.f("ix_occurrences_schedule_id"))
         batch_op.drop_index(batch_op.f("ix_occurrences_planned_at"))
+        batch_op.drop_index(batch_op.f("ix_occurrences_broadcast_id"))
 
     op.drop_table("occurrences")
     with op.batch_alter_table("schedules", schema=None) as batch_op:
