@@ -4,8 +4,8 @@ PYTHON ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
-APT_PACKAGES_RUN := mosquitto
-APT_PACKAGES_TEST := mosquitto
+APT_PACKAGES_RUN := mosquitto espeak-ng
+APT_PACKAGES_TEST := mosquitto espeak-ng
 
 .PHONY: run test lint typecheck unit venv system-deps-run system-deps-test bench clean
 

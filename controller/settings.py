@@ -132,6 +132,20 @@ class SchedulesSettings(_Section):
     grace_s: GraceSettings = GraceSettings()
 
 
+class TtsSettings(_Section):
+    """Text-to-speech for `content.tts`: espeak-ng with one of its Vietnamese voices."""
+
+    voice: str = Field(
+        default="vi",
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9_+-]*$",
+        description="espeak-ng voice: vi (Northern), vi-vn-x-central, vi-vn-x-south",
+    )
+    speed_wpm: Annotated[int, Field(ge=80, le=450)] = 150
+    pitch: Annotated[int, Field(ge=0, le=99)] = 50
+    binary: str = Field(default="espeak-ng", min_length=1, description="command name or absolute path")
+    max_chars: Annotated[int, Field(ge=1, le=100_000)] = 5000
+
+
 class LoggingSettings(_Section):
     level: Literal["debug", "info", "warning", "error"] = "info"
     format: Literal["console", "json"] = "console"
@@ -152,6 +166,7 @@ class Settings(BaseSettings):
     media: MediaSettings = MediaSettings()
     dispatch: DispatchSettings = DispatchSettings()
     schedules: SchedulesSettings = SchedulesSettings()
+    tts: TtsSettings = TtsSettings()
     logging: LoggingSettings = LoggingSettings()
     data_dir: Path = Path("var")
 

@@ -73,7 +73,7 @@ def test_a_weekly_programme_and_its_occurrences(api: ControllerHandle):
         ({"content": {"media_ids": ["nope"]}}, "content.media_ids[0]"),
         ({"targets": {"areas": ["nowhere"]}}, "targets.areas[0]"),
         ({"rrule": "FREQ=MONTHLY;BYMONTHDAY=31;BYMONTH=2"}, "rrule"),
-        ({"content": {"tts": "Xin chào"}}, "content.tts"),
+        ({"content": {"tts": "  \n "}}, "content.tts"),
     ],
 )
 def test_bad_schedules_name_the_field_and_store_nothing(
@@ -87,6 +87,22 @@ def test_bad_schedules_name_the_field_and_store_nothing(
     assert response.json()["field"].startswith(field), response.json()
     with api.client() as client:
         assert client.get("/api/v1/schedules").json() == before
+
+
+def test_a_schedule_spoken_by_text_to_speech(api: ControllerHandle):
+    media_id = upload(api, 0.5)
+    created = schedule(api, media_id, name="Loa tự đọc", dtstart="2030-02-04T06:00")
+    assert created.status_code == 201, created.text
+    schedule_id = created.json()["id"]
+    text = "Xin chào bà con. Chiều nay 5 giờ, phường phun thuốc diệt muỗi."
+    with api.client() as client:
+        patched = client.patch(f"/api/v1/schedules/{schedule_id}", json={"content": {"tts": text}})
+        assert patched.status_code == 200, patched.text
+        (spoken_id,) = client.get(f"/api/v1/schedules/{schedule_id}").json()["content"]["media_ids"]
+        assert spoken_id != media_id
+        spoken = client.get(f"/api/v1/media/{spoken_id}").json()
+        assert spoken["content_type"] == "audio/wav" and spoken["duration_s"] > 1.0, spoken
+        assert client.delete(f"/api/v1/schedules/{schedule_id}").status_code == 204
 
 
 def test_a_window_too_large_is_refused(api: ControllerHandle):

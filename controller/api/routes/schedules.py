@@ -2,18 +2,23 @@ from __future__ import annotations
 
 import asyncio
 from datetime import datetime
-from typing import Annotated, Any, Literal, Self
+from typing import TYPE_CHECKING, Annotated, Any, Literal, Self
 
 from fastapi import APIRouter, Query, Response, status
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, model_validator
 
 from controller.api.deps import Broadcaster, Reader, RuntimeDep
-from controller.api.errors import ApiError
 from controller.api.routes.broadcasts import TargetsIn
+from controller.api.routes.media import _record as record_media
 from controller.domain.planner import Targets
 from controller.domain.priority import SUB_PRIORITY_MAX, Priority, PriorityClass
+from controller.services.media import StoredMedia
 from controller.services.schedules import ScheduleSpec
+from controller.services.tts import SpeechSynthesizer, speech_media_id
 from schedules.conflicts import Resolution
+
+if TYPE_CHECKING:
+    from controller.app import Runtime
 
 router = APIRouter(tags=["schedules"])
 
@@ -75,23 +80,29 @@ class SchedulePatch(BaseModel):
     resolution: Resolution = Resolution.NONE
 
 
-def _media_ids(content: ScheduleContentIn) -> tuple[str, ...]:
-    if content.tts is not None:
-        raise ApiError(
-            422,
-            "invalid",
-            "content.tts",
-            "text-to-speech is not available yet; upload the audio "
-            "with POST /api/v1/media and give its id in content.media_ids",
-        )
-    return tuple(content.media_ids or ())
+async def _media_ids(content: ScheduleContentIn, runtime: Runtime) -> tuple[str, ...]:
+    """The media to play; a `tts` text is spoken by espeak-ng and stored as media (once per text)."""
+    if content.tts is None:
+        return tuple(content.media_ids or ())
+
+    def record(stored: StoredMedia) -> str:
+        row, _created = record_media(runtime, stored)
+        return row.id
+
+    media_id = await speech_media_id(
+        content.tts,
+        synthesizer=SpeechSynthesizer(runtime.settings.tts),
+        store=runtime.media_store,
+        record=record,
+    )
+    return (media_id,)
 
 
-def _spec(body: ScheduleIn, default_timezone: str) -> ScheduleSpec:
+def _spec(body: ScheduleIn, default_timezone: str, media_ids: tuple[str, ...]) -> ScheduleSpec:
     return ScheduleSpec(
         name=body.name,
         targets=Targets(areas=tuple(body.targets.areas), devices=tuple(body.targets.devices)),
-        media_ids=_media_ids(body.content),
+        media_ids=media_ids,
         priority=Priority(body.priority, body.sub_priority),
         repeats=body.repeats,
         gap_s=body.gap_s,
@@ -106,7 +117,7 @@ def _spec(body: ScheduleIn, default_timezone: str) -> ScheduleSpec:
     )
 
 
-def _changes(body: SchedulePatch) -> dict[str, Any]:
+def _changes(body: SchedulePatch, media_ids: tuple[str, ...]) -> dict[str, Any]:
     """The patched fields as ScheduleSpec fields; priority is merged by the caller."""
     given = body.model_dump(exclude_unset=True, exclude={"resolution"})
     changes: dict[str, Any] = {}
@@ -114,7 +125,7 @@ def _changes(body: SchedulePatch) -> dict[str, Any]:
         if key == "targets":
             changes["targets"] = Targets(areas=tuple(value["areas"]), devices=tuple(value["devices"]))
         elif key == "content":
-            changes["media_ids"] = _media_ids(body.content) if body.content is not None else ()
+            changes["media_ids"] = media_ids
         elif key == "exdates":
             changes["exdates"] = tuple(value)
         elif key not in {"priority", "sub_priority"}:
@@ -124,7 +135,7 @@ def _changes(body: SchedulePatch) -> dict[str, Any]:
 
 @router.post("/api/v1/schedules", status_code=status.HTTP_201_CREATED)
 async def create_schedule(body: ScheduleIn, runtime: RuntimeDep, principal: Broadcaster) -> dict[str, Any]:
-    spec = _spec(body, runtime.settings.timezone)
+    spec = _spec(body, runtime.settings.timezone, await _media_ids(body.content, runtime))
     result: dict[str, Any] = await asyncio.to_thread(
         runtime.schedules.create, spec, principal, body.resolution
     )
@@ -148,7 +159,8 @@ async def get_schedule(schedule_id: str, runtime: RuntimeDep, principal: Reader)
 async def patch_schedule(
     schedule_id: str, body: SchedulePatch, runtime: RuntimeDep, principal: Broadcaster
 ) -> dict[str, Any]:
-    changes = _changes(body)
+    media_ids = await _media_ids(body.content, runtime) if body.content is not None else ()
+    changes = _changes(body, media_ids)
     if body.priority is not None or body.sub_priority is not None:
         current = await asyncio.to_thread(runtime.schedules.describe, schedule_id, principal)
         changes["priority"] = Priority(
