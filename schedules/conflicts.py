@@ -6,17 +6,27 @@ which pairs overlap and whether the request said how to settle them (DESIGN.md Â
 - different priorities clash unless the request accepts that the higher one preempts the lower;
 - two `priority` items of one ward may be settled by the staff's explicit order;
 - two `normal` items at the same priority always clash: the ward picks another slot.
+
+`DayWindows` and `utc_seconds_of_day` let a caller skip expanding a stored schedule whose starts cannot
+come near the new schedule's intervals: a necessary condition on the time of day, never a verdict.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import functools
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from enum import StrEnum
+from zoneinfo import ZoneInfo
+
+from schedules.recurrence import ScheduleTime
 
 MAX_REPORTED_TIMES = 10
 MAX_REPORTED_DEVICES = 20
+DAY_S = 86_400
+# Widens every window on each side, so that floating-point rounding can only let more through.
+_MARGIN_S = 0.01
 
 
 class Resolution(StrEnum):
@@ -126,3 +136,73 @@ def find_conflicts(
         )
         (report.clashes if why else report.settled).append(clash)
     return report
+
+
+# -- a quick necessary condition on the time of day -----------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class DayWindows:
+    """Where in the UTC day a schedule's intervals lie: (second of the day it starts, length) pairs.
+
+    A daily rule's 60 intervals are one pair. `may_overlap` is False only when no interval of `length_s`
+    starting at any of the given seconds of any day can overlap one of them.
+    """
+
+    spans: frozenset[tuple[float, float]]
+
+    @classmethod
+    def of(cls, intervals: Iterable[Interval]) -> DayWindows:
+        return cls(
+            frozenset(
+                (interval.start.timestamp() % DAY_S, (interval.end - interval.start).total_seconds())
+                for interval in intervals
+            )
+        )
+
+    def may_overlap(self, seconds_of_day: Iterable[float], length_s: float) -> bool:
+        seconds = tuple(seconds_of_day)
+        for start, length in self.spans:
+            # [s, s + length_s) meets [start, start + length) iff s is in (start - length_s, start + length).
+            reach = length + length_s + 2 * _MARGIN_S
+            if reach >= DAY_S:
+                return True
+            opens = start - length_s - _MARGIN_S
+            if any((second - opens) % DAY_S <= reach for second in seconds):
+                return True
+        return False
+
+
+def utc_seconds_of_day(timing: ScheduleTime, start: datetime, end: datetime) -> frozenset[float]:
+    """Every second of the UTC day at which `timing` can start an occurrence between `start` and `end`.
+
+    Its wall times are DTSTART's, or the BYHOUR Ã— BYMINUTE combinations at DTSTART's second (as
+    schedules.recurrence produces them); each becomes an instant at one of the UTC offsets its zone uses
+    around the window (a wall time in a DST gap is read with the offset before the gap, also one of them).
+    """
+    dtstart = timing.dtstart
+    rule = timing.rule
+    hours = (rule.by_hour or (dtstart.hour,)) if rule is not None else (dtstart.hour,)
+    minutes = (rule.by_minute or (dtstart.minute,)) if rule is not None else (dtstart.minute,)
+    walls = [hour * 3600 + minute * 60 + dtstart.second for hour in hours for minute in minutes]
+    offsets = _utc_offsets(
+        timing.zone, _hour_floor(start) - timedelta(days=2), _hour_floor(end) + timedelta(days=3)
+    )
+    return frozenset((wall - offset) % DAY_S for wall in walls for offset in offsets)
+
+
+def _hour_floor(moment: datetime) -> datetime:
+    return moment.astimezone(UTC).replace(minute=0, second=0, microsecond=0)
+
+
+@functools.lru_cache(maxsize=256)
+def _utc_offsets(zone: ZoneInfo, start: datetime, end: datetime) -> frozenset[float]:
+    """The UTC offsets (seconds) `zone` uses from `start` to `end`, sampled hourly (tzdata has no offset
+    that lasts less than an hour)."""
+    found: set[float] = set()
+    moment = start
+    while moment <= end:
+        offset = moment.astimezone(zone).utcoffset()
+        found.add(offset.total_seconds() if offset is not None else 0.0)
+        moment += timedelta(hours=1)
+    return frozenset(found)

@@ -4,7 +4,16 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from schedules.conflicts import Interval, PlannedSchedule, Resolution, find_conflicts, overlapping
+from schedules.conflicts import (
+    DayWindows,
+    Interval,
+    PlannedSchedule,
+    Resolution,
+    find_conflicts,
+    overlapping,
+    utc_seconds_of_day,
+)
+from schedules.recurrence import ScheduleTime, expand, validate_schedule_time
 
 T0 = datetime(2026, 12, 1, 6, 0, tzinfo=UTC)
 
@@ -102,3 +111,44 @@ def test_overlapping_agrees_with_brute_force(a, b):
 @pytest.mark.parametrize("cls", ["normal", "priority"])
 def test_a_schedule_never_clashes_with_itself(cls):
     assert not find_conflicts(planned("same", cls), [planned("same", cls)]).blocking
+
+
+# -- the time-of-day prefilter may let too much through, never too little ------------------------------
+
+_ZONES = st.sampled_from(["Asia/Ho_Chi_Minh", "Europe/Berlin", "America/New_York", "UTC"])
+_RULES = st.sampled_from(
+    [
+        None,
+        "FREQ=DAILY",
+        "FREQ=DAILY;INTERVAL=3",
+        "FREQ=WEEKLY;BYDAY=MO,WE,FR",
+        "FREQ=DAILY;BYHOUR=6,17;BYMINUTE=0,30",
+        "FREQ=MONTHLY;BYDAY=-1FR",
+    ]
+)
+# Wall times in the schedule's own zone, naive on purpose (as a DTSTART is written).
+_WALL_TIMES = st.datetimes(
+    min_value=datetime(2026, 1, 1),  # noqa: DTZ001
+    max_value=datetime(2026, 4, 15),  # noqa: DTZ001
+).map(lambda moment: moment.replace(second=0, microsecond=0))
+
+
+@given(_RULES, _WALL_TIMES, _ZONES, _RULES, _WALL_TIMES, _ZONES, st.integers(1, 7200), st.integers(1, 7200))
+def test_day_windows_never_hide_a_real_overlap(
+    rule_a, start_a, zone_a, rule_b, start_b, zone_b, len_a, len_b
+):
+    window_start = datetime(2026, 3, 1, tzinfo=UTC)
+    window_end = window_start + timedelta(days=60)
+
+    def timing(rule: str | None, start: datetime, zone: str) -> ScheduleTime:
+        return validate_schedule_time(rule, start.isoformat(), zone, ())
+
+    def intervals(time: ScheduleTime, length_s: int) -> list[Interval]:
+        starts = expand(time.rule, time.dtstart, start=window_start, end=window_end, exdates=time.exdates)
+        return [Interval(s, s + timedelta(seconds=length_s)) for s in starts]
+
+    a, b = timing(rule_a, start_a, zone_a), timing(rule_b, start_b, zone_b)
+    a_intervals, b_intervals = intervals(a, len_a), intervals(b, len_b)
+    if overlapping(_disjoint(a_intervals), _disjoint(b_intervals)):
+        seconds = utc_seconds_of_day(b, window_start, window_end)
+        assert DayWindows.of(a_intervals).may_overlap(seconds, len_b)
