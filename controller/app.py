@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import secrets
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -16,18 +17,21 @@ from controller.broker import BrokerAccount, ManagedMosquitto
 from controller.domain.areas import AreaTree
 from controller.domain.clock import Clock, SystemClock
 from controller.services.auth import Principal, authenticate
-from controller.services.broadcasts import BroadcastService, load_area_tree
+from controller.services.broadcasts import BroadcastService
+from controller.services.device_programmes import DeviceProgrammes
 from controller.services.dispatcher import Dispatcher
 from controller.services.events import EventBus
 from controller.services.inbound import DeviceDirectory, InboundProcessor
 from controller.services.media import MediaStore
 from controller.services.schedule_runner import ScheduleRunner
 from controller.services.schedules import ScheduleService
+from controller.services.targets import load_area_tree
 from controller.services.tracker import DeliveryTracker
 from controller.settings import Settings
 from controller.store.db import create_db_engine, migrate
 from controller.store.models import DeviceRow
 from drivers.mqtt import MqttDriver
+from drivers.mqtt_codec import schedule_topic
 
 log = structlog.get_logger(__name__)
 
@@ -70,6 +74,7 @@ class Runtime:
         self._inbound: InboundProcessor | None = None
         self.schedules = ScheduleService(self.engine, settings.schedules, now=self.clock.now)
         self.schedule_runner: ScheduleRunner | None = None
+        self.device_programmes: DeviceProgrammes | None = None
 
     # -- lifecycle -----------------------------------------------------------------------------
     async def start(self) -> None:
@@ -106,6 +111,22 @@ class Runtime:
         self.schedule_runner = ScheduleRunner(
             self.engine, self._broadcasts, self.settings.schedules, self.clock
         )
+        driver = self.driver
+
+        async def publish_programme(address: str, document: Mapping[str, Any] | None) -> None:
+            await driver.publish_retained(schedule_topic(address), document, timeout=10.0)
+
+        programmes = self.device_programmes = DeviceProgrammes(
+            self.engine,
+            self.settings.schedules,
+            self.clock,
+            media_base_url=self.settings.http.base_url(),
+            publish=publish_programme,
+        )
+        # A broker restarted without persistence has lost the retained programmes.
+        self.driver.add_link_listener(
+            lambda state: programmes.link_restored() if state == "connected" else None
+        )
         await asyncio.to_thread(self.directory.reload)
         await asyncio.to_thread(self.tracker.load_open_deliveries)
         pending = await asyncio.to_thread(self._dispatcher.load_outbox)
@@ -117,6 +138,7 @@ class Runtime:
         self._tasks = [
             asyncio.create_task(self.tracker.run(), name="tracker"),
             asyncio.create_task(inbound.run(self.driver.events()), name="inbound"),
+            asyncio.create_task(programmes.run(), name="device-programmes"),
         ]
         log.info("controller started", broker=url, database=self.engine.url.render_as_string())
 
@@ -180,6 +202,11 @@ class Runtime:
     async def replan_schedule(self, schedule_id: str) -> None:
         if self.schedule_runner is not None:
             await self.schedule_runner.replan(schedule_id)
+        self.device_programmes_changed()
+
+    def device_programmes_changed(self) -> None:
+        if self.device_programmes is not None:
+            self.device_programmes.changed()
 
     def invalidate_areas(self) -> None:
         self._area_tree = None

@@ -130,6 +130,11 @@ class SchedulesSettings(_Section):
     # After a restart, occurrences this far back that never fired are recorded as missed.
     catch_up_days: Annotated[int, Field(ge=0, le=60)] = 7
     grace_s: GraceSettings = GraceSettings()
+    # The programme each speaker keeps, retained, for when its link drops (docs/protocol.md §1.10).
+    device_programme_hours: Annotated[int, Field(ge=1, le=168)] = 48
+    # Rebuilt this often at the latest (so the window moves on), and shortly after every change.
+    device_programme_refresh_s: Annotated[int, Field(ge=10, le=86_400)] = 900
+    device_programme_debounce_s: Annotated[float, Field(ge=0.05, le=60)] = 1.0
 
 
 class TtsSettings(_Section):

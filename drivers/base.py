@@ -68,6 +68,8 @@ class CommandReport:
     played_s: float | None = None
     truncated: bool = False
     """On `completed`: playback was cut at the command's `max_duration_s` (proof of play needs it)."""
+    offline: bool = False
+    """The device started the command from its cached programme while it had no link (protocol §1.10)."""
 
 
 @dataclass(frozen=True, slots=True)

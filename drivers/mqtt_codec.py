@@ -178,6 +178,9 @@ def _decode_report(address: str, document: dict[str, Any]) -> CommandReport:
     truncated = document.get("truncated", False)
     if type(truncated) is not bool:
         raise _invalid(document, "truncated", "a boolean")
+    offline = document.get("offline", False)
+    if type(offline) is not bool:
+        raise _invalid(document, "offline", "a boolean")
     return CommandReport(
         address=address,
         command_id=_required_text(document, "command_id"),
@@ -187,6 +190,7 @@ def _decode_report(address: str, document: dict[str, Any]) -> CommandReport:
         detail=_optional_text(document, "detail"),
         played_s=played_s,
         truncated=truncated,
+        offline=offline,
     )
 
 

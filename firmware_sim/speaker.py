@@ -3,6 +3,8 @@
 Many speakers share one `SpeakerRuntime` per process: one asyncio loop driving raw paho clients, one
 HTTP connection pool for media, one play log. Each speaker is a small state machine on that loop:
 callbacks and timers, no thread and no task of its own while idle, so thousands fit in a process.
+While its broker link is down a speaker plays its cached programme (§1.10, firmware_sim/programme.py)
+with one timer for the next due item, and keeps its reports in an outbox until it reconnects.
 """
 
 from __future__ import annotations
@@ -13,8 +15,10 @@ import logging
 import random
 import socket
 import zlib
-from collections import OrderedDict
+from collections import OrderedDict, deque
+from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Final, Literal, Self
@@ -31,7 +35,8 @@ from firmware_sim import wire
 from firmware_sim.media import MediaCache, MediaFetcher, MediaFetchError, VerifiedMedia
 from firmware_sim.mqtt_loop import NonBlockingConnectClient, PahoLoopDriver, open_tcp_connection
 from firmware_sim.playlog import PlayLog
-from firmware_sim.wire import Clock, PlayCommand, ReportState, StopCommand, utc_now
+from firmware_sim.programme import Programme, ProgrammeIgnoredError, ProgrammeItem, parse_programme
+from firmware_sim.wire import Clock, MediaRef, PlayCommand, ReportState, StopCommand, utc_now
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +50,11 @@ DEFAULT_HTTP_CONNECTIONS: Final = 8
 MQTT_DEFAULT_PORT: Final = 1883
 _RECONNECT_FIRST_DELAY_S: Final = 0.5
 _RECONNECT_MAX_DELAY_S: Final = 30.0
+# §1.10 asks for at least the latest 10,000 reports made while the link is down.
+OFFLINE_REPORTS_KEPT: Final = 10_000
+# The programme timer wakes at least this often, so a wall clock that jumps (NTP) is noticed within
+# this long even when the next item is hours away.
+_PROGRAMME_MAX_SLEEP_S: Final = 300.0
 
 MqttProtocol = Literal["3.1.1", "5"]
 
@@ -63,6 +73,9 @@ class BrokerSettings:
     keepalive_s: int = 30
     session_expiry_s: int = SESSION_EXPIRY_S
     connect_timeout_s: float = 10.0
+    # Reconnect backoff: doubles from the first delay up to the max (each jittered ×0.5-1.5).
+    reconnect_first_delay_s: float = _RECONNECT_FIRST_DELAY_S
+    reconnect_max_delay_s: float = _RECONNECT_MAX_DELAY_S
 
 
 def parse_mqtt_url(url: str) -> tuple[str, int]:
@@ -156,10 +169,18 @@ class SpeakerRuntime:
         kind: str = "speaker",
         volume: int = DEFAULT_VOLUME,
         rssi_dbm: int | None = None,
+        offline_reports_kept: int = OFFLINE_REPORTS_KEPT,
     ) -> SimulatedSpeaker:
         if address in self.speakers:
             raise ValueError(f"a speaker with address {address!r} already exists in this runtime")
-        speaker = SimulatedSpeaker(self, address, kind=kind, volume=volume, rssi_dbm=rssi_dbm)
+        speaker = SimulatedSpeaker(
+            self,
+            address,
+            kind=kind,
+            volume=volume,
+            rssi_dbm=rssi_dbm,
+            offline_reports_kept=offline_reports_kept,
+        )
         self.speakers[address] = speaker
         return speaker
 
@@ -213,6 +234,8 @@ class _Play:
     started_at: float = 0.0
     planned_s: float = 0.0
     truncated: bool = False
+    # Started from the programme cache while the link was down: every report says `offline` (§1.4).
+    offline: bool = False
 
     @property
     def rank(self) -> int:
@@ -229,6 +252,21 @@ def takes_speaker(
     return challenger_rank >= wire.EMERGENCY_RANK_FLOOR and challenger_arrival > holder_arrival
 
 
+@dataclass(frozen=True, slots=True)
+class ProgrammeStatus:
+    """What a speaker holds of its programme (§1.10), for tests and operators."""
+
+    generated_at: datetime | None
+    item_ids: tuple[str, ...]
+    # Every media item of the held programme was fetched and verified (or found in the cache); false
+    # while prefetching and when a fetch failed (the play path will try again when the item starts).
+    prefetched: bool
+    # `schedule` messages handled so far: taken, cleared or ignored.
+    documents: int
+    # Why the latest ignored document was not taken (naming the member at fault), if any.
+    last_ignored: str | None
+
+
 class SimulatedSpeaker:
     def __init__(
         self,
@@ -239,7 +277,10 @@ class SimulatedSpeaker:
         volume: int = DEFAULT_VOLUME,
         rssi_dbm: int | None = None,
         dedupe_memory: int = DEDUPE_MEMORY,
+        offline_reports_kept: int = OFFLINE_REPORTS_KEPT,
     ) -> None:
+        if offline_reports_kept < 1:
+            raise ValueError("offline_reports_kept must be at least 1")
         if not wire.is_valid_address(address):
             raise ValueError(f"{address!r} is not a device address ({wire.ADDRESS_PATTERN.pattern})")
         self.runtime = runtime
@@ -251,6 +292,7 @@ class SimulatedSpeaker:
         self._cmd_topic = wire.cmd_topic(address)
         self._ack_topic = wire.ack_topic(address)
         self._state_topic = wire.state_topic(address)
+        self._schedule_topic = wire.schedule_topic(address)
         self._dedupe_memory = dedupe_memory
         self._latest_reports: OrderedDict[str, bytes] = OrderedDict()
         self._active: dict[str, _Play] = {}
@@ -264,9 +306,32 @@ class SimulatedSpeaker:
         self._subscribe_mid: int | None = None
         self._stopping = False
         self._reconnect_task: asyncio.Task[None] | None = None
-        self._reconnect_delay_s = _RECONNECT_FIRST_DELAY_S
         self._puback_waiters: dict[int, asyncio.Future[None]] = {}
         self._disconnected: asyncio.Future[None] | None = None
+        self._reconnect_delay_s = runtime.broker.reconnect_first_delay_s
+        # Programme cache (§1.10). The programme, like the dedupe memory and the outbox, survives
+        # `crash()` and `stop()` as a real device's flash would; its one timer runs only while the
+        # speaker is powered and has no broker connection.
+        self._programme: Programme | None = None
+        self._programme_cursor = 0
+        self._programme_timer: asyncio.TimerHandle | None = None
+        self._link_lost_at: datetime | None = None
+        self._prefetch_task: asyncio.Task[None] | None = None
+        self._prefetched = True
+        self._programme_logged: Programme | None = None
+        self._programme_documents = 0
+        self._programme_last_ignored: str | None = None
+        # Reports made while the link is down, published in order on reconnection (§1.10).
+        # Created on the first such report, dropped once flushed: thousands of connected speakers
+        # in a fleet carry no empty deque each.
+        self._outbox: deque[bytes] | None = None
+        self._outbox_limit = offline_reports_kept
+        self._outbox_flush: asyncio.Handle | None = None
+        # Counts the oldest reports the bounded outbox let go; logged on the next flush.
+        self.offline_reports_dropped = 0
+        self._dropped_logged = 0
+        # Futures of `wait_until` callers, woken on every change they might be waiting for.
+        self._watchers: list[asyncio.Future[None]] | None = None
 
     def __repr__(self) -> str:
         return f"SimulatedSpeaker({self.address!r})"
@@ -284,6 +349,46 @@ class SimulatedSpeaker:
     @property
     def connected(self) -> bool:
         return self._client is not None and self._client.is_connected()
+
+    @property
+    def programme(self) -> ProgrammeStatus:
+        programme = self._programme
+        return ProgrammeStatus(
+            generated_at=programme.generated_at if programme is not None else None,
+            item_ids=tuple(item.command.id for item in programme.items) if programme is not None else (),
+            prefetched=self._prefetched,
+            documents=self._programme_documents,
+            last_ignored=self._programme_last_ignored,
+        )
+
+    @property
+    def offline_since(self) -> datetime | None:
+        """When (device clock) the speaker last lost, or powered up without, its broker connection;
+        `None` while connected or off. `comm_loss.after_s` counts from here (§1.10)."""
+        return self._link_lost_at
+
+    @property
+    def offline_reports_pending(self) -> int:
+        """Reports made while the link was down that the broker has not been given yet."""
+        return len(self._outbox) if self._outbox is not None else 0
+
+    async def wait_until(self, predicate: Callable[[SimulatedSpeaker], bool], timeout: float = 10.0) -> None:
+        """Returns once `predicate(self)` holds; it is re-checked whenever the connection, the
+        programme or a command's state changes. Raises `TimeoutError` after `timeout` seconds."""
+        loop = self.runtime.services.loop
+        async with asyncio.timeout(timeout):
+            while not predicate(self):
+                changed = loop.create_future()
+                if self._watchers is None:
+                    self._watchers = []
+                self._watchers.append(changed)
+                await changed
+
+    def _notify_watchers(self) -> None:
+        watchers, self._watchers = self._watchers, None
+        for changed in watchers or ():
+            if not changed.done():
+                changed.set_result(None)
 
     async def start(self, timeout: float | None = None) -> None:
         """Connects, announces itself online and returns once the broker granted its subscription."""
@@ -319,6 +424,9 @@ class SimulatedSpeaker:
         self.runtime.services.driver.attach(client)
         self._client = client
         self._ready = loop.create_future()
+        # Powered up but not connected yet: a programme held from before plays if an item falls due
+        # before the broker answers (a receiver that boots without a link).
+        self._link_down()
         try:
             async with asyncio.timeout(timeout):
                 await self._first_connect(client)
@@ -335,9 +443,11 @@ class SimulatedSpeaker:
             return
         self._stopping = True
         self._cancel_reconnect()
+        self._power_off_programme()
         for play in list(self._active.values()):
             self._finish(play, "failed", detail="the device shut down before the command ended")
         if client.is_connected():
+            self._flush_outbox(client)
             loop = self.runtime.services.loop
             info = client.publish(self._state_topic, wire.OFFLINE_SHUTDOWN, qos=1, retain=True)
             acknowledged = loop.create_future()
@@ -356,25 +466,27 @@ class SimulatedSpeaker:
 
     def crash(self) -> None:
         """Abrupt loss, as a power cut: the TCP connection closes without DISCONNECT, so the broker
-        publishes the Last Will; nothing is reported and nothing reconnects until `start()`."""
+        publishes the Last Will; nothing is reported and nothing reconnects until `start()`.
+        The programme, the dedupe memory and the reports not yet published survive (flash)."""
         if self._client is None:
             return
         self._stopping = True
         self._cancel_reconnect()
+        self._power_off_programme()
         for play in list(self._active.values()):
             self._drop_silently(play)
         self._abandon_client()
 
     def drop_connection(self) -> None:
         """A network blip: the link breaks without DISCONNECT, playback goes on, and the speaker
-        reconnects to its persistent session by itself."""
+        reconnects to its persistent session by itself (playing from its programme meanwhile)."""
         sock = self._client.socket() if self._client is not None else None
         if isinstance(sock, socket.socket):
             sock.shutdown(socket.SHUT_RDWR)
 
     async def _first_connect(self, client: NonBlockingConnectClient) -> None:
         broker = self.runtime.broker
-        delay = _RECONNECT_FIRST_DELAY_S
+        delay = broker.reconnect_first_delay_s
         while True:
             try:
                 client.prepared_socket = await self.runtime.open_broker_connection()
@@ -385,7 +497,7 @@ class SimulatedSpeaker:
                     "%s: cannot reach the broker yet (%s); retrying in %.1f s", self.address, error, delay
                 )
                 await asyncio.sleep(delay)
-                delay = min(delay * 2, _RECONNECT_MAX_DELAY_S)
+                delay = min(delay * 2, broker.reconnect_max_delay_s)
         if broker.protocol == "5":
             properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]  # paho leaves it untyped
             properties.SessionExpiryInterval = broker.session_expiry_s
@@ -396,9 +508,10 @@ class SimulatedSpeaker:
             client.connect(broker.host, broker.port, broker.keepalive_s)
 
     async def _reconnect_forever(self, client: NonBlockingConnectClient) -> None:
+        broker = self.runtime.broker
         while not self._stopping and client is self._client:
             delay = self._reconnect_delay_s * random.uniform(0.5, 1.5)
-            self._reconnect_delay_s = min(self._reconnect_delay_s * 2, _RECONNECT_MAX_DELAY_S)
+            self._reconnect_delay_s = min(self._reconnect_delay_s * 2, broker.reconnect_max_delay_s)
             await asyncio.sleep(delay)
             try:
                 client.prepared_socket = await self.runtime.open_broker_connection()
@@ -415,6 +528,10 @@ class SimulatedSpeaker:
 
     def _abandon_client(self) -> None:
         client, self._client = self._client, None
+        self._power_off_programme()
+        if self._outbox_flush is not None:
+            self._outbox_flush.cancel()
+            self._outbox_flush = None
         if client is not None:
             self.runtime.services.driver.detach(client)
             sock = client.prepared_socket
@@ -443,9 +560,15 @@ class SimulatedSpeaker:
             else:
                 logger.warning("%s", error)
             return
-        self._reconnect_delay_s = _RECONNECT_FIRST_DELAY_S
+        self._reconnect_delay_s = self.runtime.broker.reconnect_first_delay_s
+        # §1.10: never play from the programme while connected; what fell due offline was handled.
+        self._link_up()
         self._publish_state()
-        _, self._subscribe_mid = client.subscribe(self._cmd_topic, qos=1)
+        # paho re-sends its own unacknowledged publishes right after this callback returns; the
+        # outbox (newer than those) goes out just after them, before any newer report (§1.10).
+        if self._outbox is not None and self._outbox_flush is None:
+            self._outbox_flush = self.runtime.services.loop.call_soon(self._flush_outbox, client)
+        _, self._subscribe_mid = client.subscribe([(self._cmd_topic, 1), (self._schedule_topic, 1)])
 
     def _on_subscribe(
         self,
@@ -458,6 +581,14 @@ class SimulatedSpeaker:
         if client is not self._client or mid != self._subscribe_mid:
             return
         ready = self._ready
+        if len(reason_codes) > 1 and reason_codes[1].is_failure:
+            # The device still works live without it, so this does not fail the connection.
+            logger.error(
+                "%s: the broker refused the subscription to %s: %s",
+                self.address,
+                self._schedule_topic,
+                reason_codes[1],
+            )
         if not reason_codes or reason_codes[0].is_failure:
             error = SpeakerConnectError(
                 f"{self.address}: the broker refused the subscription to {self._cmd_topic}"
@@ -502,12 +633,19 @@ class SimulatedSpeaker:
                 )
             return
         logger.info("%s: connection lost (%s); reconnecting", self.address, reason_code)
+        self._link_down()
         self._cancel_reconnect()
         self._reconnect_task = self.runtime.services.loop.create_task(
             self._reconnect_forever(self._client), name=f"reconnect-{self.address}"
         )
 
     def _on_message(self, _client: mqtt.Client, _userdata: Any, message: mqtt.MQTTMessage) -> None:
+        if message.topic == self._schedule_topic:
+            try:
+                self._handle_programme_document(message.payload)
+            except Exception:
+                logger.exception("%s: a programme document could not be handled", self.address)
+            return
         try:
             self._handle_command(message.payload)
         except Exception:
@@ -541,15 +679,15 @@ class SimulatedSpeaker:
         latest = self._latest_reports.get(command_id)
         if latest is not None:
             self._latest_reports.move_to_end(command_id)
-            self._publish(self._ack_topic, latest)
+            self._publish_report(latest)
 
-    def _accept_play(self, command: PlayCommand) -> None:
+    def _accept_play(self, command: PlayCommand, *, offline: bool = False) -> None:
         now = self.runtime.clock()
         if now > command.expires_at:
-            self._report_play(command, "expired", detail="arrived after expires_at")
+            self._report_play(command, "expired", detail="arrived after expires_at", offline=offline)
             return
-        self._report_play(command, "delivered")
-        play = _Play(command, next(self._arrivals))
+        self._report_play(command, "delivered", offline=offline)
+        play = _Play(command, next(self._arrivals), offline=offline)
         self._active[command.id] = play
         loop = self.runtime.services.loop
         play.expiry_timer = loop.call_later(
@@ -644,6 +782,204 @@ class SimulatedSpeaker:
         self._finish(play, "expired", detail="expires_at passed before it could start")
         self._schedule()
 
+    # The programme cache (§1.10)
+
+    def _handle_programme_document(self, payload: bytes | bytearray) -> None:
+        self._programme_documents += 1
+        try:
+            self._take_programme_document(payload)
+        finally:
+            self._notify_watchers()
+
+    def _take_programme_document(self, payload: bytes | bytearray) -> None:
+        try:
+            programme = parse_programme(payload, self.address)
+        except ProgrammeIgnoredError as ignored:
+            self._programme_last_ignored = ignored.detail
+            logger.warning("%s: ignored a programme document: %s", self.address, ignored.detail)
+            return
+        held = self._programme
+        if programme is None:
+            if held is not None:
+                logger.info("%s: programme cleared", self.address)
+            self._replace_programme(None)
+            return
+        if held is not None and not programme.supersedes(held):
+            detail = (
+                f"generated_at: {wire.format_timestamp(programme.generated_at)} is older than the held "
+                f"programme's {wire.format_timestamp(held.generated_at)}"
+            )
+            self._programme_last_ignored = detail
+            logger.info("%s: ignored a programme document: %s", self.address, detail)
+            return
+        if held is not None and programme.digest == held.digest:
+            # The retained copy again (every reconnect): nothing changes, but a prefetch that did
+            # not finish (a shutdown, a failed fetch) gets another chance.
+            self._prefetch_programme()
+            return
+        logger.info(
+            "%s: programme generated at %s taken: %d items",
+            self.address,
+            wire.format_timestamp(programme.generated_at),
+            len(programme.items),
+        )
+        self._replace_programme(programme)
+
+    def _replace_programme(self, programme: Programme | None) -> None:
+        """A new document replaces the old one entirely (§1.10): its timer and prefetch go with it."""
+        self._cancel_prefetch()
+        self._programme = programme
+        self._prefetch_programme()
+        if self._link_lost_at is not None:
+            # Not reachable over MQTT (documents arrive only while connected), but kept consistent:
+            # only items still to come may play.
+            self._programme_cursor = (
+                programme.index_from(max(self._link_lost_at, self.runtime.clock())) if programme else 0
+            )
+            self._arm_programme()
+
+    def _prefetch_programme(self) -> None:
+        """Fetches and verifies every media item the programme names, so that it plays without a
+        link. Media already verified costs no network and no task."""
+        programme = self._programme
+        if programme is None:
+            self._prefetched = True
+            return
+        if self._prefetch_task is not None:
+            return  # already under way for this programme
+        fetcher = self.runtime.services.fetcher
+        missing = [media for media in programme.media() if fetcher.cached(media, self._media_cache) is None]
+        self._prefetched = not missing
+        if not missing:
+            self._log_programme_ready(programme)
+        if missing:
+            self._prefetch_task = self.runtime.services.loop.create_task(
+                self._prefetch(programme, missing), name=f"prefetch-{self.address}"
+            )
+
+    async def _prefetch(self, programme: Programme, missing: list[MediaRef]) -> None:
+        fetcher = self.runtime.services.fetcher
+        results = await asyncio.gather(
+            *(fetcher.fetch(media, self._media_cache) for media in missing), return_exceptions=True
+        )
+        failures = 0
+        for media, result in zip(missing, results, strict=True):
+            if isinstance(result, MediaFetchError):
+                failures += 1
+                logger.warning(
+                    "%s: could not prefetch %s for the programme: %s", self.address, media.url, result.detail
+                )
+            elif isinstance(result, BaseException):
+                failures += 1
+                logger.warning(
+                    "%s: could not prefetch %s for the programme: %r", self.address, media.url, result
+                )
+        if self._programme is programme:
+            self._prefetch_task = None
+            self._prefetched = failures == 0
+            if self._prefetched:
+                self._log_programme_ready(programme)
+            self._notify_watchers()
+
+    def _log_programme_ready(self, programme: Programme) -> None:
+        """Tells the play log that this speaker holds the programme with all its media verified: from
+        here on it can play it without a link."""
+        if programme is self._programme_logged:
+            return
+        self._programme_logged = programme
+        play_log = self.runtime.services.play_log
+        if play_log is not None:
+            play_log.record(
+                {
+                    "address": self.address,
+                    "event": "programme",
+                    "generated_at": wire.format_timestamp(programme.generated_at),
+                    "items": len(programme.items),
+                    "at": wire.format_timestamp(self.runtime.clock()),
+                }
+            )
+
+    def _cancel_prefetch(self) -> None:
+        task, self._prefetch_task = self._prefetch_task, None
+        if task is not None and not task.done():
+            task.cancel()
+
+    def _link_down(self) -> None:
+        """The speaker has no broker connection (lost, or not made yet): the programme takes over
+        from this instant for the items still to come."""
+        if self._link_lost_at is not None:
+            return  # a failed reconnect attempt: the link went down earlier
+        now = self.runtime.clock()
+        self._link_lost_at = now
+        programme = self._programme
+        self._programme_cursor = programme.index_from(now) if programme is not None else 0
+        self._arm_programme()
+        self._notify_watchers()
+
+    def _link_up(self) -> None:
+        self._link_lost_at = None
+        self._cancel_programme_timer()
+        self._notify_watchers()
+
+    def _power_off_programme(self) -> None:
+        """The device is off (shutdown, crash): nothing plays; the programme itself is kept."""
+        self._link_lost_at = None
+        self._cancel_programme_timer()
+        self._cancel_prefetch()
+
+    def _cancel_programme_timer(self) -> None:
+        timer, self._programme_timer = self._programme_timer, None
+        if timer is not None:
+            timer.cancel()
+
+    def _arm_programme(self) -> None:
+        """One timer per speaker, for the next item that may still play from the cache."""
+        self._cancel_programme_timer()
+        programme = self._programme
+        link_lost_at = self._link_lost_at
+        if programme is None or link_lost_at is None or self._stopping:
+            return
+        if self._programme_cursor >= len(programme.items):
+            return
+        item = programme.items[self._programme_cursor]
+        if not programme.allows(item, link_lost_at):
+            return  # every later item is refused as well (both limits bound `start_at` from above)
+        delay_s = (item.start_at - self.runtime.clock()).total_seconds()
+        self._programme_timer = self.runtime.services.loop.call_later(
+            min(max(delay_s, 0.0), _PROGRAMME_MAX_SLEEP_S), self._on_programme_due
+        )
+
+    def _on_programme_due(self) -> None:
+        self._programme_timer = None
+        programme = self._programme
+        link_lost_at = self._link_lost_at
+        if programme is None or link_lost_at is None or self.connected:
+            return
+        due, self._programme_cursor = programme.due(self._programme_cursor, self.runtime.clock())
+        for item in due:
+            if programme.allows(item, link_lost_at):
+                try:
+                    self._start_from_programme(item)
+                except Exception:
+                    logger.exception(
+                        "%s: programme item %s could not be handled", self.address, item.command.id
+                    )
+        self._arm_programme()
+
+    def _start_from_programme(self, item: ProgrammeItem) -> None:
+        """§1.10: handled exactly as if `item.command` had just arrived on the `cmd` topic."""
+        command = item.command
+        logger.info(
+            "%s: no broker connection; %s starts from the programme (start_at %s)",
+            self.address,
+            command.id,
+            wire.format_timestamp(item.start_at),
+        )
+        if command.id in self._active or command.id in self._latest_reports:
+            self._repeat_latest_report(command.id)
+            return
+        self._accept_play(command, offline=True)
+
     # The speaker itself
 
     def _schedule(self) -> None:
@@ -688,7 +1024,7 @@ class SimulatedSpeaker:
             play.expiry_timer = None
         play.end_timer = loop.call_later(play.planned_s / self.runtime.speed, self._on_play_end, play)
         self._playing = play
-        self._report_play(play.command, "playing")
+        self._report_play(play.command, "playing", offline=play.offline)
 
     def _on_play_end(self, play: _Play) -> None:
         self._finish(play, "completed", played_s=play.planned_s, truncated=play.truncated)
@@ -712,7 +1048,9 @@ class SimulatedSpeaker:
         """Ends a play in its one terminal state (§1.4); a play already ended is left alone."""
         if not self._drop_silently(play):
             return
-        self._report_play(play.command, state, detail=detail, played_s=played_s, truncated=truncated)
+        self._report_play(
+            play.command, state, detail=detail, played_s=played_s, truncated=truncated, offline=play.offline
+        )
 
     def _drop_silently(self, play: _Play) -> bool:
         if self._active.get(play.command.id) is not play:
@@ -738,6 +1076,7 @@ class SimulatedSpeaker:
         detail: str | None = None,
         played_s: float | None = None,
         truncated: bool | None = None,
+        offline: bool = False,
     ) -> None:
         self._report(
             command.id,
@@ -747,6 +1086,7 @@ class SimulatedSpeaker:
             detail=detail,
             played_s=played_s,
             truncated=truncated,
+            offline=offline,
         )
 
     def _report(
@@ -759,6 +1099,7 @@ class SimulatedSpeaker:
         detail: str | None = None,
         played_s: float | None = None,
         truncated: bool | None = None,
+        offline: bool = False,
     ) -> None:
         document = wire.report_document(
             command_id,
@@ -768,13 +1109,14 @@ class SimulatedSpeaker:
             detail=detail,
             played_s=played_s,
             truncated=truncated,
+            offline=offline,
         )
         payload = wire.encode(document)
         self._latest_reports[command_id] = payload
         self._latest_reports.move_to_end(command_id)
         if len(self._latest_reports) > self._dedupe_memory:
             self._latest_reports.popitem(last=False)
-        self._publish(self._ack_topic, payload)
+        self._publish_report(payload)
         play_log = self.runtime.services.play_log
         if play_log is not None and (command is not None or state == "rejected"):
             entry: dict[str, object] = {
@@ -787,9 +1129,13 @@ class SimulatedSpeaker:
                 "mode": command.mode if command is not None else None,
             }
             entry.update(
-                (key, document[key]) for key in ("detail", "played_s", "truncated") if key in document
+                (key, document[key])
+                for key in ("detail", "played_s", "truncated", "offline")
+                if key in document
             )
             play_log.record(entry)
+        if self._watchers:
+            self._notify_watchers()
 
     def _publish_state_if_changed(self) -> None:
         if self.playing != self._published_playing:
@@ -811,7 +1157,44 @@ class SimulatedSpeaker:
         client.publish(self._state_topic, payload, qos=1, retain=True)
         self._published_playing = playing
 
-    def _publish(self, topic: str, payload: bytes) -> None:
-        # While the link is down paho keeps QoS 1 messages and sends them after the reconnect.
-        if self._client is not None:
-            self._client.publish(topic, payload, qos=1)
+    def _publish_report(self, payload: bytes) -> None:
+        """Publishes a report now, or keeps it in the outbox while the link is down (§1.10).
+
+        paho alone would keep a publish made while disconnected as well, but without bound, failing
+        the newest (not dropping the oldest) once its 16-bit message ids run out, and only for the
+        life of that client object (`crash()` and `start()` make a new one). The outbox makes the
+        rule explicit: the latest `offline_reports_kept` in order, the dropped ones counted and
+        logged, and while it is not empty newer reports queue behind it so that the order holds.
+        """
+        client = self._client
+        outbox = self._outbox
+        if outbox is None:
+            if client is not None and client.is_connected():
+                client.publish(self._ack_topic, payload, qos=1)
+                return
+            outbox = self._outbox = deque()
+        if len(outbox) >= self._outbox_limit:
+            outbox.popleft()
+            self.offline_reports_dropped += 1
+        outbox.append(payload)
+
+    def _flush_outbox(self, client: NonBlockingConnectClient) -> None:
+        """Hands every kept report to paho in order; paho sends them as its in-flight window allows
+        and keeps those not acknowledged for the next session, so the outbox can be emptied now."""
+        self._outbox_flush = None
+        if client is not self._client or not client.is_connected():
+            return  # the next connect flushes
+        unlogged = self.offline_reports_dropped - self._dropped_logged
+        if unlogged:
+            logger.warning(
+                "%s: %d reports made while the link was down were dropped (only the latest %d are kept)",
+                self.address,
+                unlogged,
+                self._outbox_limit,
+            )
+            self._dropped_logged = self.offline_reports_dropped
+        outbox, self._outbox = self._outbox, None
+        for payload in outbox or ():
+            client.publish(self._ack_topic, payload, qos=1)
+        if self._watchers:
+            self._notify_watchers()

@@ -52,6 +52,10 @@ def state_topic(address: str) -> str:
     return f"{TOPIC_ROOT}/dev/{address}/state"
 
 
+def schedule_topic(address: str) -> str:
+    return f"{TOPIC_ROOT}/dev/{address}/schedule"
+
+
 def is_valid_address(address: str) -> bool:
     return ADDRESS_PATTERN.fullmatch(address) is not None
 
@@ -133,6 +137,7 @@ class CommandRejectedError(ValueError):
     def __init__(self, member: str, reason: str) -> None:
         super().__init__(f"{member}: {reason}")
         self.member = member
+        self.reason = reason
         self.detail = f"{member}: {reason}"
 
 
@@ -365,6 +370,7 @@ def report_document(
     detail: str | None = None,
     played_s: float | None = None,
     truncated: bool | None = None,
+    offline: bool = False,
 ) -> dict[str, object]:
     document: dict[str, object] = {
         "v": WIRE_VERSION,
@@ -379,6 +385,9 @@ def report_document(
         document["played_s"] = round(played_s, 3)
     if truncated is not None:
         document["truncated"] = truncated
+    if offline:
+        # §1.4: only on reports about a command started from the programme cache; absent otherwise.
+        document["offline"] = True
     return document
 
 

@@ -270,6 +270,32 @@ class ControllerProbe:
     async def send_raw(self, address: str, payload: bytes) -> None:
         await self._client.publish(f"wardcast/v1/dev/{address}/cmd", payload, qos=1)
 
+    async def publish_programme(self, address: str, document: dict[str, Any] | bytes) -> None:
+        """Publishes the device's retained programme document (§1.10); `b""` clears it."""
+        payload = document if isinstance(document, bytes) else json.dumps(document).encode()
+        await self._client.publish(f"wardcast/v1/dev/{address}/schedule", payload, qos=1, retain=True)
+
+
+def programme_document(
+    address: str,
+    items: list[tuple[datetime, dict[str, Any]]],
+    *,
+    generated_at: datetime | None = None,
+    valid_for_s: float = 3600.0,
+    comm_loss: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """A §1.10 programme: `items` are (start_at, play command) pairs."""
+    generated = generated_at or datetime.now(UTC)
+    return {
+        "v": 1,
+        "device": address,
+        "generated_at": timestamp(generated),
+        "valid_from": timestamp(generated - timedelta(seconds=60)),
+        "valid_until": timestamp(generated + timedelta(seconds=valid_for_s)),
+        "comm_loss": comm_loss or {"policy": "keep"},
+        "items": [{"start_at": timestamp(start_at), "command": command} for start_at, command in items],
+    }
+
 
 _BANDS = {"normal": 0, "priority": 1, "emergency": 2}
 

@@ -174,3 +174,22 @@ def test_an_empty_tts_text_is_refused_through_the_api(api: ControllerHandle):
     response = _tts_schedule(api, " \n ", "Trống")
     assert response.status_code == 422, response.text
     assert response.json()["field"] == "content.tts", response.json()
+
+
+@pytest.mark.integration
+def test_a_bad_time_rule_is_refused_before_any_speech_is_made(api: ControllerHandle):
+    with api.client() as client:
+        media_before = client.get("/api/v1/media").json()
+    body = {
+        "name": "Sai quy tắc",
+        "targets": {"areas": ["hn.a"]},
+        "content": {"tts": "Một câu chưa từng được đọc trước đây."},
+        "dtstart": "2030-03-04T06:00",
+        "rrule": "FREQ=FORTNIGHTLY",
+    }
+    with api.client() as client:
+        response = client.post("/api/v1/schedules", json=body)
+        media_after = client.get("/api/v1/media").json()
+    assert response.status_code == 422, response.text
+    assert response.json()["field"].startswith("rrule"), response.json()
+    assert media_after == media_before  # nothing spoken, nothing stored

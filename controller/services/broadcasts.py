@@ -16,17 +16,25 @@ from sqlalchemy import Engine, insert, update
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
 
-from controller.domain.areas import Area, AreaTree
+from controller.domain.areas import AreaTree
 from controller.domain.clock import Clock, rfc3339
 from controller.domain.deliveries import DeliveryState
-from controller.domain.planner import DeviceEntry, TargetError, Targets, resolve_targets
+from controller.domain.planner import TargetError, Targets, resolve_targets
 from controller.domain.priority import Priority, PriorityClass
+from controller.domain.programme import (
+    DeliveryIds,
+    PlayContent,
+    occurrence_broadcast_id,
+    occurrence_delivery_ids,
+    play_command,
+)
 from controller.services.auth import Action, Principal
 from controller.services.dispatcher import STOP_RANK, Dispatcher, QueuedCommand
 from controller.services.errors import ServiceError
+from controller.services.media import media_document
+from controller.services.targets import AreaTreeCache, reachable_devices
 from controller.services.tracker import DeliveryTracker, TrackedDelivery, expected_play_seconds
 from controller.store.models import (
-    AreaRow,
     BroadcastRow,
     DeliveryEventRow,
     DeliveryRow,
@@ -70,37 +78,6 @@ class AcceptedBroadcast:
     device_count: int
 
 
-def load_area_tree(session: Session) -> AreaTree:
-    rows = session.exec(select(AreaRow)).all()
-    return AreaTree(
-        Area(
-            code=r.code,
-            name=r.name,
-            kind=r.kind,
-            parent_code=r.parent_code,
-            lat=r.lat,
-            lon=r.lon,
-            admin_code=r.admin_code,
-        )
-        for r in rows
-    )
-
-
-def load_device_entries(session: Session) -> list[DeviceEntry]:
-    """Every registered device as the planner sees it."""
-    return [
-        DeviceEntry(
-            id=d.id,
-            kind=d.kind,
-            area_code=d.area_code,
-            address=d.address,
-            transport=d.transport,
-            enabled=d.enabled,
-        )
-        for d in session.exec(select(DeviceRow)).all()
-    ]
-
-
 def principal_scope_check(principal: Principal, tree: AreaTree, area_codes: list[str]) -> None:
     """A key bound to a ward may only reach areas inside it."""
     if principal.ward_code is None:
@@ -134,6 +111,7 @@ class BroadcastService:
         self._cancel_lock = asyncio.Lock()
         self._background: set[asyncio.Task[None]] = set()
         self._waiting_to_resume: dict[str, list[TrackedDelivery]] = {}
+        self._areas = AreaTreeCache()
 
     async def create(self, request: BroadcastRequest, principal: Principal) -> AcceptedBroadcast:
         if request.priority.priority_class is PriorityClass.EMERGENCY and not principal.may(
@@ -299,21 +277,13 @@ class BroadcastService:
                     raise BroadcastError(field, f"unknown media {media_id!r}", status=404)
                 playlist.append(found)
             media = playlist[0]
-            media_documents = [
-                {
-                    "url": f"{self._media_base_url}/media/{item.sha256}",
-                    "sha256": item.sha256,
-                    "duration_s": item.duration_s,
-                    "content_type": item.content_type,
-                }
-                for item in playlist
-            ]
+            media_documents = [media_document(item, self._media_base_url) for item in playlist]
             planned_play_s = expected_play_seconds(
                 [item.duration_s for item in playlist], request.repeats, request.gap_s, request.max_duration_s
             )
-            tree = load_area_tree(session)
+            tree = self._areas.load(session)
             principal_scope_check(principal, tree, list(request.targets.areas))
-            devices = load_device_entries(session)
+            devices = reachable_devices(session, tree, request.targets)
             try:
                 chosen = resolve_targets(request.targets, tree, devices, kinds=AUDIO_DEVICE_KINDS)
             except TargetError as error:
@@ -326,7 +296,19 @@ class BroadcastService:
                             f"device {device.id!r} is outside ward {principal.ward_code!r} of this key",
                             status=403,
                         )
-            broadcast_id = str(uuid.uuid4())
+            broadcast_id = (
+                occurrence_broadcast_id(*request.occurrence)
+                if request.occurrence is not None
+                else str(uuid.uuid4())
+            )
+            content = PlayContent(
+                priority=request.priority,
+                media=media_documents,
+                repeats=request.repeats,
+                max_duration_s=request.max_duration_s,
+                gap_s=request.gap_s,
+                mode=request.mode,
+            )
             session.add(
                 BroadcastRow(
                     id=broadcast_id,
@@ -347,12 +329,18 @@ class BroadcastService:
                     expires_at=expires_at,
                 )
             )
-            session.flush()
+            try:
+                session.flush()
+            except IntegrityError as error:  # an occurrence's broadcast id is its key (§1.10)
+                session.rollback()
+                if request.occurrence is not None:
+                    raise OccurrenceAlreadyFired(*request.occurrence) from error
+                raise
             deliveries: list[dict[str, Any]] = []
             outbox: list[dict[str, Any]] = []
             for device in chosen:
-                delivery_id = str(uuid.uuid4())
-                command_id = str(uuid.uuid4())
+                ids = self._ids(request, device.id)
+                delivery_id, command_id = ids.delivery_id, ids.command_id
                 deliveries.append(
                     {
                         "id": delivery_id,
@@ -373,15 +361,13 @@ class BroadcastService:
                         "created_at": now,
                         "expires_at": expires_at,
                         "published_at": None,
-                        "document": self._play_document(
-                            request,
-                            broadcast_id,
-                            delivery_id,
-                            command_id,
-                            device,
-                            media_documents,
-                            now,
-                            expires_at,
+                        "document": play_command(
+                            content,
+                            broadcast_id=broadcast_id,
+                            ids=ids,
+                            address=device.address,
+                            issued_at=now,
+                            expires_at=expires_at,
                         ),
                     }
                 )
@@ -439,41 +425,12 @@ class BroadcastService:
         ]
         return AcceptedBroadcast(id=broadcast_id, device_count=len(chosen)), commands, tracked
 
-    def _play_document(
-        self,
-        request: BroadcastRequest,
-        broadcast_id: str,
-        delivery_id: str,
-        command_id: str,
-        device: DeviceEntry,
-        items: list[dict[str, Any]],
-        now: datetime,
-        expires_at: datetime,
-    ) -> dict[str, Any]:
-        document: dict[str, Any] = {
-            "v": 1,
-            "type": "play",
-            "id": command_id,
-            "correlation_id": delivery_id,
-            "device": device.address,
-            "issued_at": rfc3339(now),
-            "expires_at": rfc3339(expires_at),
-            "broadcast_id": broadcast_id,
-            "priority": {
-                "class": request.priority.priority_class.value,
-                "sub": request.priority.sub,
-                "rank": request.priority.rank,
-            },
-            "mode": request.mode,
-            "media": items[0],
-            "repeats": request.repeats,
-            "max_duration_s": request.max_duration_s,
-        }
-        if len(items) > 1:
-            document["playlist"] = items
-        if request.gap_s:
-            document["gap_s"] = request.gap_s
-        return document
+    @staticmethod
+    def _ids(request: BroadcastRequest, device_id: str) -> DeliveryIds:
+        if request.occurrence is not None:
+            # Known in advance: the device's cached programme holds the same command (§1.10).
+            return occurrence_delivery_ids(*request.occurrence, device_id)
+        return DeliveryIds(delivery_id=str(uuid.uuid4()), command_id=str(uuid.uuid4()))
 
     async def cancel(self, broadcast_id: str, principal: Principal) -> int:
         """Stop the broadcast on every device; returns how many deliveries it ended."""
@@ -510,7 +467,7 @@ class BroadcastService:
         if principal.ward_code is None:
             return
         with Session(self._engine) as session:
-            tree = load_area_tree(session)
+            tree = self._areas.load(session)
             device_areas = session.exec(
                 select(DeviceRow.area_code)
                 .join(DeliveryRow, col(DeliveryRow.device_id) == col(DeviceRow.id))

@@ -2,23 +2,31 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 
 import structlog
 from prometheus_client import Counter
 from sqlalchemy import Engine
+from sqlalchemy.exc import SQLAlchemyError
 from sqlmodel import Session, select
 
 from controller.domain.clock import Clock
 from controller.domain.deliveries import DeliveryState, state_from_report
-from controller.services.tracker import DeliveryTracker
+from controller.services.tracker import DeliveryTracker, TrackedDelivery
 from controller.store.models import DeviceRow
 from drivers.base import CommandReport, DeviceState, InboundEvent, MalformedPayload, TelemetryReading
 
 log = structlog.get_logger(__name__)
 _MAX_UNREGISTERED = 100_000
+_MAX_READ_BACKS = 10_000
 
 INBOUND_MESSAGES = Counter("wardcast_inbound_messages_total", "Messages from devices", ["kind"])
+OFFLINE_REPORTS = Counter(
+    "wardcast_offline_reports_total",
+    "Reports of plays a device started from its cached programme while offline",
+    ["outcome"],
+)
 REJECTED_PAYLOADS = Counter(
     "wardcast_rejected_payloads_total",
     "Device payloads that were malformed or from unknown devices",
@@ -66,6 +74,9 @@ class InboundProcessor:
         # The last state of addresses not registered yet: retained states arrive once, at subscribe
         # time, and a device registered later must not look offline until it next changes.
         self._unregistered_states: dict[str, DeviceState] = {}
+        # Offline reports waiting for their delivery to be read back from the database, in order.
+        self._reconciling: dict[str, list[CommandReport]] = {}
+        self._background: set[asyncio.Task[None]] = set()
 
     async def run(self, events: AsyncIterator[InboundEvent]) -> None:
         async for event in events:
@@ -106,11 +117,60 @@ class InboundProcessor:
             self.handle(state)
 
     def _report(self, report: CommandReport) -> None:
+        waiting = self._reconciling.get(report.command_id)
+        if waiting is not None:  # the delivery is being read back: keep the device's order
+            waiting.append(report)
+            return
         delivery = self._tracker.by_command(report.command_id)
         if delivery is None:
+            if report.offline:
+                self._read_back(report)
+                return
             # Stop acknowledgements and reports on long-finished deliveries land here.
             log.debug("report for no open delivery", command_id=report.command_id, state=report.state)
             return
+        self._apply(delivery, report)
+
+    def _read_back(self, report: CommandReport) -> None:
+        """A device's offline report on a delivery that ended (in the controller's view) a while ago."""
+        if len(self._reconciling) >= _MAX_READ_BACKS:
+            log.warning("too many offline reports being reconciled; dropped", command_id=report.command_id)
+            return
+        self._reconciling[report.command_id] = [report]
+        task = asyncio.create_task(self._reconcile(report.command_id))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _reconcile(self, command_id: str) -> None:
+        try:
+            delivery = await asyncio.to_thread(self._tracker.load_ended, command_id)
+        except SQLAlchemyError:
+            log.exception("reading a delivery back for an offline report failed", command_id=command_id)
+            delivery = None
+        reports = self._reconciling.pop(command_id, [])
+        if delivery is None:
+            OFFLINE_REPORTS.labels("unknown").inc(len(reports))
+            log.warning(
+                "offline play of a command the controller has no delivery for",
+                command_id=command_id,
+                states=[r.state for r in reports],
+            )
+            return
+        for report in reports:
+            self._apply(delivery, report)
+
+    def _apply(self, delivery: TrackedDelivery, report: CommandReport) -> None:
+        source = "device"
+        if report.offline:
+            source = "device-offline"
+            if self._tracker.reopen_inferred_end(delivery):
+                OFFLINE_REPORTS.labels("reconciled").inc()
+                log.info(
+                    "reconciling an offline play",
+                    delivery_id=delivery.delivery_id,
+                    device_id=delivery.device_id,
+                    state=report.state,
+                )
         state = state_from_report(report.state)
         if state is None:
             REJECTED_PAYLOADS.labels("unknown_state").inc()
@@ -125,5 +185,5 @@ class InboundProcessor:
         if report.state == "rejected":
             detail = f"rejected by the device: {report.detail or 'no reason given'}"
         self._tracker.advance(
-            delivery, state, report.at, source="device", detail=detail, played_s=report.played_s
+            delivery, state, report.at, source=source, detail=detail, played_s=report.played_s
         )

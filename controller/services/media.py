@@ -19,15 +19,23 @@ import re
 import struct
 import tempfile
 import threading
+import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, BinaryIO, Final, Literal
+from typing import TYPE_CHECKING, Any, BinaryIO, Final, Literal
 
 import soundfile as sf
+from sqlalchemy import Engine
+from sqlalchemy.exc import IntegrityError
+from sqlmodel import Session, select
+
+from controller.store.models import MediaRow
 
 if TYPE_CHECKING:
     from _typeshed import WriteableBuffer
+
 
 AudioFormat = Literal["WAV", "MP3", "OGG"]
 
@@ -472,3 +480,46 @@ def _seconds(frames: int, samplerate: int) -> str:
 
 def _megabytes(size_bytes: int) -> str:
     return f"{size_bytes / 1_000_000:.1f} MB"
+
+
+def record_media(engine: Engine, stored: StoredMedia) -> tuple[MediaRow, bool]:
+    """The media row for stored audio, created unless the same audio (by SHA-256) is already known;
+    returns it and whether it was created."""
+
+    def existing(session: Session) -> MediaRow | None:
+        return session.exec(select(MediaRow).where(MediaRow.sha256 == stored.sha256)).first()
+
+    with Session(engine, expire_on_commit=False) as session:
+        found = existing(session)
+        if found is not None:
+            return found, False
+        row = MediaRow(
+            id=str(uuid.uuid4()),
+            sha256=stored.sha256,
+            content_type=stored.content_type,
+            format=stored.format,
+            duration_s=stored.duration_s,
+            size_bytes=stored.size_bytes,
+            filename=stored.filename,
+            created_at=datetime.now(UTC),
+        )
+        session.add(row)
+        try:
+            session.commit()
+        except IntegrityError:  # the same audio uploaded twice at once: the other one was stored first
+            session.rollback()
+            found = existing(session)
+            if found is None:
+                raise
+            return found, False
+        return row, True
+
+
+def media_document(row: MediaRow, base_url: str) -> dict[str, Any]:
+    """A stored media item as play commands name it (docs/protocol.md §1.3, §1.8)."""
+    return {
+        "url": f"{base_url.rstrip('/')}/media/{row.sha256}",
+        "sha256": row.sha256,
+        "duration_s": row.duration_s,
+        "content_type": row.content_type,
+    }

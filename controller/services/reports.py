@@ -74,8 +74,9 @@ from controller.domain.clock import rfc3339
 from controller.domain.deliveries import DeliveryState
 from controller.domain.planner import TargetError, Targets, resolve_targets
 from controller.services.auth import Principal
-from controller.services.broadcasts import AUDIO_DEVICE_KINDS, load_area_tree, load_device_entries
+from controller.services.broadcasts import AUDIO_DEVICE_KINDS
 from controller.services.errors import ServiceError
+from controller.services.targets import load_area_tree, load_device_entries
 from controller.services.tracker import expected_play_seconds
 from controller.store.models import (
     BroadcastRow,

@@ -18,9 +18,9 @@ from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
 
 from controller.domain.clock import Clock
-from controller.domain.priority import PriorityClass
 from controller.services.auth import Principal, Role
 from controller.services.broadcasts import BroadcastRequest, BroadcastService, OccurrenceAlreadyFired
+from controller.services.device_programmes import occurrence_grace
 from controller.services.errors import ServiceError
 from controller.services.schedules import ScheduleSpec, next_planned, schedule_time
 from controller.settings import SchedulesSettings
@@ -49,8 +49,7 @@ class ScheduleRunner:
         self._scheduler = OccurrenceScheduler(self._fire)
 
     def grace(self, priority_class: str) -> timedelta:
-        seconds: int = getattr(self._settings.grace_s, PriorityClass(priority_class).value)
-        return timedelta(seconds=seconds)
+        return occurrence_grace(self._settings, priority_class)
 
     async def start(self) -> None:
         self._scheduler.start()

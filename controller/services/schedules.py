@@ -12,7 +12,7 @@ from __future__ import annotations
 import functools
 import json
 import uuid
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -21,13 +21,14 @@ from sqlalchemy import Engine, String, cast
 from sqlalchemy import select as select_columns
 from sqlmodel import Session, col, select
 
-from controller.domain.areas import Area, AreaTree
+from controller.domain.areas import AreaTree
 from controller.domain.clock import rfc3339
 from controller.domain.planner import DeviceEntry, TargetError, Targets, resolve_targets
 from controller.domain.priority import Priority, PriorityClass
 from controller.services.auth import Action, Principal
-from controller.services.broadcasts import AUDIO_DEVICE_KINDS, load_device_entries, principal_scope_check
+from controller.services.broadcasts import AUDIO_DEVICE_KINDS, principal_scope_check
 from controller.services.errors import ServiceError
+from controller.services.targets import AreaTreeCache, chunks, device_kinds, plain_rows, reachable_devices
 from controller.services.tracker import expected_play_seconds
 from controller.settings import SchedulesSettings
 from controller.store.models import DeviceRow, MediaRow, OccurrenceRow, ScheduleRow
@@ -42,8 +43,6 @@ from schedules.conflicts import (
 from schedules.recurrence import RecurrenceError, ScheduleTime, expand, next_after, validate_schedule_time
 
 ON_PREEMPTED = ("resume", "missed")
-# Rows per `IN (...)` list: far below SQLite's and PostgreSQL's bound-parameter limits.
-_IN_CHUNK = 2000
 
 
 class ScheduleError(ServiceError):
@@ -162,25 +161,8 @@ def schedule_time(spec: ScheduleSpec) -> ScheduleTime:
         raise ScheduleError(error.field, error.detail) from error
 
 
-# Read on every conflict check and programme: plain SQL valid on SQLite and PostgreSQL alike, run on the
-# session's connection without SQLAlchemy's per-row processing (a third of the time for 10,000 rows).
+# Read on every conflict check and programme, without the ORM (controller.services.targets.plain_rows).
 _ENABLED_TARGETS_SQL = "SELECT id, CAST(targets AS TEXT) FROM schedules WHERE enabled"
-_AREAS_SQL = "SELECT code, name, kind, parent_code, lat, lon, admin_code FROM areas"
-
-
-def _plain_rows(session: Session, sql: str) -> list[Any]:
-    cursor = session.connection().connection.cursor()
-    try:
-        cursor.execute(sql)
-        return list(cursor.fetchall())
-    finally:
-        cursor.close()
-
-
-def _chunks(values: Iterable[str]) -> Iterator[list[str]]:
-    ordered = sorted(values)
-    for begin in range(0, len(ordered), _IN_CHUNK):
-        yield ordered[begin : begin + _IN_CHUNK]
 
 
 _STORED_COLUMNS = (
@@ -206,7 +188,7 @@ _STORED_COLUMNS = (
 def _load_stored(session: Session, ids: Iterable[str]) -> dict[str, _StoredSchedule]:
     """Whole schedule rows by id, without building ORM objects (a tenth of the time for hundreds)."""
     found: dict[str, _StoredSchedule] = {}
-    for chunk in _chunks(ids):
+    for chunk in chunks(ids):
         for row in session.execute(select_columns(*_STORED_COLUMNS).where(col(ScheduleRow.id).in_(chunk))):
             found[row[0]] = _StoredSchedule(
                 id=row[0],
@@ -229,26 +211,6 @@ def _load_stored(session: Session, ids: Iterable[str]) -> dict[str, _StoredSched
     return found
 
 
-class _AreaTreeCache:
-    """The area tree, rebuilt only when the stored areas differ from the ones it was built from."""
-
-    def __init__(self) -> None:
-        self._built: tuple[tuple[Any, ...], AreaTree] | None = None
-
-    def load(self, session: Session) -> AreaTree:
-        # The same rows, in the same order, as controller.services.broadcasts.load_area_tree reads.
-        key = tuple(tuple(row) for row in _plain_rows(session, _AREAS_SQL))
-        built = self._built
-        if built is not None and built[0] == key:
-            return built[1]
-        tree = AreaTree(
-            Area(code=c, name=n, kind=k, parent_code=p, lat=la, lon=lo, admin_code=a)
-            for c, n, k, p, la, lo, a in key
-        )
-        self._built = (key, tree)
-        return tree
-
-
 def occurrence_dict(moment: datetime) -> dict[str, str]:
     return {
         "start_local": moment.isoformat(),
@@ -261,29 +223,14 @@ class ScheduleService:
         self._engine = engine
         self._settings = settings
         self._now = now
-        self._areas = _AreaTreeCache()
+        self._areas = AreaTreeCache()
 
     # -- checks ----------------------------------------------------------------------------------
     def _context(self, session: Session, spec: ScheduleSpec) -> _Context:
         """The area tree, the media durations, and the devices that `spec`'s targets can reach (all the
         devices resolve_targets would look at for it: those in the targeted subtrees and those named)."""
         tree = self._areas.load(session)
-        codes: set[str] = set()
-        for code in spec.targets.areas:
-            if code in tree:
-                codes |= tree.subtree_codes(code)
-        if len(codes) + len(spec.targets.devices) > _IN_CHUNK:
-            devices = load_device_entries(session)
-        else:
-            query = select_columns(
-                col(DeviceRow.id),
-                col(DeviceRow.kind),
-                col(DeviceRow.area_code),
-                col(DeviceRow.address),
-                col(DeviceRow.transport),
-                col(DeviceRow.enabled),
-            ).where(col(DeviceRow.area_code).in_(codes) | col(DeviceRow.id).in_(spec.targets.devices))
-            devices = [DeviceEntry(*row) for row in session.execute(query)]
+        devices = reachable_devices(session, tree, spec.targets)
         durations = dict(session.exec(select(MediaRow.id, MediaRow.duration_s)).all())
         return _Context(tree, devices, durations)
 
@@ -366,7 +313,7 @@ class ScheduleService:
         names = ids | above.keys()
         found: list[tuple[str, _StoredTargets, frozenset[str]]] = []
         parsed = _PARSED_TARGETS.get
-        for row_id, text in _plain_rows(session, _ENABLED_TARGETS_SQL):
+        for row_id, text in plain_rows(session, _ENABLED_TARGETS_SQL):
             targets = parsed(text) or _stored_targets(text)
             if targets.names.isdisjoint(names) or row_id == schedule_id:
                 continue
@@ -377,10 +324,7 @@ class ScheduleService:
                 found.append((row_id, targets, frozenset(shared)))
         # Devices named by those schedules that are not among `devices` must still exist and play audio.
         unknown = {d for _, targets, _ in found for d in targets.devices} - ids
-        kinds: dict[str, str] = {}
-        for chunk in _chunks(unknown):
-            query = select(DeviceRow.id, DeviceRow.kind).where(col(DeviceRow.id).in_(chunk))
-            kinds.update(session.exec(query).all())
+        kinds = device_kinds(session, unknown)
         return [
             (row_id, shared)
             for row_id, targets, shared in found
@@ -563,37 +507,7 @@ class ScheduleService:
         devices inside it, and (marked `part`) schedules aimed at an area below it."""
         self._window(start, end)
         with Session(self._engine) as session:
-            tree = self._areas.load(session)
-            if area_code not in tree:
-                raise ScheduleError("code", f"unknown area {area_code!r}", status=404)
-            if principal.ward_code is not None and not (
-                tree.is_within(area_code, principal.ward_code)
-                or tree.is_within(principal.ward_code, area_code)
-            ):
-                raise ScheduleError(
-                    "code", f"area {area_code!r} is outside ward {principal.ward_code!r}", status=403
-                )
-            above = {area_code} | {a.code for a in tree.ancestors(area_code)}
-            below = tree.subtree_codes(area_code) - {area_code}
-            inside = below | {area_code}
-            stored = [
-                (row_id, _stored_targets(text)) for row_id, text in _plain_rows(session, _ENABLED_TARGETS_SQL)
-            ]
-            # Only the areas of the devices named by schedules that no area of theirs already places.
-            placed = above | below
-            named = {d for _, targets in stored if placed.isdisjoint(targets.areas) for d in targets.devices}
-            device_area: dict[str, str] = {}
-            for chunk in _chunks(named):
-                query = select(DeviceRow.id, DeviceRow.area_code).where(col(DeviceRow.id).in_(chunk))
-                device_area.update(session.exec(query).all())
-            reaching: list[tuple[str, str]] = []
-            for row_id, targets in stored:
-                if not above.isdisjoint(targets.areas):
-                    reaching.append((row_id, "whole"))
-                elif not below.isdisjoint(targets.areas) or any(
-                    device_area.get(d) in inside for d in targets.devices
-                ):
-                    reaching.append((row_id, "part"))
+            _tree, reaching = self.schedules_reaching(session, area_code, principal)
             rows = _load_stored(session, (row_id for row_id, _ in reaching))
         items: list[dict[str, Any]] = []
         for row_id, reach in reaching:
@@ -614,6 +528,43 @@ class ScheduleService:
                 )
             )
         return sorted(items, key=lambda item: (item["start_utc"], -_rank(item)))
+
+    def schedules_reaching(
+        self, session: Session, area_code: str, principal: Principal
+    ) -> tuple[AreaTree, list[tuple[str, str]]]:
+        """The area tree and the enabled schedules that reach the area, in storage order, each with its
+        reach: `whole` (aimed at the area or one above it) or `part` (at an area below it or at devices
+        inside it). Checks that the area exists and that the principal may see it."""
+        tree = self._areas.load(session)
+        if area_code not in tree:
+            raise ScheduleError("code", f"unknown area {area_code!r}", status=404)
+        if principal.ward_code is not None and not (
+            tree.is_within(area_code, principal.ward_code) or tree.is_within(principal.ward_code, area_code)
+        ):
+            raise ScheduleError(
+                "code", f"area {area_code!r} is outside ward {principal.ward_code!r}", status=403
+            )
+        above = {area_code} | {a.code for a in tree.ancestors(area_code)}
+        below = tree.subtree_codes(area_code) - {area_code}
+        inside = below | {area_code}
+        rows = plain_rows(session, _ENABLED_TARGETS_SQL)
+        stored = [(row_id, _stored_targets(text)) for row_id, text in rows]
+        # Only the areas of the devices named by schedules that no area of theirs already places.
+        placed = above | below
+        named = {d for _, targets in stored if placed.isdisjoint(targets.areas) for d in targets.devices}
+        device_area: dict[str, str] = {}
+        for chunk in chunks(named):
+            query = select(DeviceRow.id, DeviceRow.area_code).where(col(DeviceRow.id).in_(chunk))
+            device_area.update(session.exec(query).all())
+        reaching: list[tuple[str, str]] = []
+        for row_id, targets in stored:
+            if not above.isdisjoint(targets.areas):
+                reaching.append((row_id, "whole"))
+            elif not below.isdisjoint(targets.areas) or any(
+                device_area.get(d) in inside for d in targets.devices
+            ):
+                reaching.append((row_id, "part"))
+        return tree, reaching
 
     def _require_priority_allowed(self, spec: ScheduleSpec, principal: Principal) -> None:
         if spec.priority.priority_class is PriorityClass.EMERGENCY and not principal.may(

@@ -34,6 +34,7 @@ log = structlog.get_logger(__name__)
 
 _KEEP_ENDED = timedelta(minutes=5)
 _SWEEP_EVERY = timedelta(milliseconds=500)
+_INFERRED_ENDS = frozenset({DeliveryState.EXPIRED, DeliveryState.FAILED})
 DELIVERY_TRANSITIONS = Counter("wardcast_delivery_transitions_total", "Delivery state changes", ["state"])
 
 
@@ -53,6 +54,9 @@ class TrackedDelivery:
     playing_since: datetime | None = None
     ended_at: datetime | None = None
     recorded: set[DeliveryState] = field(default_factory=set)
+    # The end was the controller's inference (expired or failed for want of news), not the device's
+    # fact: a device that played the command from its cache while offline may still say otherwise.
+    inferred_end: bool = False
 
 
 @dataclass(slots=True)
@@ -222,9 +226,61 @@ class DeliveryTracker:
         )
         if state.is_terminal:
             delivery.ended_at = at
+            delivery.inferred_end = source == "controller" and state in _INFERRED_ENDS
         if state.is_terminal and self.on_ended is not None:
             self.on_ended(delivery)
         return True
+
+    def reopen_inferred_end(self, delivery: TrackedDelivery) -> bool:
+        """Let a device's own facts replace the controller's inferred end (docs/protocol.md §2,
+        reconciling offline plays): back to the furthest state logged before that end."""
+        if not (delivery.state.is_terminal and delivery.inferred_end):
+            return False
+        reached = [state for state in delivery.recorded if not state.is_terminal]
+        delivery.state = max(reached, key=lambda state: state.progress, default=DeliveryState.QUEUED)
+        delivery.ended_at = None
+        delivery.inferred_end = False
+        return True
+
+    def load_ended(self, command_id: str) -> TrackedDelivery | None:
+        """A delivery no longer held in memory, read back by its command id so that a device's late
+        offline reports can still reconcile it; None when there is no such delivery."""
+        with Session(self._engine) as session:
+            found = session.exec(
+                select(DeliveryRow, BroadcastRow)
+                .join(BroadcastRow, col(BroadcastRow.id) == col(DeliveryRow.broadcast_id))
+                .where(DeliveryRow.command_id == command_id)
+            ).first()
+            if found is None:
+                return None
+            row, broadcast = found
+            events = session.exec(
+                select(DeliveryEventRow.state, DeliveryEventRow.source).where(
+                    DeliveryEventRow.delivery_id == row.id
+                )
+            ).all()
+        held = self._by_delivery.get(row.id)
+        if held is not None:  # tracked again meanwhile
+            return held
+        state = DeliveryState(row.state)
+        terminal_sources = {source for logged, source in events if DeliveryState(logged).is_terminal}
+        delivery = TrackedDelivery(
+            delivery_id=row.id,
+            broadcast_id=broadcast.id,
+            device_id=row.device_id,
+            command_id=row.command_id,
+            state=state,
+            expires_at=broadcast.expires_at,
+            expected_play_s=broadcast.planned_play_s,
+            rank=broadcast.rank,
+            on_preempted=broadcast.on_preempted,
+            ended_at=row.state_at if state.is_terminal else None,
+            recorded={DeliveryState(logged) for logged, _ in events},
+            inferred_end=state in _INFERRED_ENDS and terminal_sources == {"controller"},
+        )
+        self._by_delivery[delivery.delivery_id] = delivery
+        self._by_command[delivery.command_id] = delivery.delivery_id
+        return delivery
 
     def playing_on(self, device_id: str) -> TrackedDelivery | None:
         """The delivery the device last reported playing, while it has not ended."""

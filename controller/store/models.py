@@ -71,6 +71,9 @@ class DeviceRow(SQLModel, table=True):
     last_seen: datetime | None = _utc_column()
     status: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
     created_at: datetime = _utc_column(nullable=False)
+    # What the device does with its cached programme while its link is down (docs/protocol.md §1.10).
+    comm_loss_policy: str = Field(default="keep", max_length=16, sa_column_kwargs={"server_default": "keep"})
+    comm_loss_after_s: int | None = None
 
 
 class MediaRow(SQLModel, table=True):

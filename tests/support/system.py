@@ -187,6 +187,7 @@ class FleetHandle(_Supervised):
     addresses: list[str]
     speed: float = 20.0
     process: ManagedProcess | None = None
+    mqtt_url: str | None = None  # another way to the broker (a relay a test can cut); default: direct
 
     @property
     def play_log(self) -> Path:
@@ -202,7 +203,7 @@ class FleetHandle(_Supervised):
                 "firmware_sim",
                 "fleet",
                 "--mqtt-url",
-                self.broker.url,
+                self.mqtt_url or self.broker.url,
                 "--username",
                 self.broker.device.username,
                 f"--password={self.broker.device.password}",  # it may start with "-"
@@ -218,11 +219,19 @@ class FleetHandle(_Supervised):
             "the simulated fleet",
         )
 
-    def plays(self) -> list[dict[str, Any]]:
+    def _log(self) -> list[dict[str, Any]]:
         entries: list[dict[str, Any]] = []
         for path in sorted(self.workdir.glob("plays*.jsonl*")):
             entries.extend(json.loads(line) for line in path.read_text().splitlines() if line.strip())
         return entries
+
+    def plays(self) -> list[dict[str, Any]]:
+        """What the speakers did with commands (delivered, playing, completed, ...)."""
+        return [entry for entry in self._log() if entry["event"] != "programme"]
+
+    def programmes(self) -> list[dict[str, Any]]:
+        """Each programme a speaker took and verified all the media of (docs/protocol.md §1.10)."""
+        return [entry for entry in self._log() if entry["event"] == "programme"]
 
 
 class EventWatcher:

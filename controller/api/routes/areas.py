@@ -11,7 +11,7 @@ from controller.api.deps import AreaManager, Reader, RuntimeDep
 from controller.api.errors import ApiError
 from controller.domain.area_import import ImportFormat, parse_areas
 from controller.domain.areas import Area, AreaTree
-from controller.services.broadcasts import load_area_tree
+from controller.services.targets import load_area_tree
 from controller.store.models import AreaRow
 
 router = APIRouter(prefix="/api/v1/areas", tags=["areas"])

@@ -16,8 +16,8 @@ from controller.api.deps import RuntimeDep, get_principal, get_runtime
 from controller.api.errors import ApiError
 from controller.domain.areas import AreaTree
 from controller.services.auth import Action, Principal
-from controller.services.broadcasts import load_area_tree
-from controller.services.schedules import ScheduleError, ScheduleSpec, schedule_time
+from controller.services.schedules import ScheduleService, ScheduleSpec, schedule_time
+from controller.services.targets import chunks
 from controller.services.tracker import expected_play_seconds
 from controller.store.models import DeviceRow, MediaRow, ScheduleRow
 from schedules.ics import ProgrammeEvent, programme_calendar
@@ -80,38 +80,39 @@ def _play_length(spec: ScheduleSpec, durations: dict[str, float]) -> timedelta:
     return timedelta(seconds=seconds)
 
 
-def programme_feed(engine: Engine, code: str, principal: Principal, *, timezone: str, now: datetime) -> str:
-    """The calendar of every enabled schedule that reaches the area: the selection of
-    `ScheduleService.programme` (aimed at the area, an area above it, an area below it or devices
-    inside it), one recurring event per schedule instead of expanded occurrences."""
+def programme_feed(
+    engine: Engine,
+    schedules: ScheduleService,
+    code: str,
+    principal: Principal,
+    *,
+    timezone: str,
+    now: datetime,
+) -> str:
+    """The calendar of every enabled schedule that reaches the area (the selection of
+    `ScheduleService.programme`), one recurring event per schedule instead of expanded occurrences."""
     with Session(engine) as session:
-        tree = load_area_tree(session)
-        area = tree.find(code)
-        if area is None:
-            raise ScheduleError("code", f"unknown area {code!r}", status=404)
-        if principal.ward_code is not None and not (
-            tree.is_within(code, principal.ward_code) or tree.is_within(principal.ward_code, code)
-        ):
-            raise ScheduleError("code", f"area {code!r} is outside ward {principal.ward_code!r}", status=403)
-        above = {code} | {a.code for a in tree.ancestors(code)}
-        below = tree.subtree_codes(code) - {code}
-        devices = session.exec(select(DeviceRow.id, DeviceRow.area_code, DeviceRow.name)).all()
-        rows = session.exec(
-            select(ScheduleRow).where(col(ScheduleRow.enabled)).order_by(col(ScheduleRow.created_at))
-        ).all()
+        tree, reaching = schedules.schedules_reaching(session, code, principal)
+        reach_of = dict(reaching)
+        rows = [
+            row
+            for chunk in chunks(reach_of)
+            for row in session.exec(select(ScheduleRow).where(col(ScheduleRow.id).in_(chunk))).all()
+        ]
+        named = {d for row in rows for d in row.targets.get("devices", [])}
+        device_names = {
+            device_id: name
+            for chunk in chunks(named)
+            for device_id, name in session.exec(
+                select(DeviceRow.id, DeviceRow.name).where(col(DeviceRow.id).in_(chunk))
+            ).all()
+            if name
+        }
         durations = dict(session.exec(select(MediaRow.id, MediaRow.duration_s)).all())
-    device_area = {device_id: area_code for device_id, area_code, _ in devices}
-    device_names = {device_id: name for device_id, _, name in devices if name}
+    area = tree.get(code)  # schedules_reaching checked that it exists
     events: list[ProgrammeEvent] = []
-    for row in rows:
-        areas = set(row.targets.get("areas", []))
-        device_areas = {device_area.get(d) for d in row.targets.get("devices", [])}
-        if areas & above:
-            reach = "whole"
-        elif areas & below or device_areas & (below | {code}):
-            reach = "part"
-        else:
-            continue
+    for row in sorted(rows, key=lambda r: (r.created_at, r.id)):
+        reach = reach_of[row.id]
         spec = ScheduleSpec.from_row(row)
         timing = schedule_time(spec)
         # The rule's own first start (EXDATEs aside): see `schedules.ics` on DTSTART.
@@ -154,6 +155,7 @@ async def area_programme_ics(code: str, runtime: RuntimeDep, principal: FeedRead
     text = await asyncio.to_thread(
         programme_feed,
         runtime.engine,
+        runtime.schedules,
         code,
         principal,
         timezone=runtime.settings.timezone,

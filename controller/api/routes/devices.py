@@ -7,7 +7,7 @@ from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Query, Response, status
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from sqlmodel import Session, col, select
 
 from controller.api.deps import DeviceManager, Reader, RuntimeDep
@@ -22,6 +22,23 @@ DeviceKind = Literal["speaker", "led_screen", "sensor"]
 Transport = Literal["mqtt"]
 _IDENTIFIER = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
 _KIND_PREFIX = {"speaker": "spk", "led_screen": "led", "sensor": "sen"}
+
+
+class CommLossIn(BaseModel):
+    """What a speaker does with its cached programme while its link is down (docs/protocol.md §1.10)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    policy: Literal["keep", "stop_after"] = "keep"
+    after_s: int | None = Field(default=None, gt=0, le=30 * 86_400)
+
+    @model_validator(mode="after")
+    def _limit_matches_policy(self) -> CommLossIn:
+        if self.policy == "stop_after" and self.after_s is None:
+            raise ValueError("after_s: stop_after needs the number of seconds after which to stop")
+        if self.policy == "keep" and self.after_s is not None:
+            raise ValueError("after_s: only the stop_after policy takes a limit")
+        return self
 
 
 def _identifier(value: str | None) -> str | None:
@@ -42,6 +59,7 @@ class DeviceIn(BaseModel):
     transport: Transport = "mqtt"
     address: str | None = None
     enabled: bool = True
+    comm_loss: CommLossIn = Field(default_factory=CommLossIn)
 
     _check_id = field_validator("id", "address")(_identifier)
 
@@ -55,6 +73,7 @@ class DevicePatch(BaseModel):
     lon: float | None = Field(default=None, ge=-180, le=180)
     address: str | None = None
     enabled: bool | None = None
+    comm_loss: CommLossIn | None = None
 
     _check_address = field_validator("address")(_identifier)
 
@@ -72,6 +91,7 @@ class DeviceOut(BaseModel):
     lon: float | None
     enabled: bool
     status: dict[str, Any]
+    comm_loss: dict[str, Any]
 
 
 def _out(row: DeviceRow) -> DeviceOut:
@@ -88,6 +108,7 @@ def _out(row: DeviceRow) -> DeviceOut:
         lon=row.lon,
         enabled=row.enabled,
         status=row.status,
+        comm_loss={"policy": row.comm_loss_policy, "after_s": row.comm_loss_after_s},
     )
 
 
@@ -171,6 +192,8 @@ async def create_device(body: DeviceIn, runtime: RuntimeDep, principal: DeviceMa
                 transport=body.transport,
                 address=address,
                 enabled=body.enabled,
+                comm_loss_policy=body.comm_loss.policy,
+                comm_loss_after_s=body.comm_loss.after_s,
                 created_at=datetime.now(UTC),
             )
             session.add(row)
@@ -180,6 +203,7 @@ async def create_device(body: DeviceIn, runtime: RuntimeDep, principal: DeviceMa
 
     device = await asyncio.to_thread(create)
     runtime.device_registered(device.transport, device.address, device.id)
+    runtime.device_programmes_changed()
     return device
 
 
@@ -190,6 +214,31 @@ async def get_device(device_id: str, runtime: RuntimeDep, principal: Reader) -> 
             return _out(_get_visible(session, runtime, principal, device_id))
 
     return await asyncio.to_thread(get)
+
+
+@router.get("/{device_id}/programme")
+async def get_device_programme(device_id: str, runtime: RuntimeDep, principal: Reader) -> dict[str, Any]:
+    """The programme the speaker keeps for when its link drops (docs/protocol.md §1.10), as built now,
+    and whether the broker holds exactly that (`published`)."""
+
+    def get() -> DeviceRow:
+        with Session(runtime.engine) as session:
+            return _get_visible(session, runtime, principal, device_id)
+
+    row = await asyncio.to_thread(get)
+    programmes = runtime.device_programmes
+    if programmes is None:
+        raise ApiError(503, "unavailable", "id", "the controller is still starting")
+    built = await asyncio.to_thread(programmes.build, runtime.clock.now(), only_device=device_id)
+    if not built:
+        detail = f"device {device_id!r} is not an MQTT speaker: it keeps no programme"
+        raise ApiError(422, "invalid", "id", detail)
+    (programme,) = built
+    return {
+        "device_id": row.id,
+        "document": programme.document,
+        "published": programmes.published_digest(programme.address) == programme.digest,
+    }
 
 
 @router.patch("/{device_id}", response_model=DeviceOut)
@@ -205,6 +254,12 @@ async def patch_device(
                 row.area_code = changes.pop("area")
             if "address" in changes and changes["address"] != row.address:
                 _refuse_address_clash(session, row.transport, changes["address"])
+            if "comm_loss" in changes:
+                comm_loss = changes.pop("comm_loss")
+                if comm_loss is None:
+                    raise ApiError(422, "invalid", "comm_loss", "give a policy, or leave comm_loss out")
+                row.comm_loss_policy = comm_loss["policy"]
+                row.comm_loss_after_s = comm_loss.get("after_s")
             for key, value in changes.items():
                 setattr(row, key, value)
             session.add(row)
@@ -214,6 +269,7 @@ async def patch_device(
 
     device = await asyncio.to_thread(patch)
     runtime.device_registered(device.transport, device.address, device.id)
+    runtime.device_programmes_changed()
     return device
 
 
@@ -235,4 +291,5 @@ async def delete_device(device_id: str, runtime: RuntimeDep, principal: DeviceMa
 
     await asyncio.to_thread(delete)
     runtime.directory.remove(device_id)
+    runtime.device_programmes_changed()
     return Response(status_code=status.HTTP_204_NO_CONTENT)

@@ -1,19 +1,17 @@
 from __future__ import annotations
 
 import asyncio
-import uuid
 from collections.abc import AsyncIterator
-from datetime import UTC, datetime
 
 from fastapi import APIRouter, Request, status
 from fastapi.responses import FileResponse, JSONResponse
 from pydantic import BaseModel
-from sqlmodel import Session, select
+from sqlmodel import Session, col, select
 from starlette.datastructures import UploadFile
 
 from controller.api.deps import MediaUploader, Reader, RuntimeDep
 from controller.api.errors import ApiError
-from controller.services.media import MediaRejected, StoredMedia
+from controller.services.media import MediaRejected, record_media
 from controller.store.models import MediaRow
 
 router = APIRouter(tags=["media"])
@@ -46,27 +44,6 @@ def _out(row: MediaRow) -> MediaOut:
 async def _chunks(upload: UploadFile) -> AsyncIterator[bytes]:
     while chunk := await upload.read(_CHUNK):
         yield chunk
-
-
-def _record(runtime: object, stored: StoredMedia) -> tuple[MediaRow, bool]:
-    with Session(runtime.engine) as session:  # type: ignore[attr-defined]
-        existing = session.exec(select(MediaRow).where(MediaRow.sha256 == stored.sha256)).first()
-        if existing is not None:
-            return existing, False
-        row = MediaRow(
-            id=str(uuid.uuid4()),
-            sha256=stored.sha256,
-            content_type=stored.content_type,
-            format=stored.format,
-            duration_s=stored.duration_s,
-            size_bytes=stored.size_bytes,
-            filename=stored.filename,
-            created_at=datetime.now(UTC),
-        )
-        session.add(row)
-        session.commit()
-        session.refresh(row)
-        return row, True
 
 
 @router.post(
@@ -106,8 +83,19 @@ async def upload_media(request: Request, runtime: RuntimeDep, _principal: MediaU
             raise ApiError(422, "invalid", error.field, error.detail) from error
     finally:
         await form.close()
-    row, created = await asyncio.to_thread(_record, runtime, stored)
+    row, created = await asyncio.to_thread(record_media, runtime.engine, stored)
     return JSONResponse(_out(row).model_dump(), status_code=201 if created else 200)
+
+
+@router.get("/api/v1/media", response_model=list[MediaOut])
+async def list_media(runtime: RuntimeDep, _principal: Reader) -> list[MediaOut]:
+    """The media library, newest first (uploads and the speech made for schedules)."""
+
+    def query() -> list[MediaRow]:
+        with Session(runtime.engine) as session:
+            return list(session.exec(select(MediaRow).order_by(col(MediaRow.created_at).desc())).all())
+
+    return [_out(row) for row in await asyncio.to_thread(query)]
 
 
 @router.get("/api/v1/media/{media_id}", response_model=MediaOut)

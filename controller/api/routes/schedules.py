@@ -9,11 +9,10 @@ from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, model_validato
 
 from controller.api.deps import Broadcaster, Reader, RuntimeDep
 from controller.api.routes.broadcasts import TargetsIn
-from controller.api.routes.media import _record as record_media
 from controller.domain.planner import Targets
 from controller.domain.priority import SUB_PRIORITY_MAX, Priority, PriorityClass
-from controller.services.media import StoredMedia
-from controller.services.schedules import ScheduleSpec
+from controller.services.media import StoredMedia, record_media
+from controller.services.schedules import ScheduleSpec, schedule_time
 from controller.services.tts import SpeechSynthesizer, speech_media_id
 from schedules.conflicts import Resolution
 
@@ -86,7 +85,7 @@ async def _media_ids(content: ScheduleContentIn, runtime: Runtime) -> tuple[str,
         return tuple(content.media_ids or ())
 
     def record(stored: StoredMedia) -> str:
-        row, _created = record_media(runtime, stored)
+        row, _created = record_media(runtime.engine, stored)
         return row.id
 
     media_id = await speech_media_id(
@@ -135,6 +134,9 @@ def _changes(body: SchedulePatch, media_ids: tuple[str, ...]) -> dict[str, Any]:
 
 @router.post("/api/v1/schedules", status_code=status.HTTP_201_CREATED)
 async def create_schedule(body: ScheduleIn, runtime: RuntimeDep, principal: Broadcaster) -> dict[str, Any]:
+    if body.content.tts is not None:
+        # Speech takes seconds to make and is kept: refuse a bad time rule before making it.
+        schedule_time(_spec(body, runtime.settings.timezone, ()))
     spec = _spec(body, runtime.settings.timezone, await _media_ids(body.content, runtime))
     result: dict[str, Any] = await asyncio.to_thread(
         runtime.schedules.create, spec, principal, body.resolution
