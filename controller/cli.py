@@ -168,10 +168,17 @@ def device_add(
     lon: Annotated[float | None, typer.Option()] = None,
     address: Annotated[str | None, typer.Option(help="transport address (defaults to the id)")] = None,
     transport: Annotated[str, typer.Option()] = "mqtt",
+    offline_hours: Annotated[
+        float | None,
+        typer.Option(
+            help="a speaker cut off from the broker stops playing its cached programme after this many "
+            "hours (default: it keeps playing it)"
+        ),
+    ] = None,
     api: ApiOption = None,
     token: TokenOption = None,
 ) -> None:
-    body = {
+    body: dict[str, object] = {
         "id": device_id,
         "kind": kind,
         "area": area,
@@ -181,6 +188,8 @@ def device_add(
         "address": address,
         "transport": transport,
     }
+    if offline_hours is not None:
+        body["comm_loss"] = {"policy": "stop_after", "after_s": round(offline_hours * 3600)}
     with _client(api, token) as client:
         device = _checked(
             client.post("/api/v1/devices", json={k: v for k, v in body.items() if v is not None})

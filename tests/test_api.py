@@ -203,6 +203,38 @@ def test_device_crud(api: ControllerHandle):
         assert client.get(f"/api/v1/devices/{device_id}").status_code == 404
 
 
+def test_a_speakers_comm_loss_policy_is_checked_and_shown_in_its_programme(api: ControllerHandle):
+    with api.client() as client:
+        created = client.post(
+            "/api/v1/devices",
+            json={
+                "kind": "speaker",
+                "area": "hn.a.t3",
+                "comm_loss": {"policy": "stop_after", "after_s": 7200},
+            },
+        )
+        assert created.status_code == 201, created.text
+        device_id = created.json()["id"]
+        assert created.json()["comm_loss"] == {"policy": "stop_after", "after_s": 7200}
+        programme = client.get(f"/api/v1/devices/{device_id}/programme").json()
+        assert programme["document"]["comm_loss"] == {"policy": "stop_after", "after_s": 7200}
+        assert programme["document"]["device"] == created.json()["address"]
+        for bad, field in (
+            ({"policy": "stop_after"}, "comm_loss"),
+            ({"policy": "keep", "after_s": 60}, "comm_loss"),
+            ({"policy": "stop_after", "after_s": -1}, "comm_loss.after_s"),
+            ({"policy": "forever"}, "comm_loss.policy"),
+        ):
+            refused = client.patch(f"/api/v1/devices/{device_id}", json={"comm_loss": bad})
+            assert refused.status_code == 422, refused.text
+            assert refused.json()["field"] == field, (bad, refused.json())
+        kept = client.get(f"/api/v1/devices/{device_id}").json()
+        assert kept["comm_loss"] == {"policy": "stop_after", "after_s": 7200}  # nothing changed
+        keep = client.patch(f"/api/v1/devices/{device_id}", json={"comm_loss": {"policy": "keep"}})
+        assert keep.json()["comm_loss"] == {"policy": "keep", "after_s": None}
+        assert client.delete(f"/api/v1/devices/{device_id}").status_code == 204
+
+
 def test_health_metrics_and_openapi(api: ControllerHandle):
     with api.client() as client:
         health = client.get("/healthz")

@@ -17,7 +17,7 @@ import pytest
 
 from tests.support.broker import TestBroker
 from tests.support.proxy import LinkRelay
-from tests.support.scenario import SPEAKERS, seed, upload
+from tests.support.scenario import running_fleet, schedule_history, seed, upload
 from tests.support.system import ControllerHandle, FleetHandle
 
 pytestmark = pytest.mark.integration
@@ -34,18 +34,8 @@ def relay(mosquitto: TestBroker) -> Iterator[LinkRelay]:
 
 @pytest.fixture
 def cut_off_fleet(tmp_path: Path, mosquitto: TestBroker, relay: LinkRelay) -> Iterator[FleetHandle]:
-    handle = FleetHandle(
-        mosquitto,
-        tmp_path / "fleet",
-        [a for group in SPEAKERS.values() for a in group],
-        mqtt_url=relay.url,
-    )
-    handle.workdir.mkdir()
-    handle.start()
-    try:
+    with running_fleet(tmp_path / "fleet", mosquitto, mqtt_url=relay.url) as handle:
         yield handle
-    finally:
-        handle.stop()
 
 
 def _local(moment: datetime) -> str:
@@ -96,14 +86,6 @@ def _broadcast(controller: ControllerHandle, broadcast_id: str) -> dict[str, Any
     return result
 
 
-def _history(controller: ControllerHandle, schedule_id: str) -> list[dict[str, Any]]:
-    with controller.client() as client:
-        response = client.get(f"/api/v1/schedules/{schedule_id}/history")
-    assert response.status_code == 200, response.text
-    result: list[dict[str, Any]] = response.json()
-    return result
-
-
 def test_a_speaker_cut_off_plays_its_cached_programme_and_the_plays_are_reconciled(
     controller: ControllerHandle, cut_off_fleet: FleetHandle, relay: LinkRelay
 ) -> None:
@@ -141,10 +123,10 @@ def test_a_speaker_cut_off_plays_its_cached_programme_and_the_plays_are_reconcil
     )
     relay.cut()
     # The occurrences fire while the speakers are cut off: the controller cannot reach them.
-    _wait(lambda: len(_history(controller, normal["id"])) == 1, "the normal occurrence to fire")
-    _wait(lambda: len(_history(controller, urgent["id"])) == 1, "the priority occurrence to fire")
-    (normal_fired,) = _history(controller, normal["id"])
-    (urgent_fired,) = _history(controller, urgent["id"])
+    _wait(lambda: len(schedule_history(controller, normal["id"])) == 1, "the normal occurrence to fire")
+    _wait(lambda: len(schedule_history(controller, urgent["id"])) == 1, "the priority occurrence to fire")
+    (normal_fired,) = schedule_history(controller, normal["id"])
+    (urgent_fired,) = schedule_history(controller, urgent["id"])
     normal_id, urgent_id = normal_fired["broadcast_id"], urgent_fired["broadcast_id"]
     _wait(
         lambda: {d["state"] for d in _broadcast(controller, normal_id)["deliveries"]} == {"expired"},
@@ -201,8 +183,8 @@ def test_a_controller_killed_during_a_programme_plays_nothing_twice_and_loses_no
     second = _create(
         controller, media_id, name="Lúc tắt", targets={"areas": ["hn.a.t2"]}, dtstart=_local(second_at)
     )
-    _wait(lambda: len(_history(controller, first["id"])) == 1, "the first occurrence to fire")
-    (fired,) = _history(controller, first["id"])
+    _wait(lambda: len(schedule_history(controller, first["id"])) == 1, "the first occurrence to fire")
+    (fired,) = schedule_history(controller, first["id"])
     first_id = fired["broadcast_id"]
     _wait(lambda: len(_plays(fleet, first_id, "playing")) == 2, "both speakers of group 1 to start playing")
     controller.kill()
@@ -213,7 +195,7 @@ def test_a_controller_killed_during_a_programme_plays_nothing_twice_and_loses_no
         lambda: {d["state"] for d in _broadcast(controller, first_id)["deliveries"]} == {"completed"},
         "the first occurrence's completions, reported while the controller was down",
     )
-    (late,) = _history(controller, second["id"])
+    (late,) = schedule_history(controller, second["id"])
     assert late["outcome"] == "fired"
     second_id = late["broadcast_id"]
     _wait(
@@ -222,7 +204,10 @@ def test_a_controller_killed_during_a_programme_plays_nothing_twice_and_loses_no
     )
     controller.stop()
     controller.start()  # and a second restart changes nothing
-    assert len(_history(controller, first["id"])) == 1 and len(_history(controller, second["id"])) == 1
+    assert (
+        len(schedule_history(controller, first["id"])) == 1
+        and len(schedule_history(controller, second["id"])) == 1
+    )
     for broadcast_id, addresses in ((first_id, {"a1-1", "a1-2"}), (second_id, {"a2-1", "a2-2"})):
         started = [p["address"] for p in _plays(fleet, broadcast_id, "playing")]
         assert sorted(started) == sorted(addresses), started  # each speaker exactly once

@@ -10,7 +10,7 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
-from tests.support.scenario import all_ended, seed, upload
+from tests.support.scenario import all_ended, schedule_history, seed, upload
 from tests.support.system import ControllerHandle, EventWatcher, FleetHandle
 
 pytestmark = pytest.mark.integration
@@ -153,14 +153,6 @@ def _soon(seconds: int) -> str:
     return moment.replace(tzinfo=None).isoformat()
 
 
-def _history(controller: ControllerHandle, schedule_id: str) -> list[dict[str, Any]]:
-    with controller.client() as client:
-        response = client.get(f"/api/v1/schedules/{schedule_id}/history")
-    assert response.status_code == 200, response.text
-    result: list[dict[str, Any]] = response.json()
-    return result
-
-
 def test_a_schedule_fires_on_time_on_its_group(controller: ControllerHandle, fleet: FleetHandle):
     seed(controller)
     media_id = upload(controller, 1.0)
@@ -175,7 +167,7 @@ def test_a_schedule_fires_on_time_on_its_group(controller: ControllerHandle, fle
         )
         broadcast_id = next(e["broadcast_id"] for e in watcher.events if e.get("type") == "delivery")
         watcher.wait_for(all_ended(broadcast_id, 2, "completed"), what="the group's 2 speakers completed")
-    (entry,) = _history(controller, schedule_id)
+    (entry,) = schedule_history(controller, schedule_id)
     assert entry["outcome"] == "fired" and entry["broadcast_id"] == broadcast_id
     played = {
         p["address"] for p in fleet.plays() if p["broadcast_id"] == broadcast_id and p["event"] == "playing"
@@ -207,7 +199,7 @@ def test_occurrences_missed_while_down_play_late_within_grace_or_are_recorded_mi
     threading.Event().wait(max(0.0, (planned - datetime.now(UTC)).total_seconds() + 2.5))
     controller.extra_env = {"WARDCAST_SCHEDULES__GRACE_S__PRIORITY": "1"}
     controller.start()  # catches up before it reports READY
-    (played,) = _history(controller, soon.json()["id"])
-    (missed,) = _history(controller, late.json()["id"])
+    (played,) = schedule_history(controller, soon.json()["id"])
+    (missed,) = schedule_history(controller, late.json()["id"])
     assert played["outcome"] == "fired"
     assert missed["outcome"] == "missed" and "grace time of 1 s" in missed["detail"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import secrets
 from collections.abc import Iterator
@@ -119,15 +120,33 @@ def all_in(broadcast_id: str, count: int, state: str):
     return check
 
 
-@pytest.fixture
-def fleet(tmp_path: Path, mosquitto: TestBroker) -> Iterator[FleetHandle]:
-    handle = FleetHandle(mosquitto, tmp_path / "fleet", [a for group in SPEAKERS.values() for a in group])
+@contextlib.contextmanager
+def running_fleet(workdir: Path, broker: TestBroker, *, mqtt_url: str | None = None) -> Iterator[FleetHandle]:
+    """The city's speakers simulated in one process, connected directly or through `mqtt_url`."""
+    handle = FleetHandle(
+        broker, workdir, [a for group in SPEAKERS.values() for a in group], mqtt_url=mqtt_url
+    )
     handle.workdir.mkdir()
     handle.start()
     try:
         yield handle
     finally:
         handle.stop()
+
+
+@pytest.fixture
+def fleet(tmp_path: Path, mosquitto: TestBroker) -> Iterator[FleetHandle]:
+    with running_fleet(tmp_path / "fleet", mosquitto) as handle:
+        yield handle
+
+
+def schedule_history(controller: ControllerHandle, schedule_id: str) -> list[dict[str, Any]]:
+    """Each occurrence of the schedule so far: fired (with its broadcast), missed or failed."""
+    with controller.client() as client:
+        response = client.get(f"/api/v1/schedules/{schedule_id}/history")
+    assert response.status_code == 200, response.text
+    result: list[dict[str, Any]] = response.json()
+    return result
 
 
 def wait_until_ended(
