@@ -16,17 +16,22 @@ from sqlmodel import Session, select
 from controller.broker import BrokerAccount, ManagedMosquitto
 from controller.domain.areas import AreaTree
 from controller.domain.clock import Clock, SystemClock
+from controller.services.alerts import AlertService
+from controller.services.audit import AuditLog
 from controller.services.auth import Principal, authenticate
 from controller.services.broadcasts import BroadcastService
+from controller.services.cap_intake import CapIntake
 from controller.services.device_programmes import DeviceProgrammes
 from controller.services.dispatcher import Dispatcher
 from controller.services.events import EventBus
 from controller.services.inbound import DeviceDirectory, InboundProcessor
 from controller.services.media import MediaStore
+from controller.services.rate_limit import RateLimiter
 from controller.services.schedule_runner import ScheduleRunner
 from controller.services.schedules import ScheduleService
 from controller.services.targets import load_area_tree
 from controller.services.tracker import DeliveryTracker
+from controller.services.webhooks import AlertWebhooks
 from controller.settings import Settings
 from controller.store.db import create_db_engine, migrate
 from controller.store.models import DeviceRow
@@ -75,6 +80,10 @@ class Runtime:
         self.schedules = ScheduleService(self.engine, settings.schedules, now=self.clock.now)
         self.schedule_runner: ScheduleRunner | None = None
         self.device_programmes: DeviceProgrammes | None = None
+        self.audit = AuditLog(self.engine, self.clock)
+        self.rate_limiter = RateLimiter(settings.alerts.rate_limit_per_minute)
+        self._alerts: AlertService | None = None
+        self._cap_intake: CapIntake | None = None
 
     # -- lifecycle -----------------------------------------------------------------------------
     async def start(self) -> None:
@@ -108,6 +117,20 @@ class Runtime:
             default_expiry_s=self.settings.dispatch.default_expiry_s,
         )
         self.tracker.on_ended = self._broadcasts.delivery_ended
+        self._alerts = AlertService(
+            self.engine,
+            self._broadcasts,
+            self.audit,
+            self.media_store,
+            self.clock,
+            settings=self.settings.alerts,
+            tts=self.settings.tts,
+        )
+        self._cap_intake = CapIntake(self._alerts, self.settings.alerts, self.clock)
+        webhooks = AlertWebhooks(self.bus, self.settings.alerts, self.clock, progress=self._alerts.progress)
+        self._alerts.on_dispatched = webhooks.watch
+        for alert_id, broadcast_id, url in await asyncio.to_thread(self._alerts.webhooks_to_resume):
+            webhooks.watch(alert_id, broadcast_id, url)
         self.schedule_runner = ScheduleRunner(
             self.engine, self._broadcasts, self.settings.schedules, self.clock
         )
@@ -139,6 +162,7 @@ class Runtime:
             asyncio.create_task(self.tracker.run(), name="tracker"),
             asyncio.create_task(inbound.run(self.driver.events()), name="inbound"),
             asyncio.create_task(programmes.run(), name="device-programmes"),
+            asyncio.create_task(webhooks.run(), name="alert-webhooks"),
         ]
         log.info("controller started", broker=url, database=self.engine.url.render_as_string())
 
@@ -184,6 +208,18 @@ class Runtime:
         if self._broadcasts is None:
             raise RuntimeError("the controller is not started")
         return self._broadcasts
+
+    @property
+    def alerts(self) -> AlertService:
+        if self._alerts is None:
+            raise RuntimeError("the controller is not started")
+        return self._alerts
+
+    @property
+    def cap_intake(self) -> CapIntake:
+        if self._cap_intake is None:
+            raise RuntimeError("the controller is not started")
+        return self._cap_intake
 
     async def authenticate(self, token: str) -> Principal | None:
         return await asyncio.to_thread(authenticate, self.engine, token)

@@ -151,6 +151,41 @@ class TtsSettings(_Section):
     max_chars: Annotated[int, Field(ge=1, le=100_000)] = 5000
 
 
+class AlertTemplateTargets(_Section):
+    areas: tuple[str, ...] = ()
+    devices: tuple[str, ...] = ()
+
+
+class AlertTemplate(_Section):
+    """A message the city approved in advance: an IOC key may send it live city-wide without a second
+    person (the two-person rule of issue 4)."""
+
+    headline: str = Field(min_length=1, max_length=200)
+    text: str = Field(default="", max_length=5000)
+    targets: AlertTemplateTargets
+
+
+class AlertSettings(_Section):
+    """Alerts from the IOC and operators (issue 4): limits, drill wording, CAP geocodes, webhooks."""
+
+    # Per API key, over a sliding minute: every call of an `ioc` key, and every alert call of any key.
+    rate_limit_per_minute: Annotated[int, Field(ge=1, le=100_000)] = 60
+    default_expiry_s: Annotated[int, Field(ge=60, le=7 * 86_400)] = 3600
+    max_repeats: Annotated[int, Field(ge=1, le=100)] = 10
+    # Spoken after the drill prefix tone and before the text of every drill.
+    drill_announcement: str = Field(default="Đây là tin diễn tập.", min_length=1, max_length=200)
+    # CAP <geocode> valueNames whose value is one of our area codes (ward, residential group).
+    geocode_value_names: tuple[str, ...] = ("WARDCAST_AREA", "VN_WARD_CODE", "VN_GROUP_CODE")
+    webhook_timeout_s: Annotated[float, Field(gt=0, le=60)] = 5.0
+    webhook_attempts: Annotated[int, Field(ge=1, le=20)] = 6
+    # Signs webhook bodies (HMAC-SHA256); none means callbacks are refused.
+    webhook_secret: SecretStr | None = None
+    # A live alert reaching this share of all speakers and screens (or naming a root area) is city-wide:
+    # made by a person, it waits for a second person's approval.
+    city_wide_share: Annotated[float, Field(gt=0, le=1)] = 0.8
+    templates: dict[str, AlertTemplate] = Field(default_factory=dict)
+
+
 class LoggingSettings(_Section):
     level: Literal["debug", "info", "warning", "error"] = "info"
     format: Literal["console", "json"] = "console"
@@ -169,6 +204,7 @@ class Settings(BaseSettings):
     http: HttpSettings = HttpSettings()
     mqtt: MqttSettings = MqttSettings()
     media: MediaSettings = MediaSettings()
+    alerts: AlertSettings = AlertSettings()
     dispatch: DispatchSettings = DispatchSettings()
     schedules: SchedulesSettings = SchedulesSettings()
     tts: TtsSettings = TtsSettings()

@@ -10,7 +10,7 @@ from firmware_sim import fleet
 _USAGE = """usage: python -m firmware_sim COMMAND [OPTIONS]
 
 commands:
-  fleet    run simulated smart-radio speakers (python -m firmware_sim fleet --help)
+  fleet    run simulated smart-radio speakers and LED screens (python -m firmware_sim fleet --help)
 """
 
 

@@ -1,10 +1,12 @@
-"""Thousands of simulated speakers, in one process or split over several.
+"""Thousands of simulated speakers (and LED screens), in one process or split over several.
 
     python -m firmware_sim fleet --mqtt-url mqtt://127.0.0.1:1883 --username device --password … \\
         --count 5000 --prefix sim- --speed 20
 
-prints `READY <n>` on stdout once every speaker is connected and subscribed, and shuts every speaker
+prints `READY <n>` on stdout once every device is connected and subscribed, and shuts every device
 down cleanly (retained `offline`, reason `shutdown`) on SIGTERM or SIGINT, then exits 0.
+Speakers are simulated by default; `--kinds speaker,led_screen` also starts the networked LED screens
+(firmware_sim/screen.py) that `--csv` and `--from-api` list.
 """
 
 from __future__ import annotations
@@ -23,19 +25,20 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Final, Self, cast, get_args
+from typing import Any, Final, Literal, Self, TypeVar, cast, get_args
 
 import httpx
 
 from firmware_sim import wire
-from firmware_sim.speaker import (
+from firmware_sim.device import (
     DEFAULT_HTTP_CONNECTIONS,
     BrokerSettings,
+    MqttDevice,
     MqttProtocol,
-    SimulatedSpeaker,
-    SpeakerRuntime,
     parse_mqtt_url,
 )
+from firmware_sim.screen import SimulatedLedScreen
+from firmware_sim.speaker import SimulatedSpeaker, SpeakerRuntime
 from firmware_sim.wire import Clock, utc_now
 
 logger = logging.getLogger(__name__)
@@ -48,6 +51,11 @@ _EXIT_FAILED: Final = 1
 _EXIT_USAGE: Final = 2
 _WORKER_STOP_TIMEOUT_S: Final = 60.0
 
+DeviceKind = Literal["speaker", "led_screen"]
+DEVICE_KINDS: Final[tuple[DeviceKind, ...]] = get_args(DeviceKind)
+SPEAKERS_ONLY: Final[tuple[DeviceKind, ...]] = ("speaker",)
+_T = TypeVar("_T")
+
 
 class FleetError(RuntimeError):
     """The fleet could not be assembled or could not connect."""
@@ -56,6 +64,7 @@ class FleetError(RuntimeError):
 @dataclass(frozen=True, slots=True)
 class FleetConfig:
     broker: BrokerSettings
+    # The speakers' addresses.
     addresses: tuple[str, ...]
     speed: float = 1.0
     play_log: Path | None = None
@@ -63,6 +72,14 @@ class FleetConfig:
     connect_concurrency: int = 100
     connect_timeout_s: float = 60.0
     http_connections: int = DEFAULT_HTTP_CONNECTIONS
+    # The LED screens' addresses (§1.11).
+    screens: tuple[str, ...] = ()
+
+    def devices(self) -> list[tuple[str, DeviceKind]]:
+        """Every device of the fleet with its kind, speakers first."""
+        return [(address, "speaker") for address in self.addresses] + [
+            (address, "led_screen") for address in self.screens
+        ]
 
     def to_json(self) -> str:
         document = dataclasses.asdict(self)
@@ -76,20 +93,23 @@ class FleetConfig:
         return cls(
             broker=BrokerSettings(**document.pop("broker")),
             addresses=tuple(document.pop("addresses")),
+            screens=tuple(document.pop("screens", ())),
             play_log=Path(play_log) if play_log is not None else None,
             **document,
         )
 
 
 class Fleet:
-    """Every speaker of `config` in this process; entering returns once all are subscribed.
+    """Every speaker and LED screen of `config` in this process; entering returns once all are
+    subscribed.
 
     async with Fleet(config) as fleet:
         fleet.speakers["sim-00001"].playing
+        fleet.screens["led-00001"].headline
     """
 
     def __init__(self, config: FleetConfig, *, clock: Clock = utc_now) -> None:
-        for address in config.addresses:
+        for address, _ in config.devices():
             if not wire.is_valid_address(address):
                 raise FleetError(f"{address!r} is not a device address ({wire.ADDRESS_PATTERN.pattern})")
         self.config = config
@@ -106,8 +126,12 @@ class Fleet:
     def speakers(self) -> Mapping[str, SimulatedSpeaker]:
         return self.runtime.speakers
 
+    @property
+    def screens(self) -> Mapping[str, SimulatedLedScreen]:
+        return self.runtime.screens
+
     def __len__(self) -> int:
-        return len(self.runtime.speakers)
+        return len(self.runtime.devices)
 
     async def __aenter__(self) -> Self:
         try:
@@ -134,22 +158,26 @@ class Fleet:
         # steady stream instead of one storm.
         gate = asyncio.Semaphore(self.config.connect_concurrency)
 
-        async def connect(speaker: SimulatedSpeaker) -> None:
+        async def connect(device: MqttDevice[Any, Any]) -> None:
             async with gate:
-                await speaker.start(timeout=self.config.connect_timeout_s)
+                await device.start(timeout=self.config.connect_timeout_s)
 
-        speakers = [self.runtime.speaker(address) for address in self.config.addresses]
-        results = await asyncio.gather(*(connect(speaker) for speaker in speakers), return_exceptions=True)
+        devices: list[MqttDevice[Any, Any]] = [
+            self.runtime.speaker(address) for address in self.config.addresses
+        ]
+        devices += [self.runtime.led_screen(address) for address in self.config.screens]
+        results = await asyncio.gather(*(connect(device) for device in devices), return_exceptions=True)
         failures = [
-            (speaker, result) for speaker, result in zip(speakers, results, strict=True) if result is not None
+            (device, result) for device, result in zip(devices, results, strict=True) if result is not None
         ]
         for _, result in failures:
             if isinstance(result, asyncio.CancelledError):
                 raise result
         if failures:
-            speaker, first = failures[0]
+            device, first = failures[0]
+            noun = "devices" if self.config.screens else "speakers"
             raise FleetError(
-                f"{len(failures)} of {len(speakers)} speakers could not connect; {speaker.address}: {first!r}"
+                f"{len(failures)} of {len(devices)} {noun} could not connect; {device.address}: {first!r}"
             ) from first
 
 
@@ -161,7 +189,7 @@ async def run_fleet(
     clock: Clock = utc_now,
 ) -> int:
     """Runs the fleet until `stop` is set (or the task is cancelled); sets `ready` once all are
-    subscribed. Returns the number of speakers that ran."""
+    subscribed. Returns the number of devices that ran."""
     async with Fleet(config, clock=clock) as fleet:
         if ready is not None:
             ready.set()
@@ -174,43 +202,60 @@ async def run_fleet(
 
 def addresses_from_csv(path: Path) -> list[str]:
     """The `address` column of the rows whose optional `kind` column is empty or `speaker`."""
+    return [address for address, _ in devices_from_csv(path)]
+
+
+def devices_from_csv(path: Path, kinds: Iterable[DeviceKind] = SPEAKERS_ONLY) -> list[tuple[str, DeviceKind]]:
+    """(address, kind) of the rows whose `kind` is one of `kinds`; an empty or missing `kind` is a
+    speaker, and rows of other kinds (sensors, …) are left out."""
+    wanted = frozenset(kinds)
     with path.open(newline="", encoding="utf-8-sig") as source:
         reader = csv.DictReader(source)
         if reader.fieldnames is None or "address" not in reader.fieldnames:
             raise FleetError(f"{path}: the CSV has no 'address' column")
-        addresses = []
+        devices: list[tuple[str, DeviceKind]] = []
         for line_number, row in enumerate(reader, start=2):
-            kind = (row.get("kind") or "").strip().lower()
-            if kind not in {"", "speaker"}:
+            kind = (row.get("kind") or "").strip().lower() or "speaker"
+            if kind not in wanted:
                 continue
             address = (row.get("address") or "").strip()
             if not address:
                 raise FleetError(f"{path}:{line_number}: the address is empty")
-            addresses.append(address)
-        return addresses
+            devices.append((address, cast("DeviceKind", kind)))
+        return devices
 
 
 def addresses_from_api(base_url: str, token: str, *, timeout_s: float = 30.0) -> list[str]:
     """The MQTT speakers the controller knows: GET {base_url}/api/v1/devices?kind=speaker."""
+    return [address for address, _ in devices_from_api(base_url, token, timeout_s=timeout_s)]
+
+
+def devices_from_api(
+    base_url: str, token: str, kinds: Iterable[DeviceKind] = SPEAKERS_ONLY, *, timeout_s: float = 30.0
+) -> list[tuple[str, DeviceKind]]:
+    """(address, kind) of the MQTT devices of `kinds` the controller knows: one
+    GET {base_url}/api/v1/devices?kind=… per kind."""
     url = f"{base_url.rstrip('/')}/api/v1/devices"
-    try:
-        response = httpx.get(
-            url, params={"kind": "speaker"}, headers={"Authorization": f"Bearer {token}"}, timeout=timeout_s
-        )
-        response.raise_for_status()
-        document = response.json()
-    except (httpx.HTTPError, ValueError) as error:
-        raise FleetError(f"cannot list the devices at {url}: {error}") from error
-    items = document.get("items") if isinstance(document, dict) else document
-    if not isinstance(items, list):
-        raise FleetError(f"{url} answered neither a list of devices nor an object with 'items'")
-    addresses = []
-    for item in items:
-        if not isinstance(item, dict) or not isinstance(item.get("address"), str):
-            raise FleetError(f"{url}: a device without a string 'address': {item!r}")
-        if item.get("transport") == "mqtt" and item.get("kind", "speaker") == "speaker":
-            addresses.append(item["address"])
-    return addresses
+    devices: list[tuple[str, DeviceKind]] = []
+    for kind in kinds:
+        try:
+            response = httpx.get(
+                url, params={"kind": kind}, headers={"Authorization": f"Bearer {token}"}, timeout=timeout_s
+            )
+            response.raise_for_status()
+            document = response.json()
+        except (httpx.HTTPError, ValueError) as error:
+            raise FleetError(f"cannot list the devices at {url}: {error}") from error
+        items = document.get("items") if isinstance(document, dict) else document
+        if not isinstance(items, list):
+            raise FleetError(f"{url} answered neither a list of devices nor an object with 'items'")
+        for item in items:
+            if not isinstance(item, dict) or not isinstance(item.get("address"), str):
+                raise FleetError(f"{url}: a device without a string 'address': {item!r}")
+            # The server filters by kind; a device that does not say its kind is taken at its word.
+            if item.get("transport") == "mqtt" and item.get("kind", kind) == kind:
+                devices.append((item["address"], kind))
+    return devices
 
 
 def generated_addresses(count: int, prefix: str, start: int = 1) -> list[str]:
@@ -218,11 +263,23 @@ def generated_addresses(count: int, prefix: str, start: int = 1) -> list[str]:
     return [f"{prefix}{index:05d}" for index in range(start, start + count)]
 
 
-def _unique(addresses: Iterable[str]) -> tuple[str, ...]:
-    return tuple(dict.fromkeys(addresses))
+def _unique(devices: Iterable[tuple[str, DeviceKind]]) -> list[tuple[str, DeviceKind]]:
+    """Each address once, with the kind of its first mention."""
+    first: dict[str, DeviceKind] = {}
+    for address, kind in devices:
+        first.setdefault(address, kind)
+    return list(first.items())
 
 
-def split_evenly(addresses: Sequence[str], parts: int) -> list[tuple[str, ...]]:
+def _by_kind(devices: Sequence[tuple[str, DeviceKind]]) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """The speakers' and the LED screens' addresses, for `FleetConfig.addresses` and `.screens`."""
+    return (
+        tuple(address for address, kind in devices if kind == "speaker"),
+        tuple(address for address, kind in devices if kind == "led_screen"),
+    )
+
+
+def split_evenly(addresses: Sequence[_T], parts: int) -> list[tuple[_T, ...]]:
     size, extra = divmod(len(addresses), parts)
     chunks, begin = [], 0
     for part in range(parts):
@@ -238,7 +295,8 @@ def split_evenly(addresses: Sequence[str], parts: int) -> list[tuple[str, ...]]:
 def build_parser(prog: str = "python -m firmware_sim fleet") -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=prog,
-        description="Simulated smart-radio speakers speaking Wardcast MQTT (docs/protocol.md §1).",
+        description="Simulated smart-radio speakers and LED screens speaking Wardcast MQTT "
+        "(docs/protocol.md §1).",
     )
     broker = parser.add_argument_group("broker")
     broker.add_argument("--mqtt-url", default="mqtt://127.0.0.1:1883", help="mqtt://host:port")
@@ -260,9 +318,16 @@ def build_parser(prog: str = "python -m firmware_sim fleet") -> argparse.Argumen
         "--csv", type=Path, metavar="FILE", help="a CSV with an 'address' and an optional 'kind' column"
     )
     devices.add_argument(
-        "--from-api", metavar="URL", help="the controller's base URL, to list its MQTT speakers"
+        "--from-api", metavar="URL", help="the controller's base URL, to list its MQTT devices of --kinds"
     )
     devices.add_argument("--token", help="the API bearer token for --from-api")
+    devices.add_argument(
+        "--kinds",
+        default="speaker",
+        metavar="K,K",
+        help=f"the kinds --csv and --from-api start, of {', '.join(DEVICE_KINDS)} (default: %(default)s); "
+        "--addresses and --count are speakers",
+    )
     devices.add_argument("--addresses", metavar="A,B,C", help="comma-separated addresses")
     devices.add_argument("--count", type=int, default=0, metavar="N", help="generate N addresses")
     devices.add_argument(
@@ -293,6 +358,14 @@ def build_parser(prog: str = "python -m firmware_sim fleet") -> argparse.Argumen
     return parser
 
 
+def _kinds(text: str) -> tuple[DeviceKind, ...]:
+    kinds = [kind.strip().lower() for kind in text.split(",") if kind.strip()]
+    unknown = [kind for kind in kinds if kind not in DEVICE_KINDS]
+    if unknown or not kinds:
+        raise FleetError(f"--kinds takes a comma-separated list of {', '.join(DEVICE_KINDS)}, not {text!r}")
+    return tuple(cast("DeviceKind", kind) for kind in dict.fromkeys(kinds))
+
+
 def config_from_arguments(arguments: argparse.Namespace) -> FleetConfig:
     if arguments.speed <= 0:
         raise FleetError("--speed must be greater than 0")
@@ -306,24 +379,31 @@ def config_from_arguments(arguments: argparse.Namespace) -> FleetConfig:
         host, port = parse_mqtt_url(arguments.mqtt_url)
     except ValueError as error:
         raise FleetError(str(error)) from error
-    addresses: list[str] = []
+    kinds = _kinds(arguments.kinds)
+    devices: list[tuple[str, DeviceKind]] = []
     if arguments.csv is not None:
         try:
-            addresses += addresses_from_csv(arguments.csv)
+            devices += devices_from_csv(arguments.csv, kinds)
         except OSError as error:
             raise FleetError(f"cannot read {arguments.csv}: {error}") from error
     if arguments.from_api is not None:
         if not arguments.token:
             raise FleetError("--from-api needs --token")
-        addresses += addresses_from_api(arguments.from_api, arguments.token)
+        devices += devices_from_api(arguments.from_api, arguments.token, kinds)
     if arguments.addresses:
-        addresses += [address.strip() for address in arguments.addresses.split(",") if address.strip()]
+        devices += [
+            (address.strip(), "speaker") for address in arguments.addresses.split(",") if address.strip()
+        ]
     if arguments.count:
-        addresses += generated_addresses(arguments.count, arguments.prefix, arguments.start)
-    unique = _unique(addresses)
+        devices += [
+            (address, "speaker")
+            for address in generated_addresses(arguments.count, arguments.prefix, arguments.start)
+        ]
+    unique = _unique(devices)
     if not unique:
         raise FleetError("no speakers to simulate: give --csv, --from-api, --addresses or --count")
-    invalid = [address for address in unique if not wire.is_valid_address(address)]
+    invalid = [address for address, _ in unique if not wire.is_valid_address(address)]
+    speakers, screens = _by_kind(unique)
     if invalid:
         raise FleetError(f"not device addresses ({wire.ADDRESS_PATTERN.pattern}): {', '.join(invalid[:5])}")
     password = (
@@ -340,7 +420,8 @@ def config_from_arguments(arguments: argparse.Namespace) -> FleetConfig:
             protocol=cast("MqttProtocol", arguments.protocol),
             keepalive_s=arguments.keepalive,
         ),
-        addresses=unique,
+        addresses=speakers,
+        screens=screens,
         speed=arguments.speed,
         play_log=arguments.play_log,
         shared_media_cache=arguments.shared_media_cache,
@@ -361,7 +442,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.error(str(error))
     except SystemExit as exit_request:  # argparse exits on --help and on usage errors
         return exit_request.code if isinstance(exit_request.code, int) else _EXIT_USAGE
-    if arguments.processes > 1 and len(config.addresses) > 1:
+    if arguments.processes > 1 and len(config.devices()) > 1:
         return asyncio.run(_supervise(config, arguments.processes, arguments.log_level))
     return asyncio.run(_serve(config))
 
@@ -442,9 +523,11 @@ async def _supervise(config: FleetConfig, processes: int, log_level: str) -> int
     workers: list[asyncio.subprocess.Process] = []
     with _stop_on_signals(stop):
         try:
-            for chunk in split_evenly(config.addresses, processes):
+            for chunk in split_evenly(config.devices(), processes):
+                speakers, screens = _by_kind(chunk)
+                part = dataclasses.replace(config, addresses=speakers, screens=screens)
                 # One at a time, so that a failed spawn still leaves the started ones to stop.
-                worker = await _spawn_worker(dataclasses.replace(config, addresses=chunk), log_level)
+                worker = await _spawn_worker(part, log_level)
                 workers.append(worker)
             readiness = asyncio.ensure_future(asyncio.gather(*(_await_ready(worker) for worker in workers)))
             if not await _first_of(readiness, stop):

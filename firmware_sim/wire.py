@@ -6,9 +6,11 @@ device publishes. Nothing here touches the network, so the speaker can stay a th
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import re
+import unicodedata
 import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -25,12 +27,18 @@ PRIORITY_BANDS: Final[Mapping[str, int]] = {"normal": 0, "priority": 1, "emergen
 PLAY_MODES: Final = frozenset({"live", "drill"})
 STOP_REASONS: Final = frozenset({"cancelled", "preempted", "all_clear"})
 STOP_ALL: Final = "*"
+# LED screens (§1.11)
+SCREEN_COLORS: Final = frozenset({"red", "amber", "green", "white"})
+HEADLINE_MAX_CHARS: Final = 200
+BODY_MAX_CHARS: Final = 2000
+DISPLAY_MAX_S: Final = 86_400.0
 
 ReportState = Literal[
     "delivered", "playing", "completed", "interrupted", "stopped", "failed", "expired", "rejected"
 ]
 Clock = Callable[[], datetime]
 _T = TypeVar("_T")
+_C = TypeVar("_C")
 
 _TIMESTAMP = re.compile(r"(\d{4})-(\d{2})-(\d{2})T(\d{2}):(\d{2}):(\d{2})(?:\.(\d{1,6}))?Z")
 _SHA256_HEX = re.compile(r"[0-9a-fA-F]{64}")
@@ -124,7 +132,39 @@ class StopCommand:
     reason: str
 
 
+@dataclass(frozen=True, slots=True)
+class ScreenText:
+    headline: str
+    body: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class ScreenStyle:
+    color: str
+    blink: bool
+
+
+@dataclass(frozen=True, slots=True)
+class ShowCommand:
+    """A `show` for an LED screen (§1.11)."""
+
+    id: str
+    correlation_id: str
+    device: str
+    issued_at: datetime
+    expires_at: datetime
+    seq: int
+    broadcast_id: str
+    priority: Priority
+    mode: str
+    text: ScreenText
+    display_s: float
+    # The defaults of §1.11 filled in when the command carries no (or a partial) `style`.
+    style: ScreenStyle
+
+
 Command = PlayCommand | StopCommand
+ScreenCommand = ShowCommand | StopCommand
 
 
 class UnidentifiableCommandError(ValueError):
@@ -164,8 +204,38 @@ def open_envelope(payload: bytes | bytearray) -> Envelope:
     return Envelope(command_id, correlation_id if isinstance(correlation_id, str) else "", document)
 
 
+@dataclass(frozen=True, slots=True)
+class _Header:
+    """The members §1.3 gives every command, validated; each command type adds its own."""
+
+    id: str
+    correlation_id: str
+    device: str
+    issued_at: datetime
+    expires_at: datetime
+    seq: int
+
+    def members(self) -> dict[str, Any]:
+        return {field.name: getattr(self, field.name) for field in dataclasses.fields(self)}
+
+
+_CommandParser = Callable[[Mapping[str, Any], _Header], _C]
+
+
 def parse_command(envelope: Envelope, address: str) -> Command:
-    """Validates every member §1.3 defines; raises `CommandRejectedError` naming the first bad one."""
+    """Validates a speaker's command, every member §1.3 defines; raises `CommandRejectedError` naming
+    the first bad one."""
+    parsers: Mapping[str, _CommandParser[Command]] = {"play": _play, "stop": _stop}
+    return _parse(envelope, address, parsers)
+
+
+def parse_screen_command(envelope: Envelope, address: str) -> ScreenCommand:
+    """Validates an LED screen's command (§1.11): `show` or `stop`; a `play` is rejected naming `type`."""
+    parsers: Mapping[str, _CommandParser[ScreenCommand]] = {"show": _show, "stop": _stop}
+    return _parse(envelope, address, parsers)
+
+
+def _parse(envelope: Envelope, address: str, parsers: Mapping[str, _CommandParser[_C]]) -> _C:
     document = envelope.document
     version = document.get("v")
     if not _is_int(version) or version != WIRE_VERSION:
@@ -185,45 +255,60 @@ def parse_command(envelope: Envelope, address: str) -> Command:
     seq = _member(document, "seq", int)
     if seq < 0:
         raise CommandRejectedError("seq", "must not be negative")
-    if command_type == "play":
-        # Members are checked in the order §1.3 lists them, so the first bad one is named.
-        broadcast_id = _non_empty_string(document, "broadcast_id")
-        priority = _priority(document.get("priority"))
-        mode = _choice(document, "mode", PLAY_MODES)
-        media = _media(document.get("media"))
-        playlist = _playlist(document, media)
-        return PlayCommand(
-            id=command_id,
-            correlation_id=correlation_id,
-            device=device,
-            issued_at=issued_at,
-            expires_at=expires_at,
-            seq=seq,
-            broadcast_id=broadcast_id,
-            priority=priority,
-            mode=mode,
-            media=media,
-            playlist=playlist if playlist is not None else (media,),
-            playlist_given=playlist is not None,
-            gap_s=_gap(document),
-            repeats=_repeats(document),
-            max_duration_s=_positive_number(document, "max_duration_s"),
-        )
-    if command_type == "stop":
-        target = _member(document, "target", str)
-        if target != STOP_ALL:
-            target = _uuid_member(document, "target")
-        return StopCommand(
-            id=command_id,
-            correlation_id=correlation_id,
-            device=device,
-            issued_at=issued_at,
-            expires_at=expires_at,
-            seq=seq,
-            target=target,
-            reason=_choice(document, "reason", STOP_REASONS),
-        )
-    raise CommandRejectedError("type", f"{command_type!r} is neither 'play' nor 'stop'")
+    parser = parsers.get(command_type)
+    if parser is None:
+        accepted = " nor ".join(repr(name) for name in parsers)
+        raise CommandRejectedError("type", f"{command_type!r} is neither {accepted}")
+    return parser(document, _Header(command_id, correlation_id, device, issued_at, expires_at, seq))
+
+
+def _delivery(document: Mapping[str, Any]) -> dict[str, Any]:
+    """The members `play` and `show` share, in the order §1.3 lists them."""
+    return {
+        "broadcast_id": _non_empty_string(document, "broadcast_id"),
+        "priority": _priority(document.get("priority")),
+        "mode": _choice(document, "mode", PLAY_MODES),
+    }
+
+
+def _play(document: Mapping[str, Any], header: _Header) -> PlayCommand:
+    # Members are checked in the order §1.3 lists them, so the first bad one is named.
+    delivery = _delivery(document)
+    media = _media(document.get("media"))
+    playlist = _playlist(document, media)
+    return PlayCommand(
+        **header.members(),
+        **delivery,
+        media=media,
+        playlist=playlist if playlist is not None else (media,),
+        playlist_given=playlist is not None,
+        gap_s=_gap(document),
+        repeats=_repeats(document),
+        max_duration_s=_positive_number(document, "max_duration_s"),
+    )
+
+
+def _stop(document: Mapping[str, Any], header: _Header) -> StopCommand:
+    target = _member(document, "target", str)
+    if target != STOP_ALL:
+        target = _uuid_member(document, "target")
+    return StopCommand(**header.members(), target=target, reason=_choice(document, "reason", STOP_REASONS))
+
+
+def _show(document: Mapping[str, Any], header: _Header) -> ShowCommand:
+    # Members are checked in the order §1.11 lists them, so the first bad one is named.
+    delivery = _delivery(document)
+    text = _screen_text(document.get("text"))
+    display_s = _positive_number(document, "display_s")
+    if display_s > DISPLAY_MAX_S:
+        raise CommandRejectedError("display_s", f"must be at most {DISPLAY_MAX_S:g}")
+    return ShowCommand(
+        **header.members(),
+        **delivery,
+        text=text,
+        display_s=display_s,
+        style=_screen_style(document, delivery["priority"]),
+    )
 
 
 def _is_int(value: object) -> bool:
@@ -267,10 +352,10 @@ def _timestamp_member(document: Mapping[str, Any], name: str) -> datetime:
         raise CommandRejectedError(name, str(error)) from error
 
 
-def _choice(document: Mapping[str, Any], name: str, allowed: frozenset[str]) -> str:
-    value = _member(document, name, str)
+def _choice(document: Mapping[str, Any], name: str, allowed: frozenset[str], prefix: str = "") -> str:
+    value = _member(document, name, str, prefix)
     if value not in allowed:
-        raise CommandRejectedError(name, f"{value!r} is not one of {sorted(allowed)}")
+        raise CommandRejectedError(prefix + name, f"{value!r} is not one of {sorted(allowed)}")
     return value
 
 
@@ -357,6 +442,42 @@ def _playlist(document: Mapping[str, Any], media: MediaRef) -> tuple[MediaRef, .
     return items
 
 
+def _screen_text(value: object) -> ScreenText:
+    """`text`: a headline of 1-200 characters and an optional body of at most 2,000, NFC (§1.11)."""
+    if not isinstance(value, dict):
+        raise CommandRejectedError("text", "must be a JSON object")
+    headline = _nfc_text(value, "headline", HEADLINE_MAX_CHARS)
+    if not headline:
+        raise CommandRejectedError("text.headline", "must not be empty")
+    body = _nfc_text(value, "body", BODY_MAX_CHARS) if "body" in value else None
+    return ScreenText(headline, body)
+
+
+def _nfc_text(text: Mapping[str, Any], name: str, max_chars: int) -> str:
+    value = _member(text, name, str, "text.")
+    if not unicodedata.is_normalized("NFC", value):
+        raise CommandRejectedError(f"text.{name}", "must be in Unicode normalization form NFC")
+    if len(value) > max_chars:
+        raise CommandRejectedError(f"text.{name}", f"has {len(value)} characters; at most {max_chars}")
+    return value
+
+
+def _screen_style(document: Mapping[str, Any], priority: Priority) -> ScreenStyle:
+    """`style`, optional: red for emergency and amber otherwise, without blinking, unless given."""
+    color = "red" if priority.band == "emergency" else "amber"
+    if "style" not in document:
+        return ScreenStyle(color, blink=False)
+    value = document["style"]
+    if not isinstance(value, dict):
+        raise CommandRejectedError("style", "must be a JSON object")
+    if "color" in value:
+        color = _choice(value, "color", SCREEN_COLORS, "style.")
+    blink = value.get("blink", False)
+    if not isinstance(blink, bool):
+        raise CommandRejectedError("style.blink", "must be a JSON boolean")
+    return ScreenStyle(color, blink)
+
+
 def encode(document: Mapping[str, object]) -> bytes:
     return json.dumps(document, separators=(",", ":"), ensure_ascii=False).encode()
 
@@ -392,8 +513,10 @@ def report_document(
 
 
 def online_state(
-    at: datetime, *, kind: str, firmware: str, volume: int, playing: str | None, rssi_dbm: int
+    at: datetime, *, kind: str, firmware: str, rssi_dbm: int, status: Mapping[str, object]
 ) -> bytes:
+    """The retained online state (§1.5); `status` holds the members that depend on the kind
+    (`volume` and `playing` for a speaker, §1.11's `showing` and `headline` for a screen)."""
     return encode(
         {
             "v": WIRE_VERSION,
@@ -401,8 +524,7 @@ def online_state(
             "at": format_timestamp(at),
             "kind": kind,
             "firmware": firmware,
-            "volume": volume,
-            "playing": playing,
+            **status,
             "rssi_dbm": rssi_dbm,
         }
     )

@@ -2,7 +2,12 @@ import os
 
 from hypothesis import HealthCheck, settings
 
-pytest_plugins = ["tests.support.broker", "tests.support.system", "tests.support.scenario"]
+pytest_plugins = [
+    "tests.support.broker",
+    "tests.support.system",
+    "tests.support.scenario",
+    "tests.support.simulators",
+]
 
 # Two cores run broker, controller, fleet and tests at once: wall-clock deadlines would make
 # property tests fail for reasons that are not bugs. CI replays a fixed sequence of examples.

@@ -12,12 +12,14 @@ import hashlib
 import io
 import json
 import re
+import sys
 import threading
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from types import TracebackType
 from typing import Any, Self, TypeVar
 
@@ -362,3 +364,73 @@ def stop_command(address: str, target: str, reason: str = "cancelled") -> dict[s
         "target": target,
         "reason": reason,
     }
+
+
+def show_command(
+    address: str,
+    headline: str,
+    *,
+    body: str | None = None,
+    display_s: float = 1.0,
+    style: dict[str, Any] | None = None,
+    **options: Any,
+) -> dict[str, Any]:
+    """A valid LED-screen `show` (§1.11): the members it shares with a `play` (§1.3; `band`, `sub`,
+    `expires_in_s`, `mode` and `now` as in `play_command`), its text and how long it stays up."""
+    command = play_command(address, "http://unused.invalid/", "0" * 64, duration_s=1.0, **options)
+    for member in ("media", "repeats", "max_duration_s"):
+        del command[member]
+    command["type"] = "show"
+    command["text"] = {"headline": headline} if body is None else {"headline": headline, "body": body}
+    command["display_s"] = display_s
+    if style is not None:
+        command["style"] = style
+    return command
+
+
+def setting(path: str, value: object) -> Callable[[dict[str, Any]], None]:
+    """A mutation of a command for malformed-command tests: sets the member at a dotted `path`."""
+
+    def mutate(command: dict[str, Any]) -> None:
+        *parents, leaf = path.split(".")
+        _member_parent(command, parents)[leaf] = value
+
+    return mutate
+
+
+def without(path: str) -> Callable[[dict[str, Any]], None]:
+    """A mutation of a command for malformed-command tests: removes the member at a dotted `path`."""
+
+    def mutate(command: dict[str, Any]) -> None:
+        *parents, leaf = path.split(".")
+        del _member_parent(command, parents)[leaf]
+
+    return mutate
+
+
+def _member_parent(command: dict[str, Any], parents: list[str]) -> dict[str, Any]:
+    target = command
+    for parent in parents:
+        target = target[parent]
+    return target
+
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+async def start_fleet_cli(broker: TestBroker, *options: str) -> asyncio.subprocess.Process:
+    """`python -m firmware_sim fleet` with the device account of `broker`, stdout piped (for READY)."""
+    return await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "firmware_sim",
+        "fleet",
+        "--mqtt-url",
+        broker.url,
+        "--username",
+        broker.device.username,
+        f"--password={broker.device.password}",  # it may start with "-"
+        *options,
+        cwd=REPO_ROOT,
+        stdout=asyncio.subprocess.PIPE,
+    )

@@ -7,7 +7,7 @@ the test cuts (as a 4G link drops), and the reports API that must count every pl
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -18,7 +18,7 @@ import pytest
 from tests.support.broker import TestBroker
 from tests.support.proxy import LinkRelay
 from tests.support.scenario import running_fleet, schedule_history, seed, upload
-from tests.support.system import ControllerHandle, FleetHandle
+from tests.support.system import ControllerHandle, FleetHandle, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -54,16 +54,6 @@ def _create(controller: ControllerHandle, media_id: str, **fields: Any) -> dict[
     assert response.status_code == 201, response.text
     result: dict[str, Any] = response.json()
     return result
-
-
-def _wait(check: Callable[[], bool], what: str, timeout: float = WAIT_S) -> None:
-    """Poll the system until `check` holds (state in other processes; no event to wait on)."""
-    deadline = datetime.now(UTC) + timedelta(seconds=timeout)
-    pause = threading.Event()
-    while not check():
-        if datetime.now(UTC) > deadline:
-            pytest.fail(f"timed out after {timeout} s waiting for {what}")
-        pause.wait(0.1)
 
 
 def _programme_published(controller: ControllerHandle, device_id: str, planned: datetime) -> bool:
@@ -112,9 +102,11 @@ def test_a_speaker_cut_off_plays_its_cached_programme_and_the_plays_are_reconcil
         priority="priority",
     )
     for device_id in ("spk-b1-1", "spk-b1-2", "spk-b2-1"):
-        _wait(lambda d=device_id: _programme_published(controller, d, planned), f"{device_id}'s programme")
+        wait_until(
+            lambda d=device_id: _programme_published(controller, d, planned), f"{device_id}'s programme"
+        )
     # The retained programme reaches a connected speaker at once; its media is fetched before the cut.
-    _wait(
+    wait_until(
         lambda: all(
             any(e["address"] == a and e["items"] >= 1 for e in cut_off_fleet.programmes())
             for a in ("b1-1", "b1-2", "b2-1")
@@ -123,24 +115,28 @@ def test_a_speaker_cut_off_plays_its_cached_programme_and_the_plays_are_reconcil
     )
     relay.cut()
     # The occurrences fire while the speakers are cut off: the controller cannot reach them.
-    _wait(lambda: len(schedule_history(controller, normal["id"])) == 1, "the normal occurrence to fire")
-    _wait(lambda: len(schedule_history(controller, urgent["id"])) == 1, "the priority occurrence to fire")
+    wait_until(lambda: len(schedule_history(controller, normal["id"])) == 1, "the normal occurrence to fire")
+    wait_until(
+        lambda: len(schedule_history(controller, urgent["id"])) == 1, "the priority occurrence to fire"
+    )
     (normal_fired,) = schedule_history(controller, normal["id"])
     (urgent_fired,) = schedule_history(controller, urgent["id"])
     normal_id, urgent_id = normal_fired["broadcast_id"], urgent_fired["broadcast_id"]
-    _wait(
+    wait_until(
         lambda: {d["state"] for d in _broadcast(controller, normal_id)["deliveries"]} == {"expired"},
         "the controller to conclude the normal deliveries expired",
     )
     # Meanwhile every cut-off speaker played its item from its cache, on time.
-    _wait(lambda: len(_plays(cut_off_fleet, normal_id, "completed")) == 2, "b1-1 and b1-2 to play offline")
-    _wait(lambda: len(_plays(cut_off_fleet, urgent_id, "completed")) == 1, "b2-1 to play offline")
+    wait_until(
+        lambda: len(_plays(cut_off_fleet, normal_id, "completed")) == 2, "b1-1 and b1-2 to play offline"
+    )
+    wait_until(lambda: len(_plays(cut_off_fleet, urgent_id, "completed")) == 1, "b2-1 to play offline")
     relay.restore()
-    _wait(
+    wait_until(
         lambda: {d["state"] for d in _broadcast(controller, normal_id)["deliveries"]} == {"completed"},
         "the offline plays to be reconciled",
     )
-    _wait(
+    wait_until(
         lambda: {d["state"] for d in _broadcast(controller, urgent_id)["deliveries"]} == {"completed"},
         "the priority delivery to complete",
     )
@@ -183,22 +179,24 @@ def test_a_controller_killed_during_a_programme_plays_nothing_twice_and_loses_no
     second = _create(
         controller, media_id, name="Lúc tắt", targets={"areas": ["hn.a.t2"]}, dtstart=_local(second_at)
     )
-    _wait(lambda: len(schedule_history(controller, first["id"])) == 1, "the first occurrence to fire")
+    wait_until(lambda: len(schedule_history(controller, first["id"])) == 1, "the first occurrence to fire")
     (fired,) = schedule_history(controller, first["id"])
     first_id = fired["broadcast_id"]
-    _wait(lambda: len(_plays(fleet, first_id, "playing")) == 2, "both speakers of group 1 to start playing")
+    wait_until(
+        lambda: len(_plays(fleet, first_id, "playing")) == 2, "both speakers of group 1 to start playing"
+    )
     controller.kill()
     # The second occurrence falls while the controller is down: this waits for the wall clock.
     threading.Event().wait(max(0.0, (second_at - datetime.now(UTC)).total_seconds() + 1))
     controller.start()  # catches up before it reports READY
-    _wait(
+    wait_until(
         lambda: {d["state"] for d in _broadcast(controller, first_id)["deliveries"]} == {"completed"},
         "the first occurrence's completions, reported while the controller was down",
     )
     (late,) = schedule_history(controller, second["id"])
     assert late["outcome"] == "fired"
     second_id = late["broadcast_id"]
-    _wait(
+    wait_until(
         lambda: {d["state"] for d in _broadcast(controller, second_id)["deliveries"]} == {"completed"},
         "the second occurrence, played late within its grace time",
     )

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import signal
 import sys
-from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
@@ -28,18 +27,6 @@ from tests.support.broker import TestBroker
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 WAIT_S = 20.0
-
-
-@pytest.fixture
-def media_server() -> Iterator[MediaServer]:
-    with MediaServer() as server:
-        yield server
-
-
-@pytest.fixture
-async def probe(mosquitto: TestBroker) -> AsyncIterator[ControllerProbe]:
-    async with ControllerProbe(mosquitto) as controller_probe:
-        yield controller_probe
 
 
 def device_broker(mosquitto: TestBroker) -> BrokerSettings:

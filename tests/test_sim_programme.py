@@ -42,26 +42,9 @@ WAIT_S = 10.0
 
 
 @pytest.fixture
-def media_server() -> Iterator[MediaServer]:
-    with MediaServer() as server:
-        yield server
-
-
-@pytest.fixture
 def media(media_server: MediaServer) -> tuple[str, str]:
     sha256 = media_server.add_media(wav_bytes(MEDIA_S))
     return media_server.media_url(sha256), sha256
-
-
-@pytest.fixture
-def play_log_path(tmp_path: Path) -> Path:
-    return tmp_path / "play.jsonl"
-
-
-@pytest.fixture
-async def probe(mosquitto: TestBroker) -> AsyncIterator[ControllerProbe]:
-    async with ControllerProbe(mosquitto) as controller_probe:
-        yield controller_probe
 
 
 @pytest.fixture

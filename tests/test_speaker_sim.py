@@ -8,7 +8,7 @@ import json
 import logging
 import math
 import re
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -34,28 +34,6 @@ LONG_REPEATS = 400  # 200 s of audio, 10 s at SPEED: far longer than any test wa
 TIMESTAMP = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d{1,6})?Z")
 
 OpenRuntime = Callable[..., Awaitable[SpeakerRuntime]]
-
-
-@pytest.fixture
-def media_server() -> Iterator[MediaServer]:
-    with MediaServer() as server:
-        yield server
-
-
-@pytest.fixture
-def clock() -> ShiftableClock:
-    return ShiftableClock()
-
-
-@pytest.fixture
-def play_log_path(tmp_path: Path) -> Path:
-    return tmp_path / "play.jsonl"
-
-
-@pytest.fixture
-async def probe(mosquitto: TestBroker) -> AsyncIterator[ControllerProbe]:
-    async with ControllerProbe(mosquitto) as controller_probe:
-        yield controller_probe
 
 
 @pytest.fixture

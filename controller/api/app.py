@@ -2,14 +2,26 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Request, Response
 
 from controller.api.errors import install_error_handlers
-from controller.api.routes import areas, broadcasts, calendar, devices, media, reports, schedules, system
+from controller.api.routes import (
+    alerts,
+    areas,
+    broadcasts,
+    calendar,
+    devices,
+    media,
+    reports,
+    schedules,
+    system,
+)
+from controller.services.auth import Principal, Role
 
 if TYPE_CHECKING:
     from controller.app import Runtime
@@ -36,6 +48,27 @@ def create_app(runtime: Runtime, *, manage_runtime: bool = True) -> FastAPI:
     )
     app.state.runtime = runtime
     install_error_handlers(app)
-    for module in (areas, devices, media, broadcasts, schedules, reports, calendar, system):
+
+    @app.middleware("http")
+    async def audit_ioc_calls(
+        request: Request, call_next: Callable[[Request], Awaitable[Response]]
+    ) -> Response:
+        """Every call made with an `ioc` key goes to the audit log, with its outcome (issue 4)."""
+        response = await call_next(request)
+        principal = getattr(request.state, "principal", None)
+        unauthenticated_alert_call = principal is None and request.url.path.startswith("/api/v1/alerts")
+        if unauthenticated_alert_call or (isinstance(principal, Principal) and principal.role is Role.IOC):
+            await asyncio.to_thread(
+                runtime.audit.record,
+                principal,
+                "api.call",
+                subject=request.url.path[:100],
+                outcome="ok" if response.status_code < 400 else "refused",  # noqa: PLR2004
+                detail={"method": request.method, "path": request.url.path, "status": response.status_code},
+                remote=request.client.host if request.client else None,
+            )
+        return response
+
+    for module in (areas, devices, media, broadcasts, schedules, alerts, reports, calendar, system):
         app.include_router(module.router)
     return app

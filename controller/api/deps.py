@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -9,11 +10,13 @@ from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from controller.api.errors import ApiError
-from controller.services.auth import Action, Principal
+from controller.services.auth import Action, Principal, Role
 
 if TYPE_CHECKING:
     from controller.app import Runtime
 
+# Alert calls are rate-limited for every key; every call of an `ioc` key is (alerts.rate_limit_per_minute).
+_ALERT_PATHS = ("/api/v1/alerts",)
 _bearer = HTTPBearer(auto_error=False, description="An API key made with `wardcast apikey create`")
 
 
@@ -34,6 +37,19 @@ async def get_principal(
     principal = await runtime.authenticate(credentials.credentials)
     if principal is None:
         raise ApiError(401, "unauthorized", "Authorization", "unknown or revoked token")
+    # Read by the audit middleware once the response is known (every call of an IOC key is audited).
+    request.state.principal = principal
+    if principal.role is Role.IOC or request.url.path.startswith(_ALERT_PATHS):
+        retry_after = runtime.rate_limiter.admit(principal.key_id, runtime.clock.now())
+        if retry_after is not None:
+            raise ApiError(
+                429,
+                "too_many_requests",
+                "Authorization",
+                f"more than {runtime.settings.alerts.rate_limit_per_minute} calls a minute with this key; "
+                f"retry in {math.ceil(retry_after)} s",
+                headers={"Retry-After": str(math.ceil(retry_after))},
+            )
     return principal
 
 

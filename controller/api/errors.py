@@ -12,12 +12,21 @@ from controller.services.errors import ServiceError
 
 
 class ApiError(Exception):
-    def __init__(self, status: int, error: str, field: str | None, detail: str) -> None:
+    def __init__(
+        self,
+        status: int,
+        error: str,
+        field: str | None,
+        detail: str,
+        *,
+        headers: dict[str, str] | None = None,
+    ) -> None:
         super().__init__(detail)
         self.status = status
         self.error = error
         self.field = field
         self.detail = detail
+        self.headers = headers
 
 
 def error_body(error: str, field: str | None, detail: str) -> dict[str, str | None]:
@@ -50,7 +59,9 @@ _STATUS_NAMES = {
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def _api_error(_request: Request, exc: ApiError) -> JSONResponse:
-        return JSONResponse(error_body(exc.error, exc.field, exc.detail), status_code=exc.status)
+        return JSONResponse(
+            error_body(exc.error, exc.field, exc.detail), status_code=exc.status, headers=exc.headers
+        )
 
     @app.exception_handler(ServiceError)
     async def _service_error(_request: Request, exc: ServiceError) -> JSONResponse:

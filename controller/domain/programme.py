@@ -92,6 +92,48 @@ def play_command(
     return document
 
 
+@dataclass(frozen=True, slots=True)
+class DisplayText:
+    """Priority text for LED screens (docs/protocol.md §1.11), shown for `display_s` seconds."""
+
+    headline: str
+    body: str = ""
+    display_s: float = 3600.0
+
+    def document(self) -> dict[str, Any]:
+        return {"headline": self.headline, "body": self.body, "display_s": self.display_s}
+
+
+def show_command(
+    text: DisplayText,
+    *,
+    priority: Priority,
+    mode: str,
+    broadcast_id: str,
+    ids: DeliveryIds,
+    address: str,
+    issued_at: datetime,
+    expires_at: datetime,
+) -> dict[str, Any]:
+    """The `show` document of docs/protocol.md §1.11 (the dispatcher adds `seq`). The screen picks the
+    colour from the class (red for emergency, amber otherwise)."""
+    document: dict[str, Any] = {
+        "v": 1,
+        "type": "show",
+        "id": ids.command_id,
+        "correlation_id": ids.delivery_id,
+        "device": address,
+        "issued_at": rfc3339(issued_at),
+        "expires_at": rfc3339(expires_at),
+        "broadcast_id": broadcast_id,
+        "priority": {"class": priority.priority_class.value, "sub": priority.sub, "rank": priority.rank},
+        "mode": mode,
+        "text": {"headline": text.headline, **({"body": text.body} if text.body else {})},
+        "display_s": text.display_s,
+    }
+    return document
+
+
 class CommLossPolicy(StrEnum):
     KEEP = "keep"
     STOP_AFTER = "stop_after"

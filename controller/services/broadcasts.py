@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -19,14 +20,16 @@ from sqlmodel import Session, col, select
 from controller.domain.areas import AreaTree
 from controller.domain.clock import Clock, rfc3339
 from controller.domain.deliveries import DeliveryState
-from controller.domain.planner import TargetError, Targets, resolve_targets
+from controller.domain.planner import DeviceEntry, TargetError, Targets, resolve_targets
 from controller.domain.priority import Priority, PriorityClass
 from controller.domain.programme import (
     DeliveryIds,
+    DisplayText,
     PlayContent,
     occurrence_broadcast_id,
     occurrence_delivery_ids,
     play_command,
+    show_command,
 )
 from controller.services.auth import Action, Principal
 from controller.services.dispatcher import STOP_RANK, Dispatcher, QueuedCommand
@@ -45,6 +48,7 @@ from controller.store.models import (
 )
 
 AUDIO_DEVICE_KINDS = frozenset({"speaker"})
+SCREEN_KIND = "led_screen"
 EMERGENCY_RANK = Priority(PriorityClass.EMERGENCY, 0).rank
 
 
@@ -63,6 +67,11 @@ class BroadcastRequest:
     mode: str = "live"
     gap_s: float = 0.0
     on_preempted: str = "resume"
+    # Adds rows that must commit with the broadcast or not at all (an alert and its audit entry):
+    # called with the session, the broadcast id and the number of devices, just before the commit.
+    record_with: Callable[[Session, str, int], None] | None = None
+    # Text for the LED screens among the targets (they are left out without it).
+    display: DisplayText | None = None
     # (schedule id, planned start) when a schedule fires it: recorded in the same transaction, under a
     # unique key, so that an occurrence becomes a broadcast exactly once.
     occurrence: tuple[str, datetime] | None = None
@@ -281,21 +290,8 @@ class BroadcastService:
             planned_play_s = expected_play_seconds(
                 [item.duration_s for item in playlist], request.repeats, request.gap_s, request.max_duration_s
             )
-            tree = self._areas.load(session)
-            principal_scope_check(principal, tree, list(request.targets.areas))
-            devices = reachable_devices(session, tree, request.targets)
-            try:
-                chosen = resolve_targets(request.targets, tree, devices, kinds=AUDIO_DEVICE_KINDS)
-            except TargetError as error:
-                raise BroadcastError(error.field, error.detail) from error
-            if principal.ward_code is not None:
-                for device in chosen:
-                    if not tree.is_within(device.area_code, principal.ward_code):
-                        raise BroadcastError(
-                            "targets.devices",
-                            f"device {device.id!r} is outside ward {principal.ward_code!r} of this key",
-                            status=403,
-                        )
+            kinds = AUDIO_DEVICE_KINDS | {SCREEN_KIND} if request.display is not None else AUDIO_DEVICE_KINDS
+            chosen = self._resolve(session, request.targets, principal, kinds)
             broadcast_id = (
                 occurrence_broadcast_id(*request.occurrence)
                 if request.occurrence is not None
@@ -324,6 +320,7 @@ class BroadcastService:
                     planned_play_s=planned_play_s,
                     on_preempted=request.on_preempted,
                     targets={"areas": list(request.targets.areas), "devices": list(request.targets.devices)},
+                    display=request.display.document() if request.display is not None else None,
                     created_by=principal.key_id,
                     created_at=now,
                     expires_at=expires_at,
@@ -341,6 +338,26 @@ class BroadcastService:
             for device in chosen:
                 ids = self._ids(request, device.id)
                 delivery_id, command_id = ids.delivery_id, ids.command_id
+                if device.kind == SCREEN_KIND and request.display is not None:
+                    document = show_command(
+                        request.display,
+                        priority=request.priority,
+                        mode=request.mode,
+                        broadcast_id=broadcast_id,
+                        ids=ids,
+                        address=device.address,
+                        issued_at=now,
+                        expires_at=expires_at,
+                    )
+                else:
+                    document = play_command(
+                        content,
+                        broadcast_id=broadcast_id,
+                        ids=ids,
+                        address=device.address,
+                        issued_at=now,
+                        expires_at=expires_at,
+                    )
                 deliveries.append(
                     {
                         "id": delivery_id,
@@ -356,19 +373,12 @@ class BroadcastService:
                         "device_id": device.id,
                         "command_id": command_id,
                         "delivery_id": delivery_id,
-                        "kind": "play",
+                        "kind": document["type"],
                         "rank": request.priority.rank,
                         "created_at": now,
                         "expires_at": expires_at,
                         "published_at": None,
-                        "document": play_command(
-                            content,
-                            broadcast_id=broadcast_id,
-                            ids=ids,
-                            address=device.address,
-                            issued_at=now,
-                            expires_at=expires_at,
-                        ),
+                        "document": document,
                     }
                 )
             session.connection().execute(insert(DeliveryRow), deliveries)
@@ -386,6 +396,8 @@ class BroadcastService:
                 ],
             )
             session.connection().execute(insert(OutboxRow), outbox)
+            if request.record_with is not None:
+                request.record_with(session, broadcast_id, len(chosen))
             if request.occurrence is not None:
                 schedule_id, planned_at = request.occurrence
                 session.add(
@@ -408,6 +420,7 @@ class BroadcastService:
                 select(OutboxRow).where(col(OutboxRow.command_id).in_([o["command_id"] for o in outbox]))
             ).all()
         address_of = {device.id: device.address for device in chosen}
+        screens = {device.id for device in chosen if device.kind == SCREEN_KIND}
         commands = [QueuedCommand.from_row(row, address_of[row.device_id]) for row in rows]
         tracked = [
             TrackedDelivery(
@@ -417,13 +430,45 @@ class BroadcastService:
                 command_id=d["command_id"],
                 state=DeliveryState.QUEUED,
                 expires_at=expires_at,
-                expected_play_s=planned_play_s,
+                expected_play_s=(
+                    request.display.display_s
+                    if request.display is not None and d["device_id"] in screens
+                    else planned_play_s
+                ),
                 rank=request.priority.rank,
                 on_preempted=request.on_preempted,
             )
             for d in deliveries
         ]
         return AcceptedBroadcast(id=broadcast_id, device_count=len(chosen)), commands, tracked
+
+    def resolve_devices(
+        self, targets: Targets, principal: Principal, kinds: frozenset[str] = AUDIO_DEVICE_KINDS
+    ) -> list[DeviceEntry]:
+        """The devices of `kinds` that `targets` reach for this principal, or the BroadcastError naming
+        what is wrong: checked before anything is prepared for a broadcast."""
+        with Session(self._engine) as session:
+            return self._resolve(session, targets, principal, kinds)
+
+    def _resolve(
+        self, session: Session, targets: Targets, principal: Principal, kinds: frozenset[str]
+    ) -> list[DeviceEntry]:
+        tree = self._areas.load(session)
+        principal_scope_check(principal, tree, list(targets.areas))
+        devices = reachable_devices(session, tree, targets)
+        try:
+            chosen = resolve_targets(targets, tree, devices, kinds=kinds)
+        except TargetError as error:
+            raise BroadcastError(error.field, error.detail) from error
+        if principal.ward_code is not None:
+            for device in chosen:
+                if not tree.is_within(device.area_code, principal.ward_code):
+                    raise BroadcastError(
+                        "targets.devices",
+                        f"device {device.id!r} is outside ward {principal.ward_code!r} of this key",
+                        status=403,
+                    )
+        return chosen
 
     @staticmethod
     def _ids(request: BroadcastRequest, device_id: str) -> DeliveryIds:
@@ -530,6 +575,43 @@ class BroadcastService:
         session.add_all(stops)
         session.flush()
         return [QueuedCommand.from_row(stop, addresses[stop.device_id]) for stop in stops]
+
+    def recent(self, principal: Principal, *, limit: int) -> list[dict[str, Any]]:
+        """The latest broadcasts, newest first, with their counts per delivery state; a key bound to a
+        ward sees those that reach only devices inside it."""
+        with Session(self._engine) as session:
+            rows = session.exec(
+                select(BroadcastRow).order_by(col(BroadcastRow.created_at).desc()).limit(limit)
+            ).all()
+            ids = [row.id for row in rows]
+            counted = session.exec(
+                select(DeliveryRow.broadcast_id, DeliveryRow.state, DeviceRow.area_code)
+                .join(DeviceRow, col(DeviceRow.id) == col(DeliveryRow.device_id))
+                .where(col(DeliveryRow.broadcast_id).in_(ids))
+            ).all()
+            tree = self._areas.load(session)
+        counts: dict[str, dict[str, int]] = {broadcast_id: {} for broadcast_id in ids}
+        outside: set[str] = set()
+        for broadcast_id, state, area_code in counted:
+            counts[broadcast_id][state] = counts[broadcast_id].get(state, 0) + 1
+            if principal.ward_code is not None and not tree.is_within(area_code, principal.ward_code):
+                outside.add(broadcast_id)
+        return [
+            {
+                "id": row.id,
+                "priority": row.priority_class,
+                "sub_priority": row.sub_priority,
+                "mode": row.mode,
+                "targets": row.targets,
+                "created_at": rfc3339(row.created_at),
+                "expires_at": rfc3339(row.expires_at),
+                "cancelled_at": rfc3339(row.cancelled_at) if row.cancelled_at else None,
+                "device_count": sum(counts[row.id].values()),
+                "counts": counts[row.id],
+            }
+            for row in rows
+            if row.id not in outside
+        ]
 
     def describe(self, broadcast_id: str, principal: Principal) -> dict[str, Any]:
         with Session(self._engine) as session:

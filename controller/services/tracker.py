@@ -110,11 +110,12 @@ class DeliveryTracker:
         terminal = [state.value for state in DeliveryState if state.is_terminal]
         with Session(self._engine) as session:
             rows = session.exec(
-                select(DeliveryRow, BroadcastRow)
+                select(DeliveryRow, BroadcastRow, DeviceRow.kind)
                 .join(BroadcastRow, col(BroadcastRow.id) == col(DeliveryRow.broadcast_id))
+                .join(DeviceRow, col(DeviceRow.id) == col(DeliveryRow.device_id))
                 .where(col(DeliveryRow.state).not_in(terminal))
             ).all()
-            for delivery, broadcast in rows:
+            for delivery, broadcast, kind in rows:
                 self.track(
                     TrackedDelivery(
                         delivery_id=delivery.id,
@@ -123,7 +124,7 @@ class DeliveryTracker:
                         command_id=delivery.command_id,
                         state=DeliveryState(delivery.state),
                         expires_at=broadcast.expires_at,
-                        expected_play_s=broadcast.planned_play_s,
+                        expected_play_s=_expected_seconds(broadcast, kind),
                         rank=broadcast.rank,
                         on_preempted=broadcast.on_preempted,
                         playing_since=delivery.state_at if delivery.state == DeliveryState.PLAYING else None,
@@ -271,7 +272,7 @@ class DeliveryTracker:
             command_id=row.command_id,
             state=state,
             expires_at=broadcast.expires_at,
-            expected_play_s=broadcast.planned_play_s,
+            expected_play_s=broadcast.planned_play_s,  # only a speaker plays offline
             rank=broadcast.rank,
             on_preempted=broadcast.on_preempted,
             ended_at=row.state_at if state.is_terminal else None,
@@ -395,6 +396,13 @@ class DeliveryTracker:
                 status="b_status",
             )
             session.commit()
+
+
+def _expected_seconds(broadcast: BroadcastRow, device_kind: str) -> float:
+    """How long a delivery should play: the audio's length, or a screen's display time."""
+    if device_kind == "led_screen" and broadcast.display is not None:
+        return float(broadcast.display["display_s"])
+    return broadcast.planned_play_s
 
 
 def expected_play_seconds(

@@ -114,6 +114,8 @@ class BroadcastRow(SQLModel, table=True):
     created_at: datetime = _utc_column(nullable=False, index=True)
     expires_at: datetime = _utc_column(nullable=False)
     cancelled_at: datetime | None = _utc_column()
+    # Priority text for the LED screens among the targets (issue 4): {headline, body, display_s}.
+    display: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON, nullable=True))
 
 
 class DeliveryRow(SQLModel, table=True):
@@ -213,3 +215,61 @@ class OccurrenceRow(SQLModel, table=True):
     broadcast_id: str | None = Field(default=None, foreign_key="broadcasts.id", index=True, max_length=36)
     recorded_at: datetime = _utc_column(nullable=False)
     detail: str | None = Field(default=None, max_length=500)
+
+
+class AlertRow(SQLModel, table=True):
+    """An alert from the IOC or an operator (issue 4): what was asked, and the broadcast that carries it."""
+
+    __tablename__ = "alerts"
+    __table_args__ = (
+        UniqueConstraint("created_by", "idempotency_key", name="uq_alerts_idempotency"),
+        UniqueConstraint("cap_sender", "cap_identifier", name="uq_alerts_cap_message"),
+    )
+
+    id: str = Field(primary_key=True, max_length=36)
+    source: str = Field(max_length=8)  # api | cap
+    # pending_approval | active | ended | cancelled | superseded | recorded (CAP System/Draft: nothing played)
+    status: str = Field(max_length=20, index=True)
+    mode: str = Field(max_length=8)  # live | drill
+    headline: str = Field(max_length=200)
+    text: str = Field(max_length=5000)
+    language: str | None = Field(default=None, max_length=16)
+    media_id: str | None = Field(default=None, foreign_key="media.id", max_length=36)
+    targets: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    priority_class: str = Field(max_length=16)
+    sub_priority: int
+    repeats: int
+    expires_at: datetime = _utc_column(nullable=False)
+    device_count: int = 0
+    broadcast_id: str | None = Field(default=None, foreign_key="broadcasts.id", max_length=36)
+    # CAP: the message's own key, and the alert an Update or Cancel refers to.
+    cap_sender: str | None = Field(default=None, max_length=200)
+    cap_identifier: str | None = Field(default=None, max_length=200)
+    cap_xml: str | None = None
+    replaces_alert_id: str | None = Field(default=None, foreign_key="alerts.id", max_length=36)
+    idempotency_key: str | None = Field(default=None, max_length=200)
+    request_hash: str | None = Field(default=None, max_length=64)
+    webhook_url: str | None = Field(default=None, max_length=500)
+    created_by: str = Field(max_length=36)
+    created_at: datetime = _utc_column(nullable=False, index=True)
+    approved_by: str | None = Field(default=None, max_length=36)
+    approved_at: datetime | None = _utc_column()
+    cancelled_by: str | None = Field(default=None, max_length=36)
+    cancelled_at: datetime | None = _utc_column()
+
+
+class AuditRow(SQLModel, table=True):
+    """Who did what, when: appended, never changed (issue 4)."""
+
+    __tablename__ = "audit_log"
+
+    id: int | None = Field(default=None, primary_key=True)
+    at: datetime = _utc_column(nullable=False, index=True)
+    key_id: str | None = Field(default=None, max_length=36, index=True)
+    key_name: str | None = Field(default=None, max_length=100)
+    role: str | None = Field(default=None, max_length=16)
+    action: str = Field(max_length=60, index=True)
+    subject: str | None = Field(default=None, max_length=100, index=True)
+    outcome: str = Field(max_length=16)  # ok | refused | failed
+    detail: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    remote: str | None = Field(default=None, max_length=64)

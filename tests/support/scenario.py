@@ -57,6 +57,25 @@ def wav_bytes(seconds: float, samplerate: int = 8000) -> bytes:
     return buffer.getvalue()
 
 
+# Groups placed apart (a few hundred metres) so that a polygon can take some and leave others.
+PLACES = {
+    "hn.a.t1": (22.150, 105.830),
+    "hn.a.t2": (22.150, 105.836),
+    "hn.a.t3": (22.156, 105.830),
+    "hn.b.t1": (22.140, 105.850),
+    "hn.b.t2": (22.140, 105.856),
+}
+
+
+def place_speakers(controller: ControllerHandle) -> None:
+    """Move each group's speakers to its own spot, so that a polygon can take some groups and not others."""
+    with controller.client() as client:
+        for device in client.get("/api/v1/devices").json():
+            lat, lon = PLACES[device["area"]]
+            response = client.patch(f"/api/v1/devices/{device['id']}", json={"lat": lat, "lon": lon})
+            assert response.status_code == 200, response.text
+
+
 def seed(controller: ControllerHandle) -> None:
     with controller.client() as client:
         response = client.post(

@@ -14,6 +14,7 @@ import sys
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -188,6 +189,7 @@ class FleetHandle(_Supervised):
     speed: float = 20.0
     process: ManagedProcess | None = None
     mqtt_url: str | None = None  # another way to the broker (a relay a test can cut); default: direct
+    screens: list[str] = field(default_factory=list)  # networked LED screens, besides the speakers
 
     @property
     def play_log(self) -> Path:
@@ -195,7 +197,11 @@ class FleetHandle(_Supervised):
 
     def start(self) -> None:
         csv_path = self.workdir / "fleet.csv"
-        csv_path.write_text("address,kind\n" + "".join(f"{a},speaker\n" for a in self.addresses))
+        csv_path.write_text(
+            "address,kind\n"
+            + "".join(f"{a},speaker\n" for a in self.addresses)
+            + "".join(f"{a},led_screen\n" for a in self.screens)
+        )
         self.process = start_process(
             [
                 sys.executable,
@@ -213,6 +219,8 @@ class FleetHandle(_Supervised):
                 str(self.speed),
                 "--play-log",
                 str(self.play_log),
+                "--kinds",
+                "speaker,led_screen" if self.screens else "speaker",
             ],
             {k: v for k, v in os.environ.items() if not k.startswith("WARDCAST_")},
             self.workdir / "fleet.log",
@@ -336,3 +344,13 @@ def controller(tmp_path: Path, database_url: str, mosquitto: TestBroker) -> Iter
         yield handle
     finally:
         handle.stop()
+
+
+def wait_until(check: Callable[[], bool], what: str, timeout: float = 60.0) -> None:
+    """Poll the system until `check` holds (state in other processes; no event to wait on)."""
+    deadline = datetime.now(UTC) + timedelta(seconds=timeout)
+    pause = threading.Event()
+    while not check():
+        if datetime.now(UTC) > deadline:
+            pytest.fail(f"timed out after {timeout} s waiting for {what}")
+        pause.wait(0.1)

@@ -2,9 +2,9 @@ from __future__ import annotations
 
 import asyncio
 from datetime import datetime
-from typing import Any, Literal, Self
+from typing import Annotated, Any, Literal, Self
 
-from fastapi import APIRouter, status
+from fastapi import APIRouter, Query, status
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, model_validator
 
 from controller.api.deps import Broadcaster, Canceller, Reader, RuntimeDep
@@ -85,6 +85,15 @@ async def create_broadcast(body: BroadcastIn, runtime: RuntimeDep, principal: Br
         principal,
     )
     return AcceptedOut(id=accepted.id, device_count=accepted.device_count)
+
+
+@router.get("")
+async def list_broadcasts(
+    runtime: RuntimeDep, principal: Reader, limit: Annotated[int, Query(ge=1, le=500)] = 50
+) -> list[dict[str, Any]]:
+    """The latest broadcasts, newest first, with their counts per delivery state."""
+    result: list[dict[str, Any]] = await asyncio.to_thread(runtime.broadcasts.recent, principal, limit=limit)
+    return result
 
 
 @router.get("/{broadcast_id}")
