@@ -275,10 +275,11 @@ class LineProcess:
         return self.process.returncode
 
 
-def create_admin_key(env: dict[str, str]) -> str:
-    """An admin API key made with the CLI against the controller configured by `env`."""
+def create_admin_key(env: dict[str, str], role: str = "admin") -> str:
+    """An API key (admin unless `role` says otherwise) made with the CLI against the controller
+    configured by `env`."""
     result = subprocess.run(
-        [sys.executable, "-m", "controller", "apikey", "create", "--name", "bench", "--role", "admin"],
+        [sys.executable, "-m", "controller", "apikey", "create", "--name", f"bench-{role}", "--role", role],
         env=env,
         capture_output=True,
         text=True,

@@ -630,6 +630,13 @@ class Options:
     quiet_wait_s: float
     keep: bool
     output: Path | None
+    # `broadcasts`: POST /api/v1/broadcasts (issue 2); `alerts`: an IOC key's POST /api/v1/alerts of a
+    # pre-approved city-wide template (issue 4: emergency class, TTS content, speakers preempted).
+    via: str = "broadcasts"
+
+
+# The pre-approved template the IOC key sends in `--via alerts` rounds (no second person needed).
+ALERT_TEMPLATE = "bench-city"
 
 
 @dataclass
@@ -651,6 +658,7 @@ class SizeRun:
     controller: LineProcess | None = None
     http_port: int = 0
     token: str = ""
+    ioc_token: str = ""
     fleet: LineProcess | None = None
     addresses: list[str] = field(default_factory=list)
     media: dict[str, Any] = field(default_factory=dict)
@@ -745,6 +753,17 @@ class SizeRun:
                 "WARDCAST_MEDIA__DIR": str(self.workdir / "media"),
                 "WARDCAST_DATA_DIR": str(self.workdir),
                 "WARDCAST_LOGGING__LEVEL": self.options.controller_log_level,
+                "WARDCAST_ALERTS__TEMPLATES": json.dumps(
+                    {
+                        ALERT_TEMPLATE: {
+                            "headline": "Cảnh báo lũ",
+                            "text": "Nước sông Cầu lên nhanh.",
+                            "targets": {"areas": [CITY]},
+                        }
+                    }
+                ),
+                # Rounds, warm-up and retries stay far below it; the figure is the dispatch path.
+                "WARDCAST_ALERTS__RATE_LIMIT_PER_MINUTE": "1000",
             }
         )
         return env
@@ -789,6 +808,7 @@ class SizeRun:
         self.stack.callback(self.stop_controller)
         self.controller.expect("READY", 60)
         self.token = create_admin_key(self.controller_env())
+        self.ioc_token = create_admin_key(self.controller_env(), role="ioc")
 
     def stop_controller(self) -> None:
         if self.controller is not None:
@@ -922,6 +942,24 @@ class SizeRun:
         if not observer.wait_all("completed", self.options.timeout_s):
             raise BenchError(f"warm-up: not all of {len(firsts)} devices completed")
         time.sleep(self.options.settle_s)
+        if self.options.via == "alerts":
+            # The template's speech is made on the first alert; the rounds measure dispatch, not espeak-ng.
+            observer.arm(self.n)
+            self.send_alert()
+            if not observer.wait_all("completed", self.options.timeout_s):
+                raise BenchError("warm-up alert: not every device completed")
+            time.sleep(self.options.settle_s)
+
+    def send_alert(self) -> tuple[httpx.Response, str | None]:
+        """The IOC's call; returns the response and the alert's broadcast id."""
+        with httpx.Client(
+            base_url=self.base_url, timeout=60, headers={"Authorization": f"Bearer {self.ioc_token}"}
+        ) as client:
+            response = client.post("/api/v1/alerts", json={"template": ALERT_TEMPLATE})
+            if response.status_code != 201:
+                return response, None
+            broadcast_id = client.get(f"/api/v1/alerts/{response.json()['id']}").json()["broadcast_id"]
+        return response, broadcast_id
 
     def controller_round(
         self, observer: AckObserver, sse: SseFollower | None, round_no: int
@@ -938,15 +976,19 @@ class SizeRun:
         memory0 = memory_mib(pid)
         poller = TransitionPoller(self.base_url, metrics0, n, self.options.timeout_s)
         body = {"targets": {"areas": [CITY]}, "content": {"media_id": self.media["id"]}}
-        with self.client() as client:
-            t0 = time.time()
-            response = client.post("/api/v1/broadcasts", json=body)
-            t_response = time.time()
+        t0 = time.time()
+        if self.options.via == "alerts":
+            response, alert_broadcast = self.send_alert()
+        else:
+            with self.client() as client:
+                response = client.post("/api/v1/broadcasts", json=body)
+            alert_broadcast = None
+        t_response = time.time()
         if response.status_code != 201:
             poller.stop()
-            raise BenchError(f"broadcast refused: {response.status_code} {response.text}")
+            raise BenchError(f"{self.options.via} call refused: {response.status_code} {response.text}")
         accepted = response.json()
-        broadcast_id = accepted["id"]
+        broadcast_id = alert_broadcast or accepted["id"]
         timeout = self.options.timeout_s
         observer.wait_all("playing", timeout)
         cpu_playing = cpu_seconds(pid)
@@ -1456,7 +1498,15 @@ def parse_arguments(argv: Sequence[str] | None) -> Options:
         help="run the controller under cProfile (slower; for finding where its time goes, not for figures)",
     )
     parser.add_argument("--keep", action="store_true", help="keep the temporary work directories (logs, DB)")
-    parser.add_argument("--output", type=Path, help="JSON file (default: bench/results/fanout-<UTC>.json)")
+    parser.add_argument(
+        "--output", type=Path, help="JSON file (default: bench/results/<benchmark>-<UTC>.json)"
+    )
+    parser.add_argument(
+        "--via",
+        choices=["broadcasts", "alerts"],
+        default="broadcasts",
+        help="the controller path measured: a broadcast, or an IOC alert (what bench/emergency.py runs)",
+    )
     arguments = parser.parse_args(argv)
     sizes = [int(s) for s in arguments.sizes.split(",") if s.strip()]
     if not sizes or any(s < 2 for s in sizes) or arguments.rounds < 1 or arguments.processes < 1:
@@ -1476,6 +1526,7 @@ def parse_arguments(argv: Sequence[str] | None) -> Options:
         profile_controller=arguments.profile_controller,
         keep=arguments.keep,
         output=arguments.output,
+        via=arguments.via,
     )
 
 
@@ -1483,14 +1534,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     options = parse_arguments(argv)
     started = datetime.now(UTC)
     stamp = started.strftime("%Y%m%dT%H%M%SZ")
-    output = options.output or RESULTS_DIR / f"fanout-{stamp}.json"
+    name = "emergency" if options.via == "alerts" else "fanout"
+    output = options.output or RESULTS_DIR / f"{name}-{stamp}.json"
     document: dict[str, Any] = {
-        "benchmark": "fanout",
-        "issue": 2,
+        "benchmark": name,
+        "issue": 4 if options.via == "alerts" else 2,
         "started_at": rfc3339(started),
         "machine": machine_info(),
         "parameters": {
             "sizes": options.sizes,
+            "via": options.via,
             "rounds": options.rounds,
             "fleet_processes": options.processes,
             "fleet_protocol": "3.1.1",

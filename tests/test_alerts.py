@@ -376,3 +376,31 @@ def _broadcast_of(controller: ControllerHandle, alert_id: str) -> str:
     with controller.client() as client:
         broadcast_id: str = client.get(f"/api/v1/alerts/{alert_id}").json()["broadcast_id"]
     return broadcast_id
+
+
+def test_an_alert_preempts_the_programme_which_resumes_afterwards(
+    controller: ControllerHandle, fleet: FleetHandle
+):
+    seed(controller)
+    long_notice = upload(controller, 60.0)  # 3 s at the fleet's speed ×20
+    with EventWatcher(controller) as watcher, controller.client() as client:
+        notice = client.post(
+            "/api/v1/broadcasts",
+            json={"targets": {"areas": ["hn.b.t1"]}, "content": {"media_id": long_notice}},
+        ).json()
+        watcher.wait_for(all_in(notice["id"], 2, "playing"), what="the ward's notice playing")
+        alert = _alert(controller, controller.token)
+        assert alert.status_code == 201, alert.text
+        alert_broadcast = _broadcast_of(controller, alert.json()["id"])
+        watcher.wait_for(all_ended(alert_broadcast, 2, "completed"), what="the alert played")
+
+        def notice_back_and_done(events: list[dict[str, Any]]) -> bool:
+            done = [e for e in events if e.get("broadcast_id") == notice["id"] and e["state"] == "completed"]
+            return len(done) == 2
+
+        watcher.wait_for(notice_back_and_done, what="the notice resumed and completed")
+        detail = client.get(f"/api/v1/broadcasts/{notice['id']}").json()
+    first = [d for d in detail["deliveries"] if d["resumes"] is None]
+    assert {d["state"] for d in first} == {"interrupted"}
+    assert all(f"preempted by broadcast {alert_broadcast}" in d["detail"] for d in first)
+    assert {d["state"] for d in detail["deliveries"] if d["resumes"]} == {"completed"}
