@@ -581,7 +581,8 @@ async def _bare_worker(config: dict[str, Any]) -> int:
             clients.append(client)
             client.prepared_socket = await open_tcp_connection(address, family, 10.0)
             client.connect(HOST, config["port"], keepalive=60)
-            async with asyncio.timeout(30):
+            # Generous: right after a 10,000-device round the broker is still draining the fleet's reports.
+            async with asyncio.timeout(120):
                 await ready
 
     try:
@@ -1306,8 +1307,15 @@ def run_size(n: int, options: Options) -> dict[str, Any]:
             result = run.raw_round(observer, publisher, round_no)
             raw_rounds.append(result)
             progress(f"raw publisher round {round_no}: 99% playing {result['playing_99pct_s']} s")
-        bare_rounds = run.bare_phase(publisher)
-        progress("bare fan-out: " + ", ".join(f"{r['received_all_s']} s" for r in bare_rounds))
+        bare_error: str | None = None
+        try:
+            bare_rounds = run.bare_phase(publisher)
+            progress("bare fan-out: " + ", ".join(f"{r['received_all_s']} s" for r in bare_rounds))
+        except BenchError as error:
+            # N more subscribers next to N devices can exceed the machine's file limit (20,000 at N =
+            # 10,000); the controller and raw figures stand without this baseline.
+            bare_rounds, bare_error = [], str(error)[:500]
+            progress(f"bare fan-out not measured: {bare_error[:120]}")
         controller_99 = median_of(controller_rounds, "playing_99pct_s")
         raw_99 = median_of(raw_rounds, "playing_99pct_s")
         bare_99 = median_of(bare_rounds, "received_99pct_s")
@@ -1357,6 +1365,7 @@ def run_size(n: int, options: Options) -> dict[str, Any]:
             },
             "bare_fanout": {
                 "rounds": bare_rounds,
+                "error": bare_error,
                 "median": {
                     "received_99pct_s": bare_99,
                     "received_all_s": bare_all,
@@ -1571,6 +1580,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         except (BenchError, httpx.HTTPError, OSError) as error:
             # Also what a Ctrl-C to the whole process group looks like: the children stop first.
             print(f"\nbenchmark failed: {error!r}; everything started has been stopped", file=sys.stderr)
+            document["failed"] = repr(error)[:2000]
+            partial = output.with_name(output.stem + "-partial.json")
+            partial.parent.mkdir(parents=True, exist_ok=True)
+            partial.write_text(json.dumps(document, indent=2, ensure_ascii=False) + "\n")
+            print(f"what was measured before the failure: {partial}", file=sys.stderr)
             return 1
     document["finished_at"] = rfc3339(datetime.now(UTC))
     output.parent.mkdir(parents=True, exist_ok=True)
