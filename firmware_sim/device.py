@@ -17,6 +17,7 @@ import logging
 import random
 import socket
 import zlib
+from abc import ABC, abstractmethod
 from collections import OrderedDict, deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -264,7 +265,7 @@ def takes_over(challenger_rank: int, challenger_arrival: int, holder_rank: int, 
     return challenger_rank >= wire.EMERGENCY_RANK_FLOOR and challenger_arrival > holder_arrival
 
 
-class MqttDevice(Generic[CommandT, ContentT]):
+class MqttDevice(ABC, Generic[CommandT, ContentT]):
     """A device on the broker that plays one command at a time (§1.4.1).
 
     Subclasses define `_parse_command` (their command types), `_prepare` (get a job's content ready,
@@ -374,22 +375,22 @@ class MqttDevice(Generic[CommandT, ContentT]):
 
     # What a kind of device defines
 
+    @abstractmethod
     def _parse_command(self, envelope: wire.Envelope) -> CommandT | StopCommand:
         """Validates a command of this kind; raises `wire.CommandRejectedError` naming the member."""
-        raise NotImplementedError
 
+    @abstractmethod
     def _prepare(self, job: Job[CommandT, ContentT]) -> None:
         """Gets the job's content ready (now, or in a task kept in `job.prepare_task`), then calls
         `_content_ready(job, content)`, or `_finish(job, "failed", …)` and `_schedule()` if it cannot be."""
-        raise NotImplementedError
 
+    @abstractmethod
     def _planned_length(self, job: Job[CommandT, ContentT]) -> tuple[float, bool | None]:
         """Device seconds the job plays for once started, and whether that cut it short."""
-        raise NotImplementedError
 
+    @abstractmethod
     def _status(self) -> dict[str, object]:
         """The members of the online state (§1.5) that depend on the kind, `playing` among them."""
-        raise NotImplementedError
 
     def _subscriptions(self) -> list[str]:
         """Topics the device subscribes to, its `cmd` topic first."""
