@@ -10,7 +10,7 @@ import pytest
 
 from tests.support.broker import TestBroker
 from tests.support.scenario import ORDER, SPEAKERS, all_ended, all_in, seed, send, upload
-from tests.support.system import ControllerHandle, EventWatcher, FleetHandle
+from tests.support.system import ControllerHandle, EventWatcher, FleetHandle, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -54,8 +54,16 @@ def test_cancel_stops_playback_everywhere(controller: ControllerHandle, fleet: F
         assert response.json()["cancelled_deliveries"] == 3
         watcher.wait_for(all_ended(broadcast_id, 3, "cancelled"), what="all cancelled")
 
+    # The controller records `cancelled` when it cancels; each device then reports `stopped`.
+    def stopped() -> set[str]:
+        return {
+            p["address"]
+            for p in fleet.plays()
+            if p.get("broadcast_id") == broadcast_id and p["event"] == "stopped"
+        }
+
+    wait_until(lambda: stopped() == {"b1-1", "b1-2", "b2-1"}, "the three speakers to report they stopped")
     plays = [p for p in fleet.plays() if p.get("broadcast_id") == broadcast_id]
-    assert {p["address"] for p in plays if p["event"] == "stopped"} == {"b1-1", "b1-2", "b2-1"}
     assert not [p for p in plays if p["event"] == "completed"]
 
 
