@@ -17,6 +17,7 @@ from controller.broker import BrokerAccount, ManagedMosquitto
 from controller.domain.areas import AreaTree
 from controller.domain.clock import Clock, SystemClock
 from controller.services.alerts import AlertService
+from controller.services.area_fanout import AreaFollowers
 from controller.services.audit import AuditLog
 from controller.services.auth import Principal, authenticate
 from controller.services.broadcasts import BroadcastService
@@ -67,6 +68,7 @@ class Runtime:
         self.bus = EventBus()
         self.media_store = MediaStore(settings.media.dir, settings.media.max_bytes)
         self.directory = DeviceDirectory(self.engine)
+        self.area_followers = AreaFollowers()
         self.tracker = DeliveryTracker(
             self.engine, self.bus, self.clock, completion_grace_s=settings.dispatch.completion_grace_s
         )
@@ -115,6 +117,7 @@ class Runtime:
             self.clock,
             media_base_url=self.settings.http.base_url(),
             default_expiry_s=self.settings.dispatch.default_expiry_s,
+            followers=self.area_followers if self.settings.dispatch.area_fanout else None,
         )
         self.tracker.on_ended = self._broadcasts.delivery_ended
         self._alerts = AlertService(
@@ -151,12 +154,15 @@ class Runtime:
             lambda state: programmes.link_restored() if state == "connected" else None
         )
         await asyncio.to_thread(self.directory.reload)
+        await asyncio.to_thread(self.area_followers.load, self.engine)
         await asyncio.to_thread(self.tracker.load_open_deliveries)
         pending = await asyncio.to_thread(self._dispatcher.load_outbox)
         if pending:
             log.info("resuming commands from the outbox", count=len(pending))
         self._dispatcher.submit(pending)
-        inbound = self._inbound = InboundProcessor("mqtt", self.directory, self.tracker, self.clock)
+        inbound = self._inbound = InboundProcessor(
+            "mqtt", self.directory, self.tracker, self.clock, followers=self.area_followers
+        )
         await self.schedule_runner.start()
         self._tasks = [
             asyncio.create_task(self.tracker.run(), name="tracker"),

@@ -56,6 +56,8 @@ def acl_text(controller_username: str, topic_root: str = "wardcast/v1") -> str:
             f"pattern write {topic_root}/dev/%c/telemetry",
             f"pattern read {topic_root}/dev/%c/cmd",
             f"pattern read {topic_root}/dev/%c/schedule",
+            "# Area command topics (§1.12): any device may follow them, none may publish on them.",
+            f"pattern read {topic_root}/area/+/cmd",
             "",
         ]
     )

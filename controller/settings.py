@@ -114,6 +114,8 @@ class DispatchSettings(_Section):
     publish_timeout_s: Annotated[float, Field(gt=0)] = 10.0
     # Slack on top of the media's own duration before a silent device is taken as failed.
     completion_grace_s: Annotated[float, Field(ge=0)] = 30.0
+    # One publish per area topic where the speakers follow it (docs/protocol.md §1.12); off: one per device.
+    area_fanout: bool = True
 
 
 class GraceSettings(_Section):

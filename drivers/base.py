@@ -39,6 +39,8 @@ class DeviceCommand:
     command_id: str
     document: Mapping[str, Any]
     expires_at: datetime
+    area: str | None = None
+    """Set for an area command (docs/protocol.md §1.12): it goes on the area's topic, not a device's."""
 
 
 @dataclass(frozen=True, slots=True)

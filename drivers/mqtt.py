@@ -48,6 +48,7 @@ from drivers.base import (
 from drivers.mqtt_codec import (
     CONTROLLER_SUBSCRIPTIONS,
     ack_topic,
+    area_command_topic,
     command_topic,
     decode_inbound,
     encode_command,
@@ -121,15 +122,18 @@ class _CommandProperties(Properties):
     _wire: bytes
 
     @classmethod
-    def build(cls, *, message_expiry_interval: int, correlation_data: bytes, response_topic: str) -> Self:
+    def build(
+        cls, *, message_expiry_interval: int, correlation_data: bytes, response_topic: str | None
+    ) -> Self:
         properties = copy.copy(_COMMAND_PROPERTIES_TEMPLATE)
-        values = {
+        values: dict[str, object] = {
             "PayloadFormatIndicator": 1,
             "MessageExpiryInterval": message_expiry_interval,
             "ContentType": "application/json",
-            "ResponseTopic": response_topic,
             "CorrelationData": correlation_data,
         }
+        if response_topic is not None:
+            values["ResponseTopic"] = response_topic
         for name, value in values.items():
             # Past paho's validating __setattr__: these values are ours, and it is the slow part.
             object.__setattr__(properties, name, value)
@@ -138,7 +142,7 @@ class _CommandProperties(Properties):
                 b"\x01\x01",
                 b"\x02" + message_expiry_interval.to_bytes(4, "big"),
                 b"\x03" + _length_prefixed(b"application/json"),
-                b"\x08" + _length_prefixed(response_topic.encode()),
+                b"\x08" + _length_prefixed(response_topic.encode()) if response_topic is not None else b"",
                 b"\x09" + _length_prefixed(correlation_data),
             )
         )
@@ -289,8 +293,14 @@ class MqttDriver:
     # -- Driver ------------------------------------------------------------------------------------
 
     async def send(self, command: DeviceCommand, *, timeout: float) -> Ack:
-        """Publish `command.document` to the device's `cmd` topic at QoS 1; return after the PUBACK."""
-        if (
+        """Publish `command.document` to the device's `cmd` topic (or, for an area command, the area's)
+        at QoS 1; return after the PUBACK."""
+        if command.area is not None:
+            if command.document.get("area") != command.area or "device" in command.document:
+                raise ProtocolError(
+                    f"area command {command.command_id}: document `area`/`device` do not match the command"
+                )
+        elif (
             command.document.get("id") != command.command_id
             or command.document.get("device") != command.address
         ):
@@ -300,7 +310,11 @@ class MqttDriver:
         if command.expires_at.tzinfo is None:
             raise ProtocolError(f"command {command.command_id}: expires_at must be timezone-aware")
         try:
-            topic = command_topic(command.address)
+            topic = (
+                area_command_topic(command.area)
+                if command.area is not None
+                else command_topic(command.address)
+            )
             payload = encode_command(command.document)
             properties = self._command_properties(command) if self.protocol == "5" else None
         except (ValueError, TypeError) as error:
@@ -310,7 +324,7 @@ class MqttDriver:
             payload,
             retain=False,
             timeout=timeout,
-            what=f"command {command.command_id} to {command.address}",
+            what=f"command {command.command_id} to {command.area or command.address}",
             properties=properties,
         )
         return Ack(command_id=command.command_id, accepted_at=self._clock(), published_at=published_at)
@@ -409,8 +423,9 @@ class MqttDriver:
             # Rounded up: the payload's `expires_at` is what devices enforce, and a device that gets a
             # command a fraction of a second late reports `expired`, which tells more than silence.
             message_expiry_interval=min(_MQTT5_MAX_INTERVAL, max(1, math.ceil(seconds_left))),
-            correlation_data=command.command_id.encode(),
-            response_topic=ack_topic(command.address),
+            correlation_data=str(command.document.get("id", command.command_id)).encode(),
+            # Each follower of an area answers on its own `ack` topic: there is no one to name.
+            response_topic=ack_topic(command.address) if command.area is None else None,
         )
 
     def _new_client(self) -> _Client:

@@ -19,6 +19,7 @@ from drivers.base import CommandReport, DeviceState, InboundEvent, MalformedPayl
 WIRE_VERSION: Final = 1
 TOPIC_ROOT: Final = "wardcast/v1"
 DEVICE_TOPIC_PREFIX: Final = f"{TOPIC_ROOT}/dev/"
+AREA_TOPIC_PREFIX: Final = f"{TOPIC_ROOT}/area/"
 
 DeviceLeaf = Literal["cmd", "ack", "state", "telemetry", "schedule"]
 InboundLeaf = Literal["ack", "state", "telemetry"]
@@ -56,6 +57,16 @@ def device_topic(address: str, leaf: DeviceLeaf) -> str:
 
 def command_topic(address: str) -> str:
     return device_topic(address, "cmd")
+
+
+_AREA_CODE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+
+
+def area_command_topic(area_code: str) -> str:
+    """`wardcast/v1/area/{area_code}/cmd` (docs/protocol.md §1.12)."""
+    if _AREA_CODE.fullmatch(area_code) is None:
+        raise ValueError(f"invalid area code {area_code!r} for a topic")
+    return f"{AREA_TOPIC_PREFIX}{area_code}/cmd"
 
 
 def ack_topic(address: str) -> str:

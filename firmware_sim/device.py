@@ -412,6 +412,13 @@ class MqttDevice(ABC, Generic[CommandT, ContentT]):
     def _on_power_off(self) -> None:
         """The device is off (shutdown, crash)."""
 
+    def _on_session_ready(self, client: mqtt.Client) -> None:
+        """The device just connected and asked for its `_subscriptions()`; it may subscribe to more
+        topics in calls of its own, whose SUBACKs reach `_on_other_suback`."""
+
+    def _on_other_suback(self, mid: int, reason_codes: list[ReasonCode]) -> None:
+        """The broker answered a subscribe call other than the one for `_subscriptions()`."""
+
     # Session
 
     async def start(self, timeout: float | None = None) -> None:
@@ -610,6 +617,10 @@ class MqttDevice(ABC, Generic[CommandT, ContentT]):
         if self._outbox is not None and self._outbox_flush is None:
             self._outbox_flush = self.runtime.services.loop.call_soon(self._flush_outbox, client)
         _, self._subscribe_mid = client.subscribe([(topic, 1) for topic in self._subscriptions()])
+        try:
+            self._on_session_ready(client)
+        except Exception:
+            self._logger.exception("%s: setting up the session after connecting broke", self.address)
 
     def _on_subscribe(
         self,
@@ -619,7 +630,13 @@ class MqttDevice(ABC, Generic[CommandT, ContentT]):
         reason_codes: list[ReasonCode],
         _properties: Properties | None,
     ) -> None:
-        if client is not self._client or mid != self._subscribe_mid:
+        if client is not self._client:
+            return
+        if mid != self._subscribe_mid:
+            try:
+                self._on_other_suback(mid, reason_codes)
+            except Exception:
+                self._logger.exception("%s: a subscription result could not be handled", self.address)
             return
         ready = self._ready
         for topic, code in zip(self._subscriptions()[1:], reason_codes[1:], strict=False):
@@ -700,6 +717,11 @@ class MqttDevice(ABC, Generic[CommandT, ContentT]):
         except wire.UnidentifiableCommandError as error:
             self._logger.warning("%s: ignored a command that no report could name: %s", self.address, error)
             return
+        self._handle_envelope(envelope)
+
+    def _handle_envelope(self, envelope: wire.Envelope) -> None:
+        """A command as if it had just arrived on the `cmd` topic: duplicates, validation, then a
+        stop applied or a play accepted."""
         if self._seen(envelope.command_id):
             self._repeat_latest_report(envelope.command_id)
             return

@@ -64,6 +64,9 @@ class Programme:
     valid_from: datetime
     valid_until: datetime
     comm_loss: CommLoss
+    # The area codes whose command topics the speaker follows (§1.12), in the document's order (its
+    # residential group first); empty when the document lists none.
+    areas: tuple[str, ...]
     # In `start_at` order (validated), so the next due item is found by bisection.
     items: tuple[ProgrammeItem, ...]
     # SHA-256 of the payload: the retained copy the broker re-sends on every reconnect is recognised
@@ -141,6 +144,7 @@ def parse_programme(payload: bytes | bytearray, address: str) -> Programme | Non
         valid_from=valid_from,
         valid_until=valid_until,
         comm_loss=_comm_loss(document.get("comm_loss")),
+        areas=_areas(document["areas"]) if "areas" in document else (),
         items=_items(document.get("items"), address),
         digest=hashlib.sha256(payload).digest(),
     )
@@ -175,6 +179,24 @@ def _comm_loss(value: object) -> CommLoss:
     raise MalformedProgrammeError(
         "comm_loss.policy", f"{policy!r} is not one of {sorted(COMM_LOSS_POLICIES)}"
     )
+
+
+def _areas(value: object) -> tuple[str, ...]:
+    """`areas` (§1.10, §1.12), when present: each code names a topic level, so it must be one that a
+    subscription can carry literally (no level separator, no wildcard)."""
+    if not isinstance(value, list):
+        raise MalformedProgrammeError("areas", "must be a JSON array")
+    areas: list[str] = []
+    for index, code in enumerate(value):
+        member = f"areas[{index}]"
+        if not isinstance(code, str) or not code:
+            raise MalformedProgrammeError(member, "must be a non-empty string")
+        if not wire.is_valid_area_code(code):
+            raise MalformedProgrammeError(member, f"{code!r} cannot be a topic level (it holds / + # or NUL)")
+        if code in areas:
+            raise MalformedProgrammeError(member, f"{code!r} is listed twice")
+        areas.append(code)
+    return tuple(areas)
 
 
 def _items(value: object, address: str) -> tuple[ProgrammeItem, ...]:

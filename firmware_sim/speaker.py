@@ -6,12 +6,15 @@ callbacks and timers, no thread and no task of its own while idle, so thousands 
 The session, reports, duplicates, expiry and preemption are those of every MQTT device
 (firmware_sim/device.py); a speaker adds fetching and verifying its audio (§1.8) and its programme
 cache (§1.10, firmware_sim/programme.py): while its broker link is down it plays its cached programme
-with one timer for the next due item, and keeps its reports in an outbox until it reconnects.
+with one timer for the next due item, and keeps its reports in an outbox until it reconnects. Its
+programme also lists the areas it follows (§1.12): it subscribes to their command topics and turns each
+area command into a command of its own, handled exactly like one on its `cmd` topic.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from dataclasses import dataclass
 from datetime import datetime
@@ -40,6 +43,9 @@ from firmware_sim.wire import MediaRef, PlayCommand, StopCommand
 if TYPE_CHECKING:
     from pathlib import Path
 
+    import paho.mqtt.client as mqtt
+    from paho.mqtt.reasoncodes import ReasonCode
+
     from firmware_sim.wire import Clock
 
 __all__ = [
@@ -65,6 +71,11 @@ _PROGRAMME_MAX_SLEEP_S: Final = 300.0
 
 # The name this module has always given the connection error.
 SpeakerConnectError = DeviceConnectError
+
+# Every speaker of a process that follows an area receives the same area command: parsed once, it
+# serves them all (each derives its own command from the shared members, which nobody mutates).
+# Exceptions are not cached, so an ignored one is parsed again by each speaker: rare, and cheap.
+_open_area_command = functools.lru_cache(maxsize=64)(wire.open_area_command)
 
 
 class SpeakerRuntime(DeviceRuntime):
@@ -180,6 +191,20 @@ class SimulatedSpeaker(MqttDevice[PlayCommand, _Playlist]):
         self._programme_logged: Programme | None = None
         self._programme_documents = 0
         self._programme_last_ignored: str | None = None
+        # Area commands (§1.12). Followed: the areas the held programme lists, in its order, and so
+        # subscribed to (or being subscribed to). Granted: those the broker granted, a subset of the
+        # followed ones. Accepted, what the state reports: the granted ones in the followed order.
+        # Granted survives reconnects, as the broker's persistent session keeps the subscriptions.
+        self._followed_areas: tuple[str, ...] = ()
+        self._granted_areas: frozenset[str] = frozenset()
+        self._accepted_areas: tuple[str, ...] = ()
+        # The areas of each area subscribe call not answered yet, by message id, and the latest such
+        # call for each area: only the answer to the latest one counts (an area dropped and listed
+        # again, or asked for again on reconnect).
+        self._area_subscribe_calls: dict[int, tuple[str, ...]] = {}
+        self._latest_area_subscribe: dict[str, int] = {}
+        # Areas dropped while the link was down: their unsubscribe goes out on the next connect.
+        self._owed_area_unsubscribes: tuple[str, ...] = ()
 
     @property
     def programme(self) -> ProgrammeStatus:
@@ -191,6 +216,22 @@ class SimulatedSpeaker(MqttDevice[PlayCommand, _Playlist]):
             documents=self._programme_documents,
             last_ignored=self._programme_last_ignored,
         )
+
+    @property
+    def areas(self) -> tuple[str, ...]:
+        """The areas whose commands the speaker accepts (§1.12), as its state reports them."""
+        return self._accepted_areas
+
+    @property
+    def followed_areas(self) -> tuple[str, ...]:
+        """The areas its programme lists, whether or not the broker granted them yet."""
+        return self._followed_areas
+
+    @property
+    def areas_subscribing(self) -> tuple[str, ...]:
+        """The followed areas whose latest subscription the broker has not answered yet (on every
+        connect that is all of them, even those still accepted from the persistent session)."""
+        return tuple(area for area in self._followed_areas if area in self._latest_area_subscribe)
 
     # What makes it a speaker (the hooks of `MqttDevice`)
 
@@ -214,7 +255,7 @@ class SimulatedSpeaker(MqttDevice[PlayCommand, _Playlist]):
         return min(total_s, command.max_duration_s), total_s > command.max_duration_s
 
     def _status(self) -> dict[str, object]:
-        return {"volume": self.volume, "playing": self.playing}
+        return {"volume": self.volume, "playing": self.playing, "areas": list(self._accepted_areas)}
 
     def _subscriptions(self) -> list[str]:
         return [self._cmd_topic, self._schedule_topic]
@@ -222,11 +263,50 @@ class SimulatedSpeaker(MqttDevice[PlayCommand, _Playlist]):
     def _handle_other_message(self, topic: str, payload: bytes | bytearray) -> None:
         if topic == self._schedule_topic:
             self._handle_programme_document(payload)
+            return
+        area = wire.area_of_topic(topic)
+        if area is not None:
+            self._handle_area_command(area, payload)
         else:
             super()._handle_other_message(topic, payload)
 
+    def _on_session_ready(self, client: mqtt.Client) -> None:
+        """§1.12: on every connect it subscribes again to the areas it follows."""
+        owed = [area for area in self._owed_area_unsubscribes if area not in self._followed_areas]
+        self._owed_area_unsubscribes = ()
+        if owed:
+            client.unsubscribe([wire.area_cmd_topic(area) for area in owed])
+        if self._followed_areas:
+            self._subscribe_areas(client, self._followed_areas)
+
+    def _on_other_suback(self, mid: int, reason_codes: list[ReasonCode]) -> None:
+        areas = self._area_subscribe_calls.pop(mid, None)
+        if areas is None:
+            return
+        granted = set(self._granted_areas)
+        for area, code in zip(areas, reason_codes, strict=False):
+            if self._latest_area_subscribe.get(area) != mid:
+                continue  # dropped since, or asked for again: the later answer decides
+            del self._latest_area_subscribe[area]
+            if code.is_failure:
+                logger.error(
+                    "%s: the broker refused the subscription to area %s (%s); its commands are not accepted",
+                    self.address,
+                    area,
+                    code,
+                )
+                granted.discard(area)
+            else:
+                granted.add(area)
+        self._granted_areas = frozenset(granted)
+        self._refresh_accepted_areas()
+        self._notify_watchers()  # `areas_subscribing` changed even when the accepted areas did not
+
     def _on_link_lost(self, now: datetime) -> None:
-        """The programme takes over from this instant for the items still to come."""
+        """The programme takes over from this instant for the items still to come; subscribe calls
+        made on the lost connection will never be answered (the next connect asks again)."""
+        self._area_subscribe_calls.clear()
+        self._latest_area_subscribe.clear()
         programme = self._programme
         self._programme_cursor = programme.index_from(now) if programme is not None else 0
         self._arm_programme()
@@ -337,9 +417,11 @@ class SimulatedSpeaker(MqttDevice[PlayCommand, _Playlist]):
         self._replace_programme(programme)
 
     def _replace_programme(self, programme: Programme | None) -> None:
-        """A new document replaces the old one entirely (§1.10): its timer and prefetch go with it."""
+        """A new document replaces the old one entirely (§1.10): its timer and prefetch go with it,
+        and the areas it lists are followed instead of the old ones (§1.12)."""
         self._cancel_prefetch()
         self._programme = programme
+        self._follow_areas(programme.areas if programme is not None else ())
         self._prefetch_programme()
         if self._link_lost_at is not None:
             # Not reachable over MQTT (documents arrive only while connected), but kept consistent:
@@ -467,3 +549,66 @@ class SimulatedSpeaker(MqttDevice[PlayCommand, _Playlist]):
             self._repeat_latest_report(command.id)
             return
         self._accept(command, offline=True)
+
+    # Area commands (§1.12)
+
+    def _follow_areas(self, areas: tuple[str, ...]) -> None:
+        """Stops accepting the areas no longer listed at once and unsubscribes from them; subscribes
+        to the newly listed ones, which are accepted once the broker grants them."""
+        followed = self._followed_areas
+        if areas == followed:
+            return
+        dropped = tuple(area for area in followed if area not in areas)
+        added = tuple(area for area in areas if area not in followed)
+        self._followed_areas = areas
+        for area in dropped:
+            self._latest_area_subscribe.pop(area, None)
+        self._granted_areas = self._granted_areas.difference(dropped)
+        logger.info("%s: follows areas %s", self.address, list(areas))
+        client = self._client
+        if client is not None and client.is_connected():
+            if dropped:
+                client.unsubscribe([wire.area_cmd_topic(area) for area in dropped])
+            if added:
+                self._subscribe_areas(client, added)
+        elif dropped:
+            # The broker's persistent session still holds these subscriptions.
+            self._owed_area_unsubscribes = (
+                *(area for area in self._owed_area_unsubscribes if area not in dropped),
+                *dropped,
+            )
+        self._refresh_accepted_areas()
+
+    def _subscribe_areas(self, client: mqtt.Client, areas: tuple[str, ...]) -> None:
+        result, mid = client.subscribe([(wire.area_cmd_topic(area), 1) for area in areas])
+        if mid is None:
+            # The link went down under the call; the next connect subscribes to every followed area.
+            logger.info("%s: could not subscribe to areas %s yet (%s)", self.address, list(areas), result)
+            return
+        self._area_subscribe_calls[mid] = areas
+        for area in areas:
+            self._latest_area_subscribe[area] = mid
+
+    def _refresh_accepted_areas(self) -> None:
+        """Recomputes what the speaker accepts; a change goes out in the retained state (§1.5)."""
+        accepted = tuple(area for area in self._followed_areas if area in self._granted_areas)
+        if accepted == self._accepted_areas:
+            return
+        self._accepted_areas = accepted
+        logger.info("%s: accepts the commands of areas %s", self.address, list(accepted))
+        self._publish_state()
+        self._notify_watchers()
+
+    def _handle_area_command(self, area: str, payload: bytes | bytearray) -> None:
+        """§1.12: an area command it accepts becomes its own command (ids derived from the area
+        command's), handled exactly as one on its `cmd` topic; anything else is logged and ignored,
+        without a report, as it was not addressed to this speaker by name."""
+        if area not in self._granted_areas:
+            logger.debug("%s: ignored a command on area %s, which it does not accept", self.address, area)
+            return
+        try:
+            area_command = _open_area_command(bytes(payload), area)
+        except wire.AreaCommandIgnoredError as ignored:
+            logger.info("%s: ignored a command on area %s: %s", self.address, area, ignored)
+            return
+        self._handle_envelope(area_command.for_device(self.address))

@@ -42,6 +42,10 @@ _C = TypeVar("_C")
 
 _TIMESTAMP = re.compile(r"(\d{4})-(\d{2})-(\d{2})T(\d{2}):(\d{2}):(\d{2})(?:\.(\d{1,6}))?Z")
 _SHA256_HEX = re.compile(r"[0-9a-fA-F]{64}")
+_AREA_TOPIC_PREFIX: Final = f"{TOPIC_ROOT}/area/"
+_AREA_TOPIC_SUFFIX: Final = "/cmd"
+# The level separator, the wildcards and NUL cannot appear in a topic level subscribed to literally.
+_TOPIC_LEVEL_FORBIDDEN: Final = frozenset("/+#\x00")
 
 
 def utc_now() -> datetime:
@@ -64,8 +68,25 @@ def schedule_topic(address: str) -> str:
     return f"{TOPIC_ROOT}/dev/{address}/schedule"
 
 
+def area_cmd_topic(area_code: str) -> str:
+    return f"{TOPIC_ROOT}/area/{area_code}/cmd"
+
+
 def is_valid_address(address: str) -> bool:
     return ADDRESS_PATTERN.fullmatch(address) is not None
+
+
+def is_valid_area_code(area_code: str) -> bool:
+    """Whether the code can be one level of a topic a device subscribes to literally (§1.12)."""
+    return bool(area_code) and _TOPIC_LEVEL_FORBIDDEN.isdisjoint(area_code)
+
+
+def area_of_topic(topic: str) -> str | None:
+    """The area code of an area command topic (§1.12), or `None` for any other topic."""
+    if not (topic.startswith(_AREA_TOPIC_PREFIX) and topic.endswith(_AREA_TOPIC_SUFFIX)):
+        return None
+    area_code = topic[len(_AREA_TOPIC_PREFIX) : -len(_AREA_TOPIC_SUFFIX)]
+    return area_code if is_valid_area_code(area_code) else None
 
 
 def format_timestamp(instant: datetime) -> str:
@@ -202,6 +223,57 @@ def open_envelope(payload: bytes | bytearray) -> Envelope:
         raise UnidentifiableCommandError("member id is missing or not a non-empty string")
     correlation_id = document.get("correlation_id")
     return Envelope(command_id, correlation_id if isinstance(correlation_id, str) else "", document)
+
+
+class AreaCommandIgnoredError(ValueError):
+    """An area command a speaker ignores without a report (§1.12 step 1): it does not belong on the
+    topic it came on, is not a `play`, or has no `id` to derive the speaker's own ids from."""
+
+
+@dataclass(frozen=True, slots=True)
+class AreaCommand:
+    """An area command (§1.12) that passed step 1; `for_device` is step 2."""
+
+    area: str
+    # The area command's `id`: the namespace of every speaker's own ids.
+    namespace: uuid.UUID
+    # Every member as received except `area`. One parse may serve every speaker of a process, so
+    # this is never mutated: each speaker gets a copy with its own ids.
+    members: Mapping[str, Any]
+
+    def for_device(self, address: str) -> Envelope:
+        """The device's own command: UUIDv5 ids derived from the area command's, its address as
+        `device`, every other member as received."""
+        command_id = str(uuid.uuid5(self.namespace, "command:" + address))
+        correlation_id = str(uuid.uuid5(self.namespace, "delivery:" + address))
+        document = {**self.members, "id": command_id, "correlation_id": correlation_id, "device": address}
+        return Envelope(command_id, correlation_id, document)
+
+
+def open_area_command(payload: bytes, topic_area: str) -> AreaCommand:
+    """The area command in `payload`, received on the topic of `topic_area`; raises
+    `AreaCommandIgnoredError` when §1.12 says to ignore it. Everything else is validated later, on
+    the derived command, exactly as on the `cmd` topic."""
+    try:
+        document = json.loads(payload)
+    except ValueError as error:
+        raise AreaCommandIgnoredError(f"payload is not JSON: {error}") from error
+    if not isinstance(document, dict):
+        raise AreaCommandIgnoredError("payload is not a JSON object")
+    area = document.pop("area", None)
+    if area != topic_area:
+        raise AreaCommandIgnoredError(f"area: {area!r} is not the topic's area {topic_area!r}")
+    command_type = document.get("type")
+    if command_type != "play":
+        raise AreaCommandIgnoredError(f"type: {command_type!r} is not 'play'")
+    command_id = document.get("id")
+    if not isinstance(command_id, str):
+        raise AreaCommandIgnoredError("id: is missing or not a string")
+    try:
+        namespace = uuid.UUID(command_id)
+    except ValueError as error:
+        raise AreaCommandIgnoredError(f"id: {command_id!r} is not a UUID") from error
+    return AreaCommand(topic_area, namespace, document)
 
 
 @dataclass(frozen=True, slots=True)

@@ -27,6 +27,7 @@ import aiomqtt
 import numpy as np
 import soundfile
 
+from firmware_sim.speaker import SimulatedSpeaker, SpeakerRuntime
 from tests.support.broker import TestBroker
 
 T = TypeVar("T")
@@ -434,3 +435,10 @@ async def start_fleet_cli(broker: TestBroker, *options: str) -> asyncio.subproce
         cwd=REPO_ROOT,
         stdout=asyncio.subprocess.PIPE,
     )
+
+
+async def started(runtime: SpeakerRuntime, address: str = "spk-1", **options: Any) -> SimulatedSpeaker:
+    """A speaker of `runtime`, connected and subscribed."""
+    speaker = runtime.speaker(address, **options)
+    await speaker.start(timeout=WAIT_S)
+    return speaker

@@ -28,6 +28,7 @@ from tests.sim_harness import (
     MediaServer,
     play_command,
     programme_document,
+    started,
     timestamp,
     wav_bytes,
 )
@@ -68,12 +69,6 @@ async def runtime(
     )
     async with contextlib.AsyncExitStack() as stack:
         yield await stack.enter_async_context(SpeakerRuntime(settings, speed=SPEED, play_log=play_log_path))
-
-
-async def started(runtime: SpeakerRuntime, address: str = "spk-1", **options: Any) -> SimulatedSpeaker:
-    speaker = runtime.speaker(address, **options)
-    await speaker.start(timeout=WAIT_S)
-    return speaker
 
 
 def play(address: str, media: tuple[str, str], **options: Any) -> dict[str, Any]:

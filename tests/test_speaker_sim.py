@@ -16,13 +16,14 @@ from typing import Any
 import pytest
 
 from firmware_sim.playlog import read_play_log
-from firmware_sim.speaker import BrokerSettings, MqttProtocol, SimulatedSpeaker, SpeakerRuntime
+from firmware_sim.speaker import BrokerSettings, MqttProtocol, SpeakerRuntime
 from tests.sim_harness import (
     ControllerProbe,
     MediaServer,
     ShiftableClock,
     media_object,
     play_command,
+    started,
     stop_command,
     wav_bytes,
 )
@@ -66,12 +67,6 @@ def media(media_server: MediaServer) -> tuple[str, str]:
     """A 0.5 s WAV on the media server: (url, sha256)."""
     sha256 = media_server.add_media(wav_bytes(MEDIA_S))
     return media_server.media_url(sha256), sha256
-
-
-async def started(runtime: SpeakerRuntime, address: str = "spk-1") -> SimulatedSpeaker:
-    speaker = runtime.speaker(address)
-    await speaker.start(timeout=10)
-    return speaker
 
 
 def log_events(play_log_path: Path, command_id: str) -> list[str]:

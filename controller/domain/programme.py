@@ -66,12 +66,35 @@ def play_command(
     expires_at: datetime,
 ) -> dict[str, Any]:
     """The `play` document of docs/protocol.md §1.3 (the dispatcher adds `seq` when it publishes)."""
-    document: dict[str, Any] = {
+    header = {
         "v": 1,
         "type": "play",
         "id": ids.command_id,
         "correlation_id": ids.delivery_id,
         "device": address,
+    }
+    return {**header, **_play_members(content, broadcast_id, issued_at, expires_at)}
+
+
+def area_play_command(
+    content: PlayContent,
+    *,
+    broadcast_id: str,
+    fanout_id: str,
+    area_code: str,
+    issued_at: datetime,
+    expires_at: datetime,
+) -> dict[str, Any]:
+    """The area command of docs/protocol.md §1.12: a `play` with `area` instead of `device` and
+    `correlation_id`; each follower derives its own ids from `fanout_id`."""
+    header = {"v": 1, "type": "play", "id": fanout_id, "area": area_code}
+    return {**header, **_play_members(content, broadcast_id, issued_at, expires_at)}
+
+
+def _play_members(
+    content: PlayContent, broadcast_id: str, issued_at: datetime, expires_at: datetime
+) -> dict[str, Any]:
+    document: dict[str, Any] = {
         "issued_at": rfc3339(issued_at),
         "expires_at": rfc3339(expires_at),
         "broadcast_id": broadcast_id,
@@ -172,8 +195,10 @@ def programme_document(
     valid_until: datetime,
     comm_loss: CommLoss,
     items: Sequence[ProgrammeItem],
+    areas: Sequence[str] = (),
 ) -> dict[str, Any]:
-    """A device's retained programme (docs/protocol.md §1.10), items in start order."""
+    """A device's retained programme (docs/protocol.md §1.10), items in start order; `areas` are the
+    area codes whose command topics it follows (§1.12), from its own residential group upwards."""
     ordered = sorted(items, key=lambda item: (item.start_at, item.command["id"]))
     # `seq` numbers the live stream (the dispatcher's outbox order); a cached copy is outside it.
     return {
@@ -183,6 +208,7 @@ def programme_document(
         "valid_from": rfc3339(valid_from),
         "valid_until": rfc3339(valid_until),
         "comm_loss": comm_loss.document(),
+        "areas": list(areas),
         "items": [
             {"start_at": rfc3339(item.start_at), "command": {**item.command, "seq": 0}} for item in ordered
         ],

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -20,22 +20,25 @@ from sqlmodel import Session, col, select
 from controller.domain.areas import AreaTree
 from controller.domain.clock import Clock, rfc3339
 from controller.domain.deliveries import DeliveryState
+from controller.domain.fanout import FanoutPlan, area_delivery_ids, plan_fanout
 from controller.domain.planner import DeviceEntry, TargetError, Targets, resolve_targets
 from controller.domain.priority import Priority, PriorityClass
 from controller.domain.programme import (
     DeliveryIds,
     DisplayText,
     PlayContent,
+    area_play_command,
     occurrence_broadcast_id,
     occurrence_delivery_ids,
     play_command,
     show_command,
 )
+from controller.services.area_fanout import AreaFollowers
 from controller.services.auth import Action, Principal
 from controller.services.dispatcher import STOP_RANK, Dispatcher, QueuedCommand
 from controller.services.errors import ServiceError
 from controller.services.media import media_document
-from controller.services.targets import AreaTreeCache, reachable_devices
+from controller.services.targets import AreaTreeCache, chunks, reachable_devices
 from controller.services.tracker import DeliveryTracker, TrackedDelivery, expected_play_seconds
 from controller.store.models import (
     BroadcastRow,
@@ -110,6 +113,7 @@ class BroadcastService:
         *,
         media_base_url: str,
         default_expiry_s: int,
+        followers: AreaFollowers | None = None,
     ) -> None:
         self._engine = engine
         self._dispatcher = dispatcher
@@ -121,6 +125,7 @@ class BroadcastService:
         self._background: set[asyncio.Task[None]] = set()
         self._waiting_to_resume: dict[str, list[TrackedDelivery]] = {}
         self._areas = AreaTreeCache()
+        self._followers = followers
 
     async def create(self, request: BroadcastRequest, principal: Principal) -> AcceptedBroadcast:
         if request.priority.priority_class is PriorityClass.EMERGENCY and not principal.may(
@@ -129,7 +134,11 @@ class BroadcastService:
             raise BroadcastError(
                 "priority", f"role {principal.role} may not send emergency broadcasts", status=403
             )
-        accepted, commands, tracked = await asyncio.to_thread(self._accept, request, principal)
+        # Scheduled occurrences keep the ids their devices cached (§1.10); the rest may use area topics.
+        followers = (
+            self._followers.by_area() if self._followers is not None and request.occurrence is None else None
+        )
+        accepted, commands, tracked = await asyncio.to_thread(self._accept, request, principal, followers)
         for delivery in tracked:
             self._tracker.track(delivery)
         stops = await self._preempt(request.priority, accepted.id, tracked)
@@ -207,16 +216,25 @@ class BroadcastService:
                     OutboxRow.delivery_id == delivery.delivery_id, OutboxRow.kind == "play"
                 )
             ).first()
+            if original is None:  # it went out on an area topic (§1.12)
+                area_rows = session.exec(
+                    select(OutboxRow).where(
+                        OutboxRow.broadcast_id == delivery.broadcast_id, OutboxRow.kind == "play"
+                    )
+                ).all()
+                original = next((r for r in area_rows if delivery.delivery_id in (r.covers or ())), None)
             address = session.exec(
                 select(DeviceRow.address).where(DeviceRow.id == delivery.device_id)
             ).first()
             if original is None or address is None:
                 return None
             delivery_id, command_id = str(uuid.uuid4()), str(uuid.uuid4())
+            members = {key: value for key, value in original.document.items() if key != "area"}
             document = {
-                **original.document,
+                **members,
                 "id": command_id,
                 "correlation_id": delivery_id,
+                "device": address,
                 "issued_at": rfc3339(now),
             }
             session.add(
@@ -267,7 +285,10 @@ class BroadcastService:
         return QueuedCommand.from_row(row, address), tracked
 
     def _accept(
-        self, request: BroadcastRequest, principal: Principal
+        self,
+        request: BroadcastRequest,
+        principal: Principal,
+        followers: Mapping[str, frozenset[str]] | None,
     ) -> tuple[AcceptedBroadcast, list[QueuedCommand], list[TrackedDelivery]]:
         now = self._clock.now()
         expires_at = request.expires_at or now + self._default_expiry
@@ -291,7 +312,7 @@ class BroadcastService:
                 [item.duration_s for item in playlist], request.repeats, request.gap_s, request.max_duration_s
             )
             kinds = AUDIO_DEVICE_KINDS | {SCREEN_KIND} if request.display is not None else AUDIO_DEVICE_KINDS
-            chosen = self._resolve(session, request.targets, principal, kinds)
+            chosen, candidates = self._resolve_with_candidates(session, request.targets, principal, kinds)
             broadcast_id = (
                 occurrence_broadcast_id(*request.occurrence)
                 if request.occurrence is not None
@@ -333,11 +354,23 @@ class BroadcastService:
                 if request.occurrence is not None:
                     raise OccurrenceAlreadyFired(*request.occurrence) from error
                 raise
+            plan = (
+                self._plan_fanout(session, request.targets, chosen, candidates, followers)
+                if followers is not None
+                else FanoutPlan(direct=frozenset(device.id for device in chosen))
+            )
             deliveries: list[dict[str, Any]] = []
             outbox: list[dict[str, Any]] = []
+            address_of = {device.id: device.address for device in chosen}
+            delivery_of: dict[str, str] = {}
             for device in chosen:
-                ids = self._ids(request, device.id)
+                ids = (
+                    area_delivery_ids(broadcast_id, device.address)
+                    if followers is not None and device.kind in AUDIO_DEVICE_KINDS
+                    else self._ids(request, device.id)
+                )
                 delivery_id, command_id = ids.delivery_id, ids.command_id
+                delivery_of[device.id] = delivery_id
                 if device.kind == SCREEN_KIND and request.display is not None:
                     document = show_command(
                         request.display,
@@ -368,17 +401,45 @@ class BroadcastService:
                         "state_at": now,
                     }
                 )
+                if device.id in plan.direct:
+                    outbox.append(
+                        {
+                            "device_id": device.id,
+                            "area_code": None,
+                            "covers": None,
+                            "broadcast_id": None,
+                            "command_id": command_id,
+                            "delivery_id": delivery_id,
+                            "kind": document["type"],
+                            "rank": request.priority.rank,
+                            "created_at": now,
+                            "expires_at": expires_at,
+                            "published_at": None,
+                            "document": document,
+                        }
+                    )
+            for area_code, reach in plan.by_area.items():
                 outbox.append(
                     {
-                        "device_id": device.id,
-                        "command_id": command_id,
-                        "delivery_id": delivery_id,
-                        "kind": document["type"],
+                        "device_id": None,
+                        "area_code": area_code,
+                        "covers": sorted(delivery_of[device_id] for device_id in reach),
+                        "broadcast_id": broadcast_id,
+                        "command_id": str(uuid.uuid5(uuid.UUID(broadcast_id), f"area:{area_code}")),
+                        "delivery_id": None,
+                        "kind": "play",
                         "rank": request.priority.rank,
                         "created_at": now,
                         "expires_at": expires_at,
                         "published_at": None,
-                        "document": document,
+                        "document": area_play_command(
+                            content,
+                            broadcast_id=broadcast_id,
+                            fanout_id=broadcast_id,
+                            area_code=area_code,
+                            issued_at=now,
+                            expires_at=expires_at,
+                        ),
                     }
                 )
             session.connection().execute(insert(DeliveryRow), deliveries)
@@ -395,7 +456,11 @@ class BroadcastService:
                     for d in deliveries
                 ],
             )
-            session.connection().execute(insert(OutboxRow), outbox)
+            # RETURNING in parameter order: the ids (the wire `seq`) without reading N rows back.
+            returned = session.connection().scalars(
+                insert(OutboxRow).returning(col(OutboxRow.id), sort_by_parameter_order=True), outbox
+            )
+            outbox_ids = [outbox_id for outbox_id in returned if outbox_id is not None]
             if request.record_with is not None:
                 request.record_with(session, broadcast_id, len(chosen))
             if request.occurrence is not None:
@@ -416,12 +481,13 @@ class BroadcastService:
                 if request.occurrence is not None:
                     raise OccurrenceAlreadyFired(*request.occurrence) from error
                 raise
-            rows = session.exec(
-                select(OutboxRow).where(col(OutboxRow.command_id).in_([o["command_id"] for o in outbox]))
-            ).all()
-        address_of = {device.id: device.address for device in chosen}
         screens = {device.id for device in chosen if device.kind == SCREEN_KIND}
-        commands = [QueuedCommand.from_row(row, address_of[row.device_id]) for row in rows]
+        commands = [
+            QueuedCommand.from_values(
+                outbox_id, values, address_of[values["device_id"]] if values["device_id"] else None
+            )
+            for outbox_id, values in zip(outbox_ids, outbox, strict=True)
+        ]
         tracked = [
             TrackedDelivery(
                 delivery_id=d["id"],
@@ -453,6 +519,42 @@ class BroadcastService:
     def _resolve(
         self, session: Session, targets: Targets, principal: Principal, kinds: frozenset[str]
     ) -> list[DeviceEntry]:
+        return self._resolve_with_candidates(session, targets, principal, kinds)[0]
+
+    def _plan_fanout(
+        self,
+        session: Session,
+        targets: Targets,
+        chosen: list[DeviceEntry],
+        candidates: list[DeviceEntry],
+        followers: Mapping[str, frozenset[str]],
+    ) -> FanoutPlan:
+        """Area topics for the speakers, each of the rest (screens included) by itself (§1.12)."""
+        tree = self._areas.load(session)
+
+        def follows_areas(device: DeviceEntry) -> bool:
+            return device.kind in AUDIO_DEVICE_KINDS and device.transport == "mqtt"
+
+        placed_under: dict[str, list[str]] = {}
+        for device in candidates:
+            if follows_areas(device):
+                placed_under.setdefault(device.area_code, []).append(device.id)
+        tops = [code for code in dict.fromkeys(targets.areas) if code in tree]
+        tops = [code for code in tops if not any(o != code and tree.is_within(code, o) for o in tops)]
+        plan = plan_fanout(
+            tree,
+            [device.id for device in chosen if follows_areas(device)],
+            placed_under,
+            followers,
+            within=tops,
+        )
+        others = frozenset(device.id for device in chosen if not follows_areas(device))
+        return FanoutPlan(by_area=plan.by_area, direct=plan.direct | others)
+
+    def _resolve_with_candidates(
+        self, session: Session, targets: Targets, principal: Principal, kinds: frozenset[str]
+    ) -> tuple[list[DeviceEntry], list[DeviceEntry]]:
+        """The chosen devices, and every device in the targeted subtrees (or named) they came from."""
         tree = self._areas.load(session)
         principal_scope_check(principal, tree, list(targets.areas))
         devices = reachable_devices(session, tree, targets)
@@ -468,7 +570,7 @@ class BroadcastService:
                         f"device {device.id!r} is outside ward {principal.ward_code!r} of this key",
                         status=403,
                     )
-        return chosen
+        return chosen, devices
 
     @staticmethod
     def _ids(request: BroadcastRequest, device_id: str) -> DeliveryIds:
@@ -485,10 +587,12 @@ class BroadcastService:
                 raise BroadcastError("id", f"unknown broadcast {broadcast_id!r}", status=404)
             await asyncio.to_thread(self._check_scope, row, principal)
             open_deliveries = self._tracker.open_deliveries_of(broadcast_id)
-            withdrawn = self._withdraw([d.delivery_id for d in open_deliveries])
-            reached = [d for d in open_deliveries if d.delivery_id not in withdrawn]
+            withdrawn = self._dispatcher.withdraw({d.delivery_id for d in open_deliveries})
+            reached = [d for d in open_deliveries if d.delivery_id not in withdrawn.deliveries]
             now = self._clock.now()
-            commands = await asyncio.to_thread(self._store_cancel, broadcast_id, withdrawn, reached, now)
+            commands = await asyncio.to_thread(
+                self._store_cancel, broadcast_id, withdrawn.outbox_ids, reached, now
+            )
             self._dispatcher.submit(commands)
             for delivery in open_deliveries:
                 self._tracker.advance(
@@ -500,9 +604,6 @@ class BroadcastService:
                 )
             await self._tracker.flush()
             return len(open_deliveries)
-
-    def _withdraw(self, delivery_ids: list[str]) -> set[str]:
-        return self._dispatcher.withdraw(set(delivery_ids))
 
     def _get_row(self, broadcast_id: str) -> BroadcastRow | None:
         with Session(self._engine) as session:
@@ -522,16 +623,16 @@ class BroadcastService:
             raise BroadcastError("id", "this broadcast reaches devices outside the key's ward", status=403)
 
     def _store_cancel(
-        self, broadcast_id: str, withdrawn: set[str], reached: list[TrackedDelivery], now: datetime
+        self, broadcast_id: str, withdrawn: set[int], reached: list[TrackedDelivery], now: datetime
     ) -> list[QueuedCommand]:
         with Session(self._engine) as session:
             session.connection().execute(
                 update(BroadcastRow).where(col(BroadcastRow.id) == broadcast_id).values(cancelled_at=now)
             )
-            if withdrawn:
+            for chunk in chunks(withdrawn):
                 session.connection().execute(
                     update(OutboxRow)
-                    .where(col(OutboxRow.delivery_id).in_(withdrawn), col(OutboxRow.published_at).is_(None))
+                    .where(col(OutboxRow.id).in_(chunk), col(OutboxRow.published_at).is_(None))
                     .values(published_at=now)
                 )
             stops = self._stop_rows(session, reached, "cancelled", now)
@@ -574,7 +675,10 @@ class BroadcastService:
         ]
         session.add_all(stops)
         session.flush()
-        return [QueuedCommand.from_row(stop, addresses[stop.device_id]) for stop in stops]
+        return [
+            QueuedCommand.from_row(stop, addresses[delivery.device_id])
+            for stop, delivery in zip(stops, deliveries, strict=True)
+        ]
 
     def recent(self, principal: Principal, *, limit: int) -> list[dict[str, Any]]:
         """The latest broadcasts, newest first, with their counts per delivery state; a key bound to a

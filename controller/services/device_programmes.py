@@ -26,6 +26,7 @@ from sqlalchemy import Engine
 from sqlmodel import Session, col, select
 
 from controller.domain.clock import Clock
+from controller.domain.fanout import area_path
 from controller.domain.planner import DeviceEntry, TargetError, resolve_targets
 from controller.domain.priority import PriorityClass
 from controller.domain.programme import (
@@ -257,6 +258,7 @@ class DeviceProgrammes:
                 valid_until=valid_until,
                 comm_loss=comm_loss,
                 items=items.get(device_row.id, ()),
+                areas=area_path(tree, device_row.area_code),
             )
             built.append(BuiltProgramme(device_row.address, document, _digest(document), valid_until))
         return built
@@ -266,6 +268,7 @@ def _digest(document: Mapping[str, Any]) -> str:
     """What the device would act on: the items (without `issued_at`) and the comm-loss policy."""
     essence = {
         "comm_loss": document["comm_loss"],
+        "areas": document["areas"],
         "items": [
             (item["start_at"], {k: v for k, v in item["command"].items() if k != "issued_at"})
             for item in document["items"]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import heapq
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -41,33 +42,74 @@ _RETRY_MAX_S = 5.0
 
 @dataclass(order=True, slots=True)
 class QueuedCommand:
+    """A command for one device, or for every follower of one area topic (docs/protocol.md §1.12)."""
+
     sort_key: tuple[int, int]
     outbox_id: int = field(compare=False)
-    device_id: str = field(compare=False)
+    device_id: str | None = field(compare=False)
     address: str = field(compare=False)
     command_id: str = field(compare=False)
     delivery_id: str | None = field(compare=False)
     kind: str = field(compare=False)
     document: dict[str, Any] = field(compare=False)
     expires_at: datetime = field(compare=False)
+    area_code: str | None = field(default=None, compare=False)
+    covers: tuple[str, ...] = field(default=(), compare=False)
 
     @classmethod
-    def from_row(cls, row: OutboxRow, address: str) -> QueuedCommand:
+    def from_row(cls, row: OutboxRow, address: str | None) -> QueuedCommand:
         assert row.id is not None  # noqa: S101  (rows come from the database)
         return cls(
             sort_key=(-row.rank, row.id),
             outbox_id=row.id,
             device_id=row.device_id,
-            address=address,
+            address=address or "",
             command_id=row.command_id,
             delivery_id=row.delivery_id,
             kind=row.kind,
             document=row.document,
             expires_at=row.expires_at,
+            area_code=row.area_code,
+            covers=tuple(row.covers or ()),
+        )
+
+    @classmethod
+    def from_values(cls, outbox_id: int, values: Mapping[str, Any], address: str | None) -> QueuedCommand:
+        """From the values an outbox row was inserted with, and the id the insert returned."""
+        return cls(
+            sort_key=(-values["rank"], outbox_id),
+            outbox_id=outbox_id,
+            device_id=values["device_id"],
+            address=address or "",
+            command_id=values["command_id"],
+            delivery_id=values["delivery_id"],
+            kind=values["kind"],
+            document=values["document"],
+            expires_at=values["expires_at"],
+            area_code=values.get("area_code"),
+            covers=tuple(values.get("covers") or ()),
+        )
+
+    @property
+    def lane(self) -> str:
+        return self.device_id if self.device_id is not None else f"area:{self.area_code}"
+
+    @property
+    def delivery_ids(self) -> tuple[str, ...]:
+        return (
+            self.covers if self.area_code is not None else ((self.delivery_id,) if self.delivery_id else ())
         )
 
     def wire_document(self) -> dict[str, Any]:
         return {**self.document, "seq": self.outbox_id}
+
+
+@dataclass(frozen=True, slots=True)
+class Withdrawal:
+    """What a cancel took out of the queues before it was sent."""
+
+    deliveries: set[str] = field(default_factory=set)
+    outbox_ids: set[int] = field(default_factory=set)
 
 
 class _Lane:
@@ -103,7 +145,7 @@ class Dispatcher:
         with Session(self._engine) as session:
             rows = session.exec(
                 select(OutboxRow, DeviceRow.address)
-                .join(DeviceRow, col(DeviceRow.id) == col(OutboxRow.device_id))
+                .join(DeviceRow, col(DeviceRow.id) == col(OutboxRow.device_id), isouter=True)
                 .where(col(OutboxRow.published_at).is_(None))
                 .order_by(col(OutboxRow.id))
             ).all()
@@ -111,22 +153,25 @@ class Dispatcher:
 
     def submit(self, commands: list[QueuedCommand]) -> None:
         for command in commands:
-            lane = self._lanes.get(command.device_id)
+            lane = self._lanes.get(command.lane)
             if lane is None:
-                lane = self._lanes[command.device_id] = _Lane()
+                lane = self._lanes[command.lane] = _Lane()
             heapq.heappush(lane.heap, command)
             lane.wake.set()
             if lane.task is None or lane.task.done():
-                lane.task = asyncio.create_task(self._drain(lane), name=f"lane-{command.device_id}")
+                lane.task = asyncio.create_task(self._drain(lane), name=f"lane-{command.lane}")
 
-    def withdraw(self, delivery_ids: set[str]) -> set[str]:
-        """Drop still-queued plays of these deliveries (a cancel); return the deliveries dropped."""
-        dropped: set[str] = set()
+    def withdraw(self, delivery_ids: set[str]) -> Withdrawal:
+        """Drop still-queued plays of these deliveries (a cancel). An area command goes if any of its
+        deliveries is withdrawn: a cancel withdraws a whole broadcast."""
+        dropped = Withdrawal()
         for lane in self._lanes.values():
             kept: list[QueuedCommand] = []
             for command in lane.heap:
-                if command.kind == "play" and command.delivery_id in delivery_ids:
-                    dropped.add(command.delivery_id)
+                carried = command.delivery_ids
+                if command.kind == "play" and any(d in delivery_ids for d in carried):
+                    dropped.deliveries.update(carried)
+                    dropped.outbox_ids.add(command.outbox_id)
                 else:
                     kept.append(command)
             if len(kept) != len(lane.heap):
@@ -165,6 +210,7 @@ class Dispatcher:
                         command_id=command.command_id,
                         document=command.wire_document(),
                         expires_at=command.expires_at,
+                        area=command.area_code,
                     ),
                     timeout=self._publish_timeout_s,
                 )
@@ -191,25 +237,19 @@ class Dispatcher:
             COMMANDS_PUBLISHED.labels(command.kind).inc()
             # "sent" is dated when the command went on the wire: the PUBACK can be processed after
             # the device has already reported receiving it.
-            self._tracker.mark_published(command.outbox_id, command.delivery_id, ack.published_at)
-            log.debug("command published", command_id=command.command_id, device_id=command.device_id)
+            self._tracker.mark_published(command.outbox_id, command.delivery_ids, ack.published_at)
+            log.debug("command published", command_id=command.command_id, lane=command.lane)
 
     def _expire_unsent(self, command: QueuedCommand) -> None:
-        now = self._clock.now()
-        self._tracker.mark_published(command.outbox_id, None, now)
-        delivery = self._tracker.get(command.delivery_id) if command.delivery_id else None
-        if delivery is not None:
-            self._tracker.advance(
-                delivery,
-                DeliveryState.EXPIRED,
-                now,
-                source="controller",
-                detail="expired before it could be sent",
-            )
+        self._end_unsent(command, DeliveryState.EXPIRED, "expired before it could be sent")
 
     def _fail_unsent(self, command: QueuedCommand, detail: str) -> None:
+        self._end_unsent(command, DeliveryState.FAILED, detail)
+
+    def _end_unsent(self, command: QueuedCommand, state: DeliveryState, detail: str) -> None:
         now = self._clock.now()
-        self._tracker.mark_published(command.outbox_id, None, now)
-        delivery = self._tracker.get(command.delivery_id) if command.delivery_id else None
-        if delivery is not None:
-            self._tracker.advance(delivery, DeliveryState.FAILED, now, source="controller", detail=detail)
+        self._tracker.mark_published(command.outbox_id, (), now)
+        for delivery_id in command.delivery_ids:
+            delivery = self._tracker.get(delivery_id)
+            if delivery is not None:
+                self._tracker.advance(delivery, state, now, source="controller", detail=detail)

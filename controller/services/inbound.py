@@ -13,6 +13,7 @@ from sqlmodel import Session, select
 
 from controller.domain.clock import Clock
 from controller.domain.deliveries import DeliveryState, state_from_report
+from controller.services.area_fanout import AreaFollowers
 from controller.services.tracker import DeliveryTracker, TrackedDelivery
 from controller.store.models import DeviceRow
 from drivers.base import CommandReport, DeviceState, InboundEvent, MalformedPayload, TelemetryReading
@@ -64,9 +65,16 @@ class DeviceDirectory:
 
 class InboundProcessor:
     def __init__(
-        self, transport: str, directory: DeviceDirectory, tracker: DeliveryTracker, clock: Clock
+        self,
+        transport: str,
+        directory: DeviceDirectory,
+        tracker: DeliveryTracker,
+        clock: Clock,
+        *,
+        followers: AreaFollowers | None = None,
     ) -> None:
         self._transport = transport
+        self._followers = followers
         self._clock = clock
         self._directory = directory
         self._tracker = tracker
@@ -106,6 +114,8 @@ class InboundProcessor:
             INBOUND_MESSAGES.labels("state").inc()
             at = event.at or self._clock.now()
             self._tracker.device_seen(device_id, online=event.online, at=at, status=dict(event.attributes))
+            if self._followers is not None:
+                self._followers.update(device_id, event.attributes)
         elif isinstance(event, TelemetryReading):
             INBOUND_MESSAGES.labels("telemetry").inc()
 

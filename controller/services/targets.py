@@ -9,7 +9,7 @@ built from, and only the devices in the targeted subtrees (or named) are read.
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import select as select_columns
 from sqlmodel import Session, col, select
@@ -17,6 +17,8 @@ from sqlmodel import Session, col, select
 from controller.domain.areas import Area, AreaTree
 from controller.domain.planner import DeviceEntry, Targets
 from controller.store.models import DeviceRow
+
+_Key = TypeVar("_Key", str, int)
 
 # Rows per `IN (...)` list: far below SQLite's and PostgreSQL's bound-parameter limits.
 IN_CHUNK = 2000
@@ -42,7 +44,7 @@ def plain_rows(session: Session, sql: str) -> list[Any]:
         cursor.close()
 
 
-def chunks(values: Iterable[str]) -> Iterator[list[str]]:
+def chunks(values: Iterable[_Key]) -> Iterator[list[_Key]]:
     ordered = sorted(values)
     for begin in range(0, len(ordered), IN_CHUNK):
         yield ordered[begin : begin + IN_CHUNK]

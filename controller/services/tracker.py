@@ -288,11 +288,13 @@ class DeliveryTracker:
         delivery_id = self._playing_on.get(device_id)
         return self._by_delivery.get(delivery_id) if delivery_id else None
 
-    def mark_published(self, outbox_id: int, delivery_id: str | None, at: datetime) -> None:
+    def mark_published(self, outbox_id: int, delivery_ids: Iterable[str], at: datetime) -> None:
+        """The broker took outbox command `outbox_id`, which carries these deliveries."""
         self._pending.published.append({"b_id": outbox_id, "b_at": at})
-        delivery = self._by_delivery.get(delivery_id) if delivery_id else None
-        if delivery is not None:
-            self.advance(delivery, DeliveryState.SENT, at, source="broker")
+        for delivery_id in delivery_ids:
+            delivery = self._by_delivery.get(delivery_id)
+            if delivery is not None:
+                self.advance(delivery, DeliveryState.SENT, at, source="broker")
 
     def device_seen(self, device_id: str, *, online: bool, at: datetime, status: dict[str, Any]) -> None:
         self._pending.devices[device_id] = {

@@ -151,7 +151,12 @@ class OutboxRow(SQLModel, table=True):
     __tablename__ = "outbox"
 
     id: int | None = Field(default=None, primary_key=True)
-    device_id: str = Field(foreign_key="devices.id", index=True, max_length=64)
+    # A device command has `device_id` (and `delivery_id`); an area command (docs/protocol.md §1.12)
+    # has `area_code`, `broadcast_id` and `covers`, the deliveries it carries.
+    device_id: str | None = Field(default=None, foreign_key="devices.id", index=True, max_length=64)
+    area_code: str | None = Field(default=None, max_length=64)
+    covers: list[str] | None = Field(default=None, sa_column=Column(JSON, nullable=True))
+    broadcast_id: str | None = Field(default=None, max_length=36)
     command_id: str = Field(unique=True, max_length=36)
     delivery_id: str | None = Field(default=None, foreign_key="deliveries.id", max_length=36)
     kind: str = Field(max_length=8)
