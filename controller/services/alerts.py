@@ -22,7 +22,7 @@ from typing import Any
 import structlog
 from sqlalchemy import Engine
 from sqlalchemy.exc import IntegrityError
-from sqlmodel import Session, col, select
+from sqlmodel import Session, col, func, select
 
 from controller.domain.clock import Clock, rfc3339
 from controller.domain.geo import DevicePoint, GeoCircle, GeoPolygon, GeoShape, devices_in
@@ -34,6 +34,7 @@ from controller.services.auth import Action, Principal, Role
 from controller.services.broadcasts import (
     AUDIO_DEVICE_KINDS,
     SCREEN_KIND,
+    AcceptedBroadcast,
     BroadcastError,
     BroadcastRequest,
     BroadcastService,
@@ -138,6 +139,7 @@ class AcceptedAlert:
     status: str
     device_count: int
     created: bool  # False: the same Idempotency-Key and request were seen before; this is that alert
+    broadcast_id: str | None = None  # what plays it (none while it waits for approval, or recorded only)
 
 
 class AlertService:
@@ -188,10 +190,10 @@ class AlertService:
                 return self._repeated(earlier, fingerprint)
         targets = await asyncio.to_thread(self._broadcast_targets, request.targets)
         # Refused here, before any speech is made, when the targets reach no speaker or lie outside scope.
-        await asyncio.to_thread(self._resolve, targets, principal)
+        reached = await asyncio.to_thread(self._resolve, targets, principal)
         playlist = await self._content(request)
         alert_id = str(uuid.uuid4())
-        if await asyncio.to_thread(self._needs_second_person, request, targets, principal):
+        if await asyncio.to_thread(self._needs_second_person, request, targets, principal, reached):
             row = self._row(request, alert_id, principal, now, expires_at, playlist, fingerprint, None, 0)
             row.status = PENDING_APPROVAL
             try:
@@ -225,12 +227,12 @@ class AlertService:
             )
 
         try:
-            device_count = await self._dispatch(
+            dispatched = await self._dispatch(
                 request, alert_id, targets, playlist, now, expires_at, principal, record
             )
         except IntegrityError:
             return await self._same_request_raced(request, principal, fingerprint)
-        return AcceptedAlert(alert_id, ACTIVE, device_count, created=True)
+        return AcceptedAlert(alert_id, ACTIVE, dispatched.device_count, True, dispatched.id)
 
     async def _same_request_raced(
         self, request: AlertRequest, principal: Principal, fingerprint: str
@@ -253,7 +255,7 @@ class AlertService:
         expires_at: datetime,
         principal: Principal,
         record: Callable[[Session, str, int], None],
-    ) -> int:
+    ) -> AcceptedBroadcast:
         broadcast = BroadcastRequest(
             targets=targets,
             media_ids=tuple(playlist),
@@ -280,29 +282,28 @@ class AlertService:
             devices=accepted.device_count,
             key=principal.name,
         )
-        return accepted.device_count
+        return accepted
 
     # -- the two-person rule ---------------------------------------------------------------------
-    def _needs_second_person(self, request: AlertRequest, targets: Targets, principal: Principal) -> bool:
+    def _needs_second_person(
+        self, request: AlertRequest, targets: Targets, principal: Principal, reached: int
+    ) -> bool:
         """A live alert to the whole city waits for a second person, unless an IOC key sends one of the
-        city's pre-approved templates (`alerts.templates`)."""
+        city's pre-approved templates (`alerts.templates`). `reached`: the devices its targets reach."""
         if request.mode != "live":
             return False
         if principal.role is Role.IOC and request.template is not None:
             return False
-        return self._city_wide(targets, principal)
+        return self._city_wide(targets, reached)
 
-    def _city_wide(self, targets: Targets, principal: Principal) -> bool:
-        reached = len(self._broadcasts.resolve_devices(targets, principal, ALERT_DEVICE_KINDS))
+    def _city_wide(self, targets: Targets, reached: int) -> bool:
         with Session(self._engine) as session:
             roots = set(session.exec(select(AreaRow.code).where(col(AreaRow.parent_code).is_(None))).all())
-            total = len(
-                session.exec(
-                    select(DeviceRow.id).where(
-                        col(DeviceRow.kind).in_(ALERT_DEVICE_KINDS), col(DeviceRow.enabled)
-                    )
-                ).all()
-            )
+            total = session.exec(
+                select(func.count())
+                .select_from(DeviceRow)
+                .where(col(DeviceRow.kind).in_(ALERT_DEVICE_KINDS), col(DeviceRow.enabled))
+            ).one()
         return bool(roots & set(targets.areas)) or reached >= self._settings.city_wide_share * max(total, 1)
 
     def _store_pending(self, row: AlertRow, principal: Principal) -> None:
@@ -370,10 +371,10 @@ class AlertService:
             )
 
         playlist = [row.media_id] if row.media_id else await self._content(request)
-        device_count = await self._dispatch(
+        dispatched = await self._dispatch(
             request, alert_id, targets, playlist, now, row.expires_at, principal, record
         )
-        return AcceptedAlert(alert_id, ACTIVE, device_count, created=False)
+        return AcceptedAlert(alert_id, ACTIVE, dispatched.device_count, False, dispatched.id)
 
     def _repeated(self, earlier: AlertRow, fingerprint: str) -> AcceptedAlert:
         if earlier.request_hash != fingerprint:
@@ -382,7 +383,7 @@ class AlertService:
                 f"was used for alert {earlier.id} with a different request; use a new key for a new alert",
                 status=409,
             )
-        return AcceptedAlert(earlier.id, earlier.status, earlier.device_count, created=False)
+        return AcceptedAlert(earlier.id, earlier.status, earlier.device_count, False, earlier.broadcast_id)
 
     def _by_idempotency_key(self, principal: Principal, key: str) -> AlertRow | None:
         with Session(self._engine) as session:
@@ -414,9 +415,10 @@ class AlertService:
                 devices.extend(d for d in inside if d not in devices)
         return Targets(areas=targets.areas, devices=tuple(devices))
 
-    def _resolve(self, targets: Targets, principal: Principal) -> None:
+    def _resolve(self, targets: Targets, principal: Principal) -> int:
+        """How many devices the targets reach, or the AlertError naming what is wrong with them."""
         try:
-            self._broadcasts.resolve_devices(targets, principal, ALERT_DEVICE_KINDS)
+            return len(self._broadcasts.resolve_devices(targets, principal, ALERT_DEVICE_KINDS))
         except BroadcastError as error:
             status = 400 if error.status == 422 else error.status  # noqa: PLR2004
             raise AlertError(error.field, error.detail, status=status) from error

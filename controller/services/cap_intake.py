@@ -72,7 +72,9 @@ class CapIntake:
         if earlier is not None:
             if earlier.cap_xml is not None and _same(earlier.cap_xml, xml):
                 return CapOutcome(
-                    AcceptedAlert(earlier.id, earlier.status, earlier.device_count, created=False)
+                    AcceptedAlert(
+                        earlier.id, earlier.status, earlier.device_count, False, earlier.broadcast_id
+                    )
                 )
             raise AlertError(
                 "alert/identifier",

@@ -87,8 +87,8 @@ async def create_alert(
     principal: Broadcaster,
     idempotency_key: IdempotencyKey = None,
 ) -> dict[str, Any]:
-    """Accept an alert and dispatch it at once: `201 {id, status, device_count}` (`200` with the same
-    alert when the Idempotency-Key and request were seen before)."""
+    """Accept an alert and dispatch it at once: `201 {id, status, device_count, broadcast_id}` (`200`
+    with the same alert when the Idempotency-Key and request were seen before)."""
     headline, text, targets = _content_of(body, runtime.settings.alerts.templates)
     request = AlertRequest(
         headline=headline,
@@ -106,7 +106,12 @@ async def create_alert(
     accepted = await runtime.alerts.create(request, principal)
     if not accepted.created:
         response.status_code = status.HTTP_200_OK
-    return {"id": accepted.id, "status": accepted.status, "device_count": accepted.device_count}
+    return {
+        "id": accepted.id,
+        "status": accepted.status,
+        "device_count": accepted.device_count,
+        "broadcast_id": accepted.broadcast_id,
+    }
 
 
 _CAP_TYPES = ("application/cap+xml", "application/xml", "text/xml")
@@ -137,6 +142,7 @@ async def receive_cap(
         "id": outcome.alert.id,
         "status": outcome.alert.status,
         "device_count": outcome.alert.device_count,
+        "broadcast_id": outcome.alert.broadcast_id,
         "cancelled": list(outcome.cancelled),
     }
 
@@ -176,7 +182,12 @@ def _content_of(body: AlertIn, templates: Mapping[str, AlertTemplate]) -> tuple[
 async def approve_alert(alert_id: str, runtime: RuntimeDep, principal: Broadcaster) -> dict[str, Any]:
     """The second person (admin or operator, another key) lets a city-wide live alert play."""
     accepted = await runtime.alerts.approve(alert_id, principal)
-    return {"id": accepted.id, "status": accepted.status, "device_count": accepted.device_count}
+    return {
+        "id": accepted.id,
+        "status": accepted.status,
+        "device_count": accepted.device_count,
+        "broadcast_id": accepted.broadcast_id,
+    }
 
 
 @router.get("/api/v1/alerts/{alert_id}")
