@@ -28,6 +28,14 @@ from tests.support.broker import TestBroker
 POSTGRES_ADMIN_DSN = os.environ.get("WARDCAST_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/postgres")
 
 
+class DidNotStartError(Exception):
+    """A process ended, or stayed silent, without printing its READY line; `log_tail` says why."""
+
+    def __init__(self, what: str, timeout: float, log_tail: str) -> None:
+        super().__init__(f"{what} did not report READY within {timeout} s:\n{log_tail}")
+        self.log_tail = log_tail
+
+
 def _read_ready_line(process: subprocess.Popen[str], timeout: float, what: str, log: Path) -> str:
     """Wait for the `READY …` line a process prints on stdout when it is up."""
     lines: queue.Queue[str | None] = queue.Queue()
@@ -38,7 +46,8 @@ def _read_ready_line(process: subprocess.Popen[str], timeout: float, what: str, 
             lines.put(line)
         lines.put(None)
 
-    threading.Thread(target=pump, daemon=True).start()
+    reader = threading.Thread(target=pump, daemon=True)
+    reader.start()
     try:
         while True:
             line = lines.get(timeout=timeout)
@@ -50,8 +59,11 @@ def _read_ready_line(process: subprocess.Popen[str], timeout: float, what: str, 
         pass
     process.kill()
     process.wait()
+    reader.join(timeout=10)  # it ends at the pipe's end of file; then the pipe can be closed
+    if process.stdout is not None:
+        process.stdout.close()
     tail = log.read_text(errors="replace")[-4000:] if log.exists() else ""
-    pytest.fail(f"{what} did not report READY within {timeout} s:\n{tail}")
+    raise DidNotStartError(what, timeout, tail)
 
 
 @dataclass
@@ -85,6 +97,7 @@ class ManagedProcess:
 def start_process(
     args: list[str], env: dict[str, str], log_path: Path, what: str, timeout: float = 60
 ) -> ManagedProcess:
+    """The process, once it printed READY; `DidNotStartError` (with its log's tail) otherwise."""
     with log_path.open("a") as log:
         process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=log, text=True, env=env)
     ready = _read_ready_line(process, timeout, what, log_path)
@@ -144,12 +157,22 @@ class ControllerHandle(_Supervised):
         return env
 
     def start(self) -> None:
-        self.process = start_process(
-            [sys.executable, "-m", "controller", "serve"],
-            self.env(),
-            self.workdir / "controller.log",
-            "the controller",
-        )
+        # The free port was picked by binding and releasing it; another process (an outgoing
+        # connection's ephemeral port, say) can take it before the controller binds: pick another.
+        for _ in range(3):
+            try:
+                self.process = start_process(
+                    [sys.executable, "-m", "controller", "serve"],
+                    self.env(),
+                    self.workdir / "controller.log",
+                    "the controller",
+                )
+                return
+            except DidNotStartError as error:
+                if "address already in use" not in error.log_tail:
+                    pytest.fail(str(error))
+                self.port = free_tcp_port()
+        pytest.fail(f"the controller found its port taken three times in a row (last: {self.port})")
 
     def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
