@@ -16,6 +16,8 @@ controller  POST /api/v1/broadcasts to the whole city; time from the API call un
             with an /api/v1/events follower open, as an operator console would be.
 raw (a)     the controller stopped; a raw paho publisher (same window, same MQTT 5 properties, subscribed
             to the same report topics) sends N prebuilt v1 play commands; same observer, same figures.
+raw area (c) the same, but one area command (docs/protocol.md §1.12) on the city's topic: the broker does
+            the fan-out to the speakers that follow it (what the controller does with area fan-out on).
 bare (b)    no device work: N extra raw paho subscribers (separate processes), one QoS 1 message per
             topic from the same publisher; time until all received.
 
@@ -357,6 +359,23 @@ def command_properties(address: str, command_id: str, expires_in_s: int) -> Prop
     return properties
 
 
+def play_members(broadcast_id: str, media: dict[str, Any], media_url: str) -> dict[str, Any]:
+    """What every benchmark `play` carries after its header: one normal-class play of the test audio."""
+    return {
+        "broadcast_id": broadcast_id,
+        "priority": {"class": "normal", "sub": 0, "rank": 0},
+        "mode": "live",
+        "media": {
+            "url": media_url,
+            "sha256": media["sha256"],
+            "duration_s": media["duration_s"],
+            "content_type": media["content_type"],
+        },
+        "repeats": 1,
+        "max_duration_s": 600.0,
+    }
+
+
 def play_messages(
     addresses: Sequence[str], media: dict[str, Any], media_url: str, *, seq_start: int, expiry_s: int = 3600
 ) -> tuple[list[tuple[str, bytes, Properties]], set[str]]:
@@ -377,21 +396,44 @@ def play_messages(
             "issued_at": rfc3339(now),
             "expires_at": rfc3339(now + timedelta(seconds=expiry_s)),
             "seq": seq_start + offset,
-            "broadcast_id": broadcast_id,
-            "priority": {"class": "normal", "sub": 0, "rank": 0},
-            "mode": "live",
-            "media": {
-                "url": media_url,
-                "sha256": media["sha256"],
-                "duration_s": media["duration_s"],
-                "content_type": media["content_type"],
-            },
-            "repeats": 1,
-            "max_duration_s": 600.0,
+            **play_members(broadcast_id, media, media_url),
         }
         payload = json.dumps(document, separators=(",", ":")).encode()
         messages.append((cmd_topic(address), payload, command_properties(address, command_id, expiry_s)))
     return messages, ids
+
+
+def area_messages(
+    area_code: str,
+    addresses: Sequence[str],
+    media: dict[str, Any],
+    media_url: str,
+    *,
+    seq: int,
+    expiry_s: int = 3600,
+) -> tuple[list[tuple[str, bytes, Properties]], set[str]]:
+    """One prebuilt area command (docs/protocol.md §1.12) on `area_code`'s topic, and the command ids
+    the followers derive from it."""
+    now = datetime.now(UTC)
+    fanout_id = uuid.uuid4()
+    document = {
+        "v": 1,
+        "type": "play",
+        "id": str(fanout_id),
+        "area": area_code,
+        "issued_at": rfc3339(now),
+        "expires_at": rfc3339(now + timedelta(seconds=expiry_s)),
+        "seq": seq,
+        **play_members(str(fanout_id), media, media_url),
+    }
+    properties = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+    properties.PayloadFormatIndicator = 1
+    properties.MessageExpiryInterval = expiry_s
+    properties.ContentType = "application/json"
+    properties.CorrelationData = str(fanout_id).encode()
+    payload = json.dumps(document, separators=(",", ":")).encode()
+    ids = {str(uuid.uuid5(fanout_id, f"command:{address}")) for address in addresses}
+    return [(f"wardcast/v1/area/{area_code}/cmd", payload, properties)], ids
 
 
 def wipe_session(port: int, account: BrokerAccount, client_id: str) -> None:
@@ -711,15 +753,23 @@ class SizeRun:
         return delta
 
     def wait_quiet(self) -> dict[str, float]:
-        """Wait (at most --quiet-wait s) until other processes on the machine use < 15 % of one core."""
+        """Wait (at most --quiet-wait s) until other processes on the machine use < 15 % of one core, and
+        the controller has finished recording the previous round (its reports and delivery states): an
+        alert is measured arriving at an idle controller, not behind the bookkeeping of the last one."""
         started = time.monotonic()
         while True:
             before = self.cpu_snapshot()
             time.sleep(1.0)
-            foreign = self.cpu_delta(before, self.cpu_snapshot())["foreign"]
+            delta = self.cpu_delta(before, self.cpu_snapshot())
+            foreign, controller = delta["foreign"], delta.get("controller", 0.0)
             waited = time.monotonic() - started
-            if foreign < QUIET_FOREIGN_CORES or waited >= self.options.quiet_wait_s:
-                return {"waited_s": round(waited, 1), "foreign_cores": round(foreign, 2)}
+            settled = foreign < QUIET_FOREIGN_CORES and controller < QUIET_FOREIGN_CORES
+            if settled or waited >= self.options.quiet_wait_s:
+                return {
+                    "waited_s": round(waited, 1),
+                    "foreign_cores": round(foreign, 2),
+                    "controller_cores": round(controller, 2),
+                }
 
     def client(self) -> httpx.Client:
         return httpx.Client(
@@ -957,9 +1007,11 @@ class SizeRun:
             base_url=self.base_url, timeout=60, headers={"Authorization": f"Bearer {self.ioc_token}"}
         ) as client:
             response = client.post("/api/v1/alerts", json={"template": ALERT_TEMPLATE})
-            if response.status_code != 201:
-                return response, None
-            broadcast_id = client.get(f"/api/v1/alerts/{response.json()['id']}").json()["broadcast_id"]
+        if response.status_code != 201:
+            return response, None
+        # From the 201 itself: a GET of the alert (every delivery in detail) would compete with the
+        # dispatch it is timing.
+        broadcast_id: str = response.json()["broadcast_id"]
         return response, broadcast_id
 
     def controller_round(
@@ -1085,10 +1137,20 @@ class SizeRun:
             :20
         ]
 
-    def raw_round(self, observer: AckObserver, publisher: RawPublisher, round_no: int) -> dict[str, Any]:
+    def raw_round(
+        self, observer: AckObserver, publisher: RawPublisher, round_no: int, *, area: bool = False
+    ) -> dict[str, Any]:
+        """(a): one command per device; with `area`, (c): one area command on the city's topic."""
         n = self.n
         media_url = f"{self.base_url}/media/{self.media['sha256']}"
-        messages, ids = play_messages(self.addresses, self.media, media_url, seq_start=1_000_000 * round_no)
+        if area:
+            messages, ids = area_messages(
+                CITY, self.addresses, self.media, media_url, seq=2_000_000 * round_no
+            )
+        else:
+            messages, ids = play_messages(
+                self.addresses, self.media, media_url, seq_start=1_000_000 * round_no
+            )
         quiet = self.wait_quiet()
         observer.arm(n)
         cpu0 = self.cpu_snapshot()
@@ -1307,6 +1369,11 @@ def run_size(n: int, options: Options) -> dict[str, Any]:
             result = run.raw_round(observer, publisher, round_no)
             raw_rounds.append(result)
             progress(f"raw publisher round {round_no}: 99% playing {result['playing_99pct_s']} s")
+        raw_area_rounds = []
+        for round_no in range(1, options.rounds + 1):
+            result = run.raw_round(observer, publisher, round_no, area=True)
+            raw_area_rounds.append(result)
+            progress(f"raw area command round {round_no}: 99% playing {result['playing_99pct_s']} s")
         bare_error: str | None = None
         try:
             bare_rounds = run.bare_phase(publisher)
@@ -1318,6 +1385,7 @@ def run_size(n: int, options: Options) -> dict[str, Any]:
             progress(f"bare fan-out not measured: {bare_error[:120]}")
         controller_99 = median_of(controller_rounds, "playing_99pct_s")
         raw_99 = median_of(raw_rounds, "playing_99pct_s")
+        raw_area_99 = median_of(raw_area_rounds, "playing_99pct_s")
         bare_99 = median_of(bare_rounds, "received_99pct_s")
         bare_all = median_of(bare_rounds, "received_all_s")
         return {
@@ -1363,6 +1431,17 @@ def run_size(n: int, options: Options) -> dict[str, Any]:
                     "foreign_cpu_s": median_of(raw_rounds, "cpu_s", "foreign"),
                 },
             },
+            "raw_area_command": {
+                "rounds": raw_area_rounds,
+                "median": {
+                    "playing_99pct_s": raw_area_99,
+                    "playing_all_s": median_of(raw_area_rounds, "playing_all_s"),
+                    "latency_p50_s": median_of(raw_area_rounds, "latency_s", "p50"),
+                    "latency_p99_s": median_of(raw_area_rounds, "latency_s", "p99"),
+                    "completed_all_s": median_of(raw_area_rounds, "completed_all_s"),
+                    "foreign_cpu_s": median_of(raw_area_rounds, "cpu_s", "foreign"),
+                },
+            },
             "bare_fanout": {
                 "rounds": bare_rounds,
                 "error": bare_error,
@@ -1375,6 +1454,9 @@ def run_size(n: int, options: Options) -> dict[str, Any]:
             },
             "ratios": {
                 "controller_over_raw": round(controller_99 / raw_99, 2) if controller_99 and raw_99 else None,
+                "controller_over_raw_area": round(controller_99 / raw_area_99, 2)
+                if controller_99 and raw_area_99
+                else None,
                 "controller_over_bare": round(controller_99 / bare_99, 2)
                 if controller_99 and bare_99
                 else None,
@@ -1462,6 +1544,16 @@ def summary_table(results: list[dict[str, Any]]) -> str:
                 fmt(size["ratios"]["controller_over_raw"], "×"),
                 fmt(size["ratios"]["controller_over_bare"], "×"),
             ),
+            (
+                n,
+                "raw area command (c): 99% / p99",
+                "",
+                fmt(size["raw_area_command"]["median"]["playing_99pct_s"])
+                + " / "
+                + fmt(size["raw_area_command"]["median"]["latency_p99_s"]),
+                "",
+            ),
+            (n, "ratio controller / (c)", "", fmt(size["ratios"]["controller_over_raw_area"], "×"), ""),
         ]
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = []
