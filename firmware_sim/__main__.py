@@ -1,16 +1,18 @@
-"""`python -m firmware_sim fleet …`: simulated devices for Wardcast."""
+"""`python -m firmware_sim fleet …`, `python -m firmware_sim modbus-box …`: simulated devices for Wardcast."""
 
 from __future__ import annotations
 
 import sys
 from collections.abc import Sequence
 
-from firmware_sim import fleet
+from firmware_sim import fleet, modbus_box
 
+MODBUS_BOX_COMMAND = "modbus-box"
 _USAGE = """usage: python -m firmware_sim COMMAND [OPTIONS]
 
 commands:
-  fleet    run simulated smart-radio speakers and LED screens (python -m firmware_sim fleet --help)
+  fleet       run simulated smart-radio speakers and LED screens (python -m firmware_sim fleet --help)
+  modbus-box  run a simulated Modbus amplifier I/O box with sensors (python -m firmware_sim modbus-box --help)
 """
 
 
@@ -21,6 +23,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return fleet.main(options)
     if command == fleet.WORKER_COMMAND:
         return fleet.worker_main(options)
+    if command == MODBUS_BOX_COMMAND:
+        return modbus_box.main(options)
     sys.stderr.write(_USAGE)
     return 0 if command in {"-h", "--help"} else 2
 

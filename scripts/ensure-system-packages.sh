@@ -8,6 +8,7 @@ declare -A binary_of=(
   [espeak-ng]=/usr/bin/espeak-ng
   [chromium]=/usr/bin/chromium
   [sox]=/usr/bin/sox
+  [mbpoll]=/usr/bin/mbpoll
 )
 
 missing=()
