@@ -147,6 +147,9 @@ async def _start_fleet(
         token,
         "--speed",
         str(speed),
+        # The demo's networked LED screens show alerts too (protocol §1.11); sensors come with issue 5.
+        "--kinds",
+        "speaker,led_screen",
         stdout=asyncio.subprocess.PIPE,
     )
     assert process.stdout is not None  # noqa: S101
