@@ -21,7 +21,7 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -37,6 +37,7 @@ from firmware_sim.device import (
     MqttProtocol,
     parse_mqtt_url,
 )
+from firmware_sim.lifecycle import stop_on_signals
 from firmware_sim.screen import SimulatedLedScreen
 from firmware_sim.speaker import SimulatedSpeaker, SpeakerRuntime
 from firmware_sim.wire import Clock, utc_now
@@ -469,19 +470,6 @@ def _announce_ready(count: int) -> None:
     sys.stdout.flush()
 
 
-@contextlib.contextmanager
-def _stop_on_signals(stop: asyncio.Event) -> Iterator[None]:
-    loop = asyncio.get_running_loop()
-    handled = (signal.SIGTERM, signal.SIGINT)
-    for signum in handled:
-        loop.add_signal_handler(signum, stop.set)
-    try:
-        yield
-    finally:
-        for signum in handled:
-            loop.remove_signal_handler(signum)
-
-
 async def _first_of(main_work: asyncio.Future[Any], stop: asyncio.Event) -> bool:
     """True if `main_work` finished first; False (after cancelling it) if `stop` was set first."""
     stopper = asyncio.ensure_future(stop.wait())
@@ -499,7 +487,7 @@ async def _first_of(main_work: asyncio.Future[Any], stop: asyncio.Event) -> bool
 
 async def _serve(config: FleetConfig) -> int:
     stop = asyncio.Event()
-    with _stop_on_signals(stop):
+    with stop_on_signals(stop):
         fleet = Fleet(config)
         entering = asyncio.ensure_future(fleet.__aenter__())
         try:
@@ -521,7 +509,7 @@ async def _supervise(config: FleetConfig, processes: int, log_level: str) -> int
     """Runs one worker process per slice of the fleet; READY once every worker is ready."""
     stop = asyncio.Event()
     workers: list[asyncio.subprocess.Process] = []
-    with _stop_on_signals(stop):
+    with stop_on_signals(stop):
         try:
             for chunk in split_evenly(config.devices(), processes):
                 speakers, screens = _by_kind(chunk)

@@ -26,16 +26,16 @@ import logging
 import math
 import os
 import random
-import signal
 import sys
 import termios
 import time
 import tty
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Final, Literal, Self, TypeVar
 
+from firmware_sim.lifecycle import stop_on_signals
 from firmware_sim.modbus_wire import (
     ADDRESS_SPACE,
     BROADCAST_ADDRESS,
@@ -1252,7 +1252,7 @@ async def serve(config: BoxServiceConfig, stop: asyncio.Event | None = None) -> 
         box.faults.drop_fraction = config.drop_fraction
         box.faults.bad_crc_fraction = config.bad_crc_fraction
         box.faults.reply_delay_s = config.reply_delay_s
-    with _stop_on_signals(stop):
+    with stop_on_signals(stop):
         async with contextlib.AsyncExitStack() as endpoints:
             announced: list[str] = []
             try:
@@ -1283,16 +1283,3 @@ async def serve(config: BoxServiceConfig, stop: asyncio.Event | None = None) -> 
 
 def _endpoint_text(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
-@contextlib.contextmanager
-def _stop_on_signals(stop: asyncio.Event) -> Iterator[None]:
-    loop = asyncio.get_running_loop()
-    handled = (signal.SIGTERM, signal.SIGINT)
-    for signum in handled:
-        loop.add_signal_handler(signum, stop.set)
-    try:
-        yield
-    finally:
-        for signum in handled:
-            loop.remove_signal_handler(signum)
