@@ -40,6 +40,10 @@ def timestamp(instant: datetime) -> str:
     return instant.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
+# The audio most simulator tests play: short enough to finish quickly at their playback speeds.
+MEDIA_S = 0.5
+
+
 def wav_bytes(seconds: float, rate: int = 8000) -> bytes:
     samples = np.sin(2 * np.pi * 440 * np.arange(int(seconds * rate)) / rate).astype(np.float32) * 0.2
     buffer = io.BytesIO()

@@ -26,18 +26,16 @@ from firmware_sim.playlog import read_play_log
 from firmware_sim.programme import MalformedProgrammeError, parse_programme
 from firmware_sim.speaker import BrokerSettings, SimulatedSpeaker, SpeakerRuntime
 from tests.sim_harness import (
+    MEDIA_S,
     ControllerProbe,
-    MediaServer,
     play_command,
     programme_document,
     started,
-    wav_bytes,
 )
 from tests.support.broker import TestBroker
 from tests.support.proxy import LinkRelay
 
 SPEED = 20.0
-MEDIA_S = 0.5
 WAIT_S = 10.0
 # A speaker's areas as §1.12 lists them: its residential group, then every area above it to the root.
 AREAS = ["tdp-03", "phuong-an-cuu", "hue"]
@@ -98,12 +96,6 @@ async def open_runtime(
 @pytest.fixture
 async def runtime(open_runtime: OpenRuntime) -> SpeakerRuntime:
     return await open_runtime()
-
-
-@pytest.fixture
-def media(media_server: MediaServer) -> tuple[str, str]:
-    sha256 = media_server.add_media(wav_bytes(MEDIA_S))
-    return media_server.media_url(sha256), sha256
 
 
 def area_play(area: str, media: tuple[str, str], **options: Any) -> dict[str, Any]:

@@ -24,6 +24,7 @@ from firmware_sim.programme import (
 )
 from firmware_sim.speaker import BrokerSettings, SimulatedSpeaker, SpeakerRuntime
 from tests.sim_harness import (
+    MEDIA_S,
     ControllerProbe,
     MediaServer,
     play_command,
@@ -36,16 +37,9 @@ from tests.support.broker import TestBroker
 from tests.support.proxy import LinkRelay
 
 SPEED = 20.0
-MEDIA_S = 0.5
 # 80 repeats of MEDIA_S at SPEED last 2 s of wall time: long enough to span a later item's start_at.
 SPANNING_REPEATS = 80
 WAIT_S = 10.0
-
-
-@pytest.fixture
-def media(media_server: MediaServer) -> tuple[str, str]:
-    sha256 = media_server.add_media(wav_bytes(MEDIA_S))
-    return media_server.media_url(sha256), sha256
 
 
 @pytest.fixture

@@ -18,6 +18,7 @@ import pytest
 from firmware_sim.playlog import read_play_log
 from firmware_sim.speaker import BrokerSettings, MqttProtocol, SpeakerRuntime
 from tests.sim_harness import (
+    MEDIA_S,
     ControllerProbe,
     MediaServer,
     ShiftableClock,
@@ -30,7 +31,6 @@ from tests.sim_harness import (
 from tests.support.broker import TestBroker
 
 SPEED = 20.0
-MEDIA_S = 0.5
 LONG_REPEATS = 400  # 200 s of audio, 10 s at SPEED: far longer than any test waits for it
 TIMESTAMP = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d{1,6})?Z")
 
@@ -60,13 +60,6 @@ async def open_runtime(
 @pytest.fixture
 async def runtime(open_runtime: OpenRuntime) -> SpeakerRuntime:
     return await open_runtime()
-
-
-@pytest.fixture
-def media(media_server: MediaServer) -> tuple[str, str]:
-    """A 0.5 s WAV on the media server: (url, sha256)."""
-    sha256 = media_server.add_media(wav_bytes(MEDIA_S))
-    return media_server.media_url(sha256), sha256
 
 
 def log_events(play_log_path: Path, command_id: str) -> list[str]:

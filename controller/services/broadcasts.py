@@ -212,24 +212,26 @@ class BroadcastService:
     ) -> tuple[QueuedCommand, TrackedDelivery] | None:
         with Session(self._engine) as session:
             original = session.exec(
-                select(OutboxRow).where(
+                select(OutboxRow.document, OutboxRow.rank).where(
                     OutboxRow.delivery_id == delivery.delivery_id, OutboxRow.kind == "play"
                 )
             ).first()
-            if original is None:  # it went out on an area topic (§1.12)
-                area_rows = session.exec(
-                    select(OutboxRow).where(
+            if original is None:
+                # It went out on an area topic (§1.12). Every area command of a broadcast carries the
+                # same play, so any one serves; its `covers` list (thousands of ids) is not read.
+                original = session.exec(
+                    select(OutboxRow.document, OutboxRow.rank).where(
                         OutboxRow.broadcast_id == delivery.broadcast_id, OutboxRow.kind == "play"
                     )
-                ).all()
-                original = next((r for r in area_rows if delivery.delivery_id in (r.covers or ())), None)
+                ).first()
             address = session.exec(
                 select(DeviceRow.address).where(DeviceRow.id == delivery.device_id)
             ).first()
             if original is None or address is None:
                 return None
             delivery_id, command_id = str(uuid.uuid4()), str(uuid.uuid4())
-            members = {key: value for key, value in original.document.items() if key != "area"}
+            original_document, original_rank = original
+            members = {key: value for key, value in original_document.items() if key != "area"}
             document = {
                 **members,
                 "id": command_id,
@@ -263,7 +265,7 @@ class BroadcastService:
                 command_id=command_id,
                 delivery_id=delivery_id,
                 kind="play",
-                rank=original.rank,
+                rank=original_rank,
                 document=document,
                 created_at=now,
                 expires_at=delivery.expires_at,

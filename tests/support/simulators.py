@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.sim_harness import ControllerProbe, MediaServer, ShiftableClock
+from tests.sim_harness import MEDIA_S, ControllerProbe, MediaServer, ShiftableClock, wav_bytes
 from tests.support.broker import TestBroker
 
 
@@ -32,3 +32,10 @@ async def probe(mosquitto: TestBroker) -> AsyncIterator[ControllerProbe]:
 def media_server() -> Iterator[MediaServer]:
     with MediaServer() as server:
         yield server
+
+
+@pytest.fixture
+def media(media_server: MediaServer) -> tuple[str, str]:
+    """A MEDIA_S-second WAV on the media server: (url, sha256)."""
+    sha256 = media_server.add_media(wav_bytes(MEDIA_S))
+    return media_server.media_url(sha256), sha256
