@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 APT_PACKAGES_RUN := mosquitto espeak-ng
-APT_PACKAGES_TEST := mosquitto espeak-ng mbpoll
+APT_PACKAGES_TEST := mosquitto espeak-ng mbpoll libcoap3-bin
 
 .PHONY: run test lint typecheck unit venv system-deps-run system-deps-test bench clean
 

@@ -28,9 +28,11 @@ from controller.services.events import EventBus
 from controller.services.inbound import DeviceDirectory, InboundProcessor
 from controller.services.media import MediaStore
 from controller.services.rate_limit import RateLimiter
+from controller.services.rules import RuleEngine
 from controller.services.schedule_runner import ScheduleRunner
 from controller.services.schedules import ScheduleService
 from controller.services.targets import load_area_tree
+from controller.services.telemetry import TelemetryPipeline
 from controller.services.tracker import DeliveryTracker
 from controller.services.webhooks import AlertWebhooks
 from controller.settings import Settings
@@ -86,6 +88,8 @@ class Runtime:
         self.rate_limiter = RateLimiter(settings.alerts.rate_limit_per_minute)
         self._alerts: AlertService | None = None
         self._cap_intake: CapIntake | None = None
+        self.telemetry = TelemetryPipeline(self.engine, self.clock, settings.telemetry)
+        self._rules: RuleEngine | None = None
 
     # -- lifecycle -----------------------------------------------------------------------------
     async def start(self) -> None:
@@ -130,6 +134,10 @@ class Runtime:
             tts=self.settings.tts,
         )
         self._cap_intake = CapIntake(self._alerts, self.settings.alerts, self.clock)
+        rules = self._rules = RuleEngine(self.engine, self.bus, self.audit, self.clock, self._alerts)
+        await asyncio.to_thread(rules.load)
+        await asyncio.to_thread(self.telemetry.load)
+        self.telemetry.add_listener(rules.observe)
         webhooks = AlertWebhooks(self.bus, self.settings.alerts, self.clock, progress=self._alerts.progress)
         self._alerts.on_dispatched = webhooks.watch
         for alert_id, broadcast_id, url in await asyncio.to_thread(self._alerts.webhooks_to_resume):
@@ -161,7 +169,12 @@ class Runtime:
             log.info("resuming commands from the outbox", count=len(pending))
         self._dispatcher.submit(pending)
         inbound = self._inbound = InboundProcessor(
-            "mqtt", self.directory, self.tracker, self.clock, followers=self.area_followers
+            "mqtt",
+            self.directory,
+            self.tracker,
+            self.clock,
+            followers=self.area_followers,
+            telemetry=self.telemetry,
         )
         await self.schedule_runner.start()
         self._tasks = [
@@ -169,6 +182,8 @@ class Runtime:
             asyncio.create_task(inbound.run(self.driver.events()), name="inbound"),
             asyncio.create_task(programmes.run(), name="device-programmes"),
             asyncio.create_task(webhooks.run(), name="alert-webhooks"),
+            asyncio.create_task(self.telemetry.run(), name="telemetry"),
+            asyncio.create_task(rules.run(), name="rules"),
         ]
         log.info("controller started", broker=url, database=self.engine.url.render_as_string())
 
@@ -200,6 +215,7 @@ class Runtime:
         if self._dispatcher is not None:
             await self._dispatcher.close()
         await self.tracker.flush()
+        await self.telemetry.flush()
         if self.driver is not None:
             await self.driver.__aexit__(None, None, None)
             self.driver = None
@@ -222,6 +238,12 @@ class Runtime:
         return self._alerts
 
     @property
+    def rules(self) -> RuleEngine:
+        if self._rules is None:
+            raise RuntimeError("the controller is not started")
+        return self._rules
+
+    @property
     def cap_intake(self) -> CapIntake:
         if self._cap_intake is None:
             raise RuntimeError("the controller is not started")
@@ -236,10 +258,17 @@ class Runtime:
                 self._area_tree = load_area_tree(session)
         return self._area_tree
 
-    def device_registered(self, transport: str, address: str, device_id: str) -> None:
+    def device_registered(
+        self, transport: str, address: str, device_id: str, config: Mapping[str, Any] | None = None
+    ) -> None:
         self.directory.put(transport, address, device_id)
+        self.telemetry.device_changed(device_id, config or {})
         if self._inbound is not None and transport == "mqtt":
             self._inbound.device_registered(address)
+
+    def device_removed(self, device_id: str) -> None:
+        self.directory.remove(device_id)
+        self.telemetry.device_changed(device_id, None)
 
     async def replan_schedule(self, schedule_id: str) -> None:
         if self.schedule_runner is not None:

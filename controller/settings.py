@@ -188,6 +188,31 @@ class AlertSettings(_Section):
     templates: dict[str, AlertTemplate] = Field(default_factory=dict)
 
 
+class TelemetrySettings(_Section):
+    """Sensor readings from every transport (issue 5): batched writes, retention and downsampling."""
+
+    # A batch is written when it holds this many readings, or this long after its first one.
+    batch_size: Annotated[int, Field(ge=1, le=100_000)] = 5000
+    flush_interval_s: Annotated[float, Field(gt=0, le=60)] = 0.5
+    # Readings waiting to be written beyond this are dropped (and counted): memory stays bounded when
+    # the database cannot keep up.
+    max_pending: Annotated[int, Field(ge=1000, le=10_000_000)] = 500_000
+    # Raw readings are kept this long, then folded into buckets of `rollup_step_s` (count, sum, min,
+    # max), which are kept for `rollup_retention_days`.
+    raw_retention_hours: Annotated[int, Field(ge=1, le=24 * 3660)] = 7 * 24
+    rollup_step_s: Annotated[int, Field(ge=10, le=86_400)] = 300
+    rollup_retention_days: Annotated[int, Field(ge=1, le=36_600)] = 2 * 366
+    maintenance_interval_s: Annotated[int, Field(ge=1, le=86_400)] = 600
+    # The most points one telemetry request may return (raw readings or buckets).
+    max_points: Annotated[int, Field(ge=100, le=1_000_000)] = 10_000
+
+    @model_validator(mode="after")
+    def _buckets_fit_in_the_raw_window(self) -> Self:
+        if self.rollup_step_s > self.raw_retention_hours * 3600:
+            raise ValueError("rollup_step_s must not be longer than raw_retention_hours")
+        return self
+
+
 class LoggingSettings(_Section):
     level: Literal["debug", "info", "warning", "error"] = "info"
     format: Literal["console", "json"] = "console"
@@ -210,6 +235,7 @@ class Settings(BaseSettings):
     dispatch: DispatchSettings = DispatchSettings()
     schedules: SchedulesSettings = SchedulesSettings()
     tts: TtsSettings = TtsSettings()
+    telemetry: TelemetrySettings = TelemetrySettings()
     logging: LoggingSettings = LoggingSettings()
     data_dir: Path = Path("var")
 

@@ -9,6 +9,7 @@ declare -A binary_of=(
   [chromium]=/usr/bin/chromium
   [sox]=/usr/bin/sox
   [mbpoll]=/usr/bin/mbpoll
+  [libcoap3-bin]=/usr/bin/coap-client-notls
 )
 
 missing=()

@@ -20,6 +20,7 @@ from controller.api.routes import (
     reports,
     schedules,
     system,
+    telemetry,
 )
 from controller.services.auth import Principal, Role
 
@@ -69,6 +70,17 @@ def create_app(runtime: Runtime, *, manage_runtime: bool = True) -> FastAPI:
             )
         return response
 
-    for module in (areas, devices, media, broadcasts, schedules, alerts, reports, calendar, system):
+    for module in (
+        areas,
+        devices,
+        telemetry,
+        media,
+        broadcasts,
+        schedules,
+        alerts,
+        reports,
+        calendar,
+        system,
+    ):
         app.include_router(module.router)
     return app

@@ -165,7 +165,11 @@ class AlertService:
         self.on_dispatched: Callable[[str, str, str], None] | None = None
 
     # -- creating --------------------------------------------------------------------------------
-    async def create(self, request: AlertRequest, principal: Principal) -> AcceptedAlert:
+    async def create(
+        self, request: AlertRequest, principal: Principal, *, hold_for_approval: bool = False
+    ) -> AcceptedAlert:
+        """Send an alert, or store it waiting for a second person: when the two-person rule asks for it,
+        or `hold_for_approval` (a threshold rule's draft)."""
         if not principal.may(Action.BROADCAST):
             raise AlertError("role", f"role {principal.role} may not send alerts", status=403)
         if request.priority.priority_class is PriorityClass.EMERGENCY and not principal.may(
@@ -193,7 +197,9 @@ class AlertService:
         reached = await asyncio.to_thread(self._resolve, targets, principal)
         playlist = await self._content(request)
         alert_id = str(uuid.uuid4())
-        if await asyncio.to_thread(self._needs_second_person, request, targets, principal, reached):
+        if hold_for_approval or await asyncio.to_thread(
+            self._needs_second_person, request, targets, principal, reached
+        ):
             row = self._row(request, alert_id, principal, now, expires_at, playlist, fingerprint, None, 0)
             row.status = PENDING_APPROVAL
             try:

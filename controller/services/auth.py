@@ -33,6 +33,7 @@ class Action(StrEnum):
     BROADCAST = "broadcast"
     BROADCAST_EMERGENCY = "broadcast_emergency"
     CANCEL = "cancel"
+    MANAGE_RULES = "manage_rules"
 
 
 _ALLOWED: dict[Role, frozenset[Action]] = {

@@ -14,6 +14,7 @@ from sqlmodel import Session, select
 from controller.domain.clock import Clock
 from controller.domain.deliveries import DeliveryState, state_from_report
 from controller.services.area_fanout import AreaFollowers
+from controller.services.telemetry import TelemetryPipeline
 from controller.services.tracker import DeliveryTracker, TrackedDelivery
 from controller.store.models import DeviceRow
 from drivers.base import CommandReport, DeviceState, InboundEvent, MalformedPayload, TelemetryReading
@@ -72,8 +73,10 @@ class InboundProcessor:
         clock: Clock,
         *,
         followers: AreaFollowers | None = None,
+        telemetry: TelemetryPipeline | None = None,
     ) -> None:
         self._transport = transport
+        self._telemetry = telemetry
         self._followers = followers
         self._clock = clock
         self._directory = directory
@@ -118,6 +121,8 @@ class InboundProcessor:
                 self._followers.update(device_id, event.attributes)
         elif isinstance(event, TelemetryReading):
             INBOUND_MESSAGES.labels("telemetry").inc()
+            if self._telemetry is not None:
+                self._telemetry.accept(device_id, event.metric, event.value, event.unit, event.at)
 
     def device_registered(self, address: str) -> None:
         """Apply the state an address announced before it was registered."""

@@ -13,6 +13,7 @@ from sqlalchemy import (
     Dialect,
     Float,
     Index,
+    Integer,
     TypeDecorator,
     UniqueConstraint,
 )
@@ -74,6 +75,11 @@ class DeviceRow(SQLModel, table=True):
     # What the device does with its cached programme while its link is down (docs/protocol.md §1.10).
     comm_loss_policy: str = Field(default="keep", max_length=16, sa_column_kwargs={"server_default": "keep"})
     comm_loss_after_s: int | None = None
+    # Transport-specific settings (a Modbus link and register map, a sensor's metrics and their physical
+    # ranges, ...), validated by the API against the device's kind and transport.
+    config: dict[str, Any] = Field(
+        default_factory=dict, sa_column=Column(JSON, nullable=False, server_default="{}")
+    )
 
 
 class MediaRow(SQLModel, table=True):
@@ -232,7 +238,7 @@ class AlertRow(SQLModel, table=True):
     )
 
     id: str = Field(primary_key=True, max_length=36)
-    source: str = Field(max_length=8)  # api | cap
+    source: str = Field(max_length=8)  # api | cap | rule
     # pending_approval | active | ended | cancelled | superseded | recorded (CAP System/Draft: nothing played)
     status: str = Field(max_length=20, index=True)
     mode: str = Field(max_length=8)  # live | drill
@@ -278,3 +284,91 @@ class AuditRow(SQLModel, table=True):
     outcome: str = Field(max_length=16)  # ok | refused | failed
     detail: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
     remote: str | None = Field(default=None, max_length=64)
+
+
+class TelemetryRow(SQLModel, table=True):
+    """One reading. Times are epoch milliseconds so that bucketing is integer arithmetic on every backend."""
+
+    __tablename__ = "telemetry"
+    __table_args__ = (Index("ix_telemetry_device_metric_at", "device_id", "metric", "at_ms"),)
+
+    id: int | None = Field(
+        default=None,
+        sa_column=Column(
+            BigInteger().with_variant(Integer(), "sqlite"), primary_key=True, autoincrement=True
+        ),
+    )
+    device_id: str = Field(max_length=64)
+    metric: str = Field(max_length=64)
+    at_ms: int = Field(sa_column=Column(BigInteger, nullable=False, index=True))
+    value: float
+
+
+class TelemetryRollupRow(SQLModel, table=True):
+    """Readings older than the raw retention, kept as one row per metric and bucket (downsampled)."""
+
+    __tablename__ = "telemetry_rollups"
+
+    device_id: str = Field(primary_key=True, max_length=64)
+    metric: str = Field(primary_key=True, max_length=64)
+    step_s: int = Field(primary_key=True)
+    bucket_ms: int = Field(sa_column=Column(BigInteger, primary_key=True, autoincrement=False))
+    count: int
+    total: float
+    minimum: float
+    maximum: float
+
+
+class TelemetryLatestRow(SQLModel, table=True):
+    """The latest accepted value per device and metric, and the latest refused one (out of range)."""
+
+    __tablename__ = "telemetry_latest"
+
+    device_id: str = Field(primary_key=True, max_length=64)
+    metric: str = Field(primary_key=True, max_length=64)
+    value: float | None = None
+    unit: str | None = Field(default=None, max_length=16)
+    at: datetime | None = _utc_column()
+    rejected_count: int = 0
+    rejected_at: datetime | None = _utc_column()
+    rejected_reason: str | None = Field(default=None, max_length=300)
+
+
+class RuleRow(SQLModel, table=True):
+    """A threshold rule on one sensor's metric (issue 5): raises an alarm, optionally a broadcast."""
+
+    __tablename__ = "rules"
+
+    id: str = Field(primary_key=True, max_length=36)
+    name: str = Field(max_length=200)
+    device_id: str = Field(foreign_key="devices.id", index=True, max_length=64)
+    metric: str = Field(max_length=64)
+    direction: str = Field(max_length=8)  # above | below
+    raise_at: float
+    clear_at: float
+    for_s: float
+    clear_for_s: float = 0.0
+    # What happens on raising: none | broadcast (sent at once) | draft (an alert waiting for approval).
+    action: str = Field(max_length=16)
+    broadcast: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON, nullable=True))
+    enabled: bool = True
+    created_by: str | None = Field(default=None, max_length=36)
+    created_at: datetime = _utc_column(nullable=False)
+
+
+class AlarmRow(SQLModel, table=True):
+    """One raising of a rule, until it clears."""
+
+    __tablename__ = "alarms"
+
+    id: str = Field(primary_key=True, max_length=36)
+    rule_id: str = Field(foreign_key="rules.id", index=True, max_length=36)
+    device_id: str = Field(max_length=64)
+    metric: str = Field(max_length=64)
+    state: str = Field(max_length=8, index=True)  # active | cleared
+    raised_at: datetime = _utc_column(nullable=False, index=True)
+    raised_value: float
+    cleared_at: datetime | None = _utc_column()
+    cleared_value: float | None = None
+    alert_id: str | None = Field(default=None, foreign_key="alerts.id", max_length=36)
+    detail: str | None = Field(default=None, max_length=500)

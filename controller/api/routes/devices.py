@@ -7,14 +7,15 @@ from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Query, Response, status
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator, model_validator
 from sqlmodel import Session, col, select
 
 from controller.api.deps import DeviceManager, Reader, RuntimeDep
 from controller.api.errors import ApiError
 from controller.domain.clock import rfc3339
+from controller.domain.telemetry import METRIC_PATTERN
 from controller.services.auth import Principal
-from controller.store.models import DeliveryRow, DeviceRow
+from controller.store.models import DeliveryRow, DeviceRow, RuleRow
 
 router = APIRouter(prefix="/api/v1/devices", tags=["devices"])
 
@@ -41,6 +42,30 @@ class CommLossIn(BaseModel):
         return self
 
 
+class MetricIn(BaseModel):
+    """One quantity a sensor reports: its unit and the physical range outside which a reading is refused."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    unit: str | None = Field(default=None, min_length=1, max_length=16)
+    min: float | None = Field(default=None, allow_inf_nan=False)
+    max: float | None = Field(default=None, allow_inf_nan=False)
+
+    @model_validator(mode="after")
+    def _range_is_ordered(self) -> MetricIn:
+        if self.min is not None and self.max is not None and self.min >= self.max:
+            raise ValueError("max must be above min")
+        return self
+
+
+class DeviceConfigIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    metrics: dict[Annotated[str, StringConstraints(pattern=METRIC_PATTERN)], MetricIn] = Field(
+        default_factory=dict, max_length=200
+    )
+
+
 def _identifier(value: str | None) -> str | None:
     if value is not None and not _IDENTIFIER.fullmatch(value):
         raise ValueError("use 1-64 lowercase letters, digits, '-' or '_', starting with a letter or digit")
@@ -60,6 +85,7 @@ class DeviceIn(BaseModel):
     address: str | None = None
     enabled: bool = True
     comm_loss: CommLossIn = Field(default_factory=CommLossIn)
+    config: DeviceConfigIn = Field(default_factory=DeviceConfigIn)
 
     _check_id = field_validator("id", "address")(_identifier)
 
@@ -74,6 +100,7 @@ class DevicePatch(BaseModel):
     address: str | None = None
     enabled: bool | None = None
     comm_loss: CommLossIn | None = None
+    config: DeviceConfigIn | None = None
 
     _check_address = field_validator("address")(_identifier)
 
@@ -92,6 +119,7 @@ class DeviceOut(BaseModel):
     enabled: bool
     status: dict[str, Any]
     comm_loss: dict[str, Any]
+    config: dict[str, Any]
 
 
 def _out(row: DeviceRow) -> DeviceOut:
@@ -109,6 +137,7 @@ def _out(row: DeviceRow) -> DeviceOut:
         enabled=row.enabled,
         status=row.status,
         comm_loss={"policy": row.comm_loss_policy, "after_s": row.comm_loss_after_s},
+        config=row.config,
     )
 
 
@@ -194,6 +223,7 @@ async def create_device(body: DeviceIn, runtime: RuntimeDep, principal: DeviceMa
                 enabled=body.enabled,
                 comm_loss_policy=body.comm_loss.policy,
                 comm_loss_after_s=body.comm_loss.after_s,
+                config=body.config.model_dump(exclude_none=True),
                 created_at=datetime.now(UTC),
             )
             session.add(row)
@@ -202,7 +232,7 @@ async def create_device(body: DeviceIn, runtime: RuntimeDep, principal: DeviceMa
             return _out(row)
 
     device = await asyncio.to_thread(create)
-    runtime.device_registered(device.transport, device.address, device.id)
+    runtime.device_registered(device.transport, device.address, device.id, device.config)
     runtime.device_programmes_changed()
     return device
 
@@ -260,6 +290,11 @@ async def patch_device(
                     raise ApiError(422, "invalid", "comm_loss", "give a policy, or leave comm_loss out")
                 row.comm_loss_policy = comm_loss["policy"]
                 row.comm_loss_after_s = comm_loss.get("after_s")
+            if "config" in changes:
+                config = changes.pop("config")
+                if config is None:
+                    raise ApiError(422, "invalid", "config", "give a configuration, or leave config out")
+                row.config = body.config.model_dump(exclude_none=True) if body.config else {}
             for key, value in changes.items():
                 setattr(row, key, value)
             session.add(row)
@@ -268,7 +303,7 @@ async def patch_device(
             return _out(row)
 
     device = await asyncio.to_thread(patch)
-    runtime.device_registered(device.transport, device.address, device.id)
+    runtime.device_registered(device.transport, device.address, device.id, device.config)
     runtime.device_programmes_changed()
     return device
 
@@ -286,10 +321,12 @@ async def delete_device(device_id: str, runtime: RuntimeDep, principal: DeviceMa
                     "the device has a broadcast log; disable it with "
                     'PATCH {"enabled": false} to keep its history',
                 )
+            if session.exec(select(RuleRow.id).where(RuleRow.device_id == device_id)).first():
+                raise ApiError(409, "conflict", "id", "threshold rules watch this device; delete them first")
             session.delete(row)
             session.commit()
 
     await asyncio.to_thread(delete)
-    runtime.directory.remove(device_id)
+    runtime.device_removed(device_id)
     runtime.device_programmes_changed()
     return Response(status_code=status.HTTP_204_NO_CONTENT)
