@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import secrets
-from collections.abc import Mapping
+from collections.abc import Coroutine, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +27,8 @@ from controller.services.dispatcher import Dispatcher
 from controller.services.events import EventBus
 from controller.services.inbound import DeviceDirectory, InboundProcessor
 from controller.services.media import MediaStore
+from controller.services.modbus_sensors import TRANSPORT as MODBUS
+from controller.services.modbus_sensors import ModbusSensors
 from controller.services.rate_limit import RateLimiter
 from controller.services.rules import RuleEngine
 from controller.services.schedule_runner import ScheduleRunner
@@ -89,6 +91,8 @@ class Runtime:
         self._alerts: AlertService | None = None
         self._cap_intake: CapIntake | None = None
         self.telemetry = TelemetryPipeline(self.engine, self.clock, settings.telemetry)
+        self.modbus = ModbusSensors(self.engine, self.directory, self.tracker, self.clock, self.telemetry)
+        self._background: set[asyncio.Task[None]] = set()
         self._rules: RuleEngine | None = None
 
     # -- lifecycle -----------------------------------------------------------------------------
@@ -177,6 +181,7 @@ class Runtime:
             telemetry=self.telemetry,
         )
         await self.schedule_runner.start()
+        await self.modbus.start()
         self._tasks = [
             asyncio.create_task(self.tracker.run(), name="tracker"),
             asyncio.create_task(inbound.run(self.driver.events()), name="inbound"),
@@ -212,6 +217,7 @@ class Runtime:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks = []
+        await self.modbus.stop()
         if self._dispatcher is not None:
             await self._dispatcher.close()
         await self.tracker.flush()
@@ -259,16 +265,30 @@ class Runtime:
         return self._area_tree
 
     def device_registered(
-        self, transport: str, address: str, device_id: str, config: Mapping[str, Any] | None = None
+        self,
+        transport: str,
+        address: str,
+        device_id: str,
+        config: Mapping[str, Any] | None = None,
+        *,
+        enabled: bool = True,
     ) -> None:
         self.directory.put(transport, address, device_id)
         self.telemetry.device_changed(device_id, config or {})
         if self._inbound is not None and transport == "mqtt":
             self._inbound.device_registered(address)
+        if transport == MODBUS:
+            self._in_background(self.modbus.device_changed(device_id, address, config if enabled else None))
 
     def device_removed(self, device_id: str) -> None:
         self.directory.remove(device_id)
         self.telemetry.device_changed(device_id, None)
+        self._in_background(self.modbus.device_changed(device_id, "", None))
+
+    def _in_background(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(work)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     async def replan_schedule(self, schedule_id: str) -> None:
         if self.schedule_runner is not None:

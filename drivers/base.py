@@ -91,6 +91,9 @@ class TelemetryReading:
     value: float
     unit: str | None
     at: datetime
+    problem: str | None = None
+    """Set when the driver knows the value cannot be true (a transmitter saturated at the end of its
+    span, a sensor's own error flag): the reading is counted and refused, never stored."""
 
 
 @dataclass(frozen=True, slots=True)

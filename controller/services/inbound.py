@@ -121,7 +121,11 @@ class InboundProcessor:
                 self._followers.update(device_id, event.attributes)
         elif isinstance(event, TelemetryReading):
             INBOUND_MESSAGES.labels("telemetry").inc()
-            if self._telemetry is not None:
+            if self._telemetry is None:
+                return
+            if event.problem is not None:
+                self._telemetry.reject(device_id, event.metric, event.problem, event.at)
+            else:
                 self._telemetry.accept(device_id, event.metric, event.value, event.unit, event.at)
 
     def device_registered(self, address: str) -> None:

@@ -16,11 +16,12 @@ from controller.domain.clock import rfc3339
 from controller.domain.telemetry import METRIC_PATTERN
 from controller.services.auth import Principal
 from controller.store.models import DeliveryRow, DeviceRow, RuleRow
+from drivers.modbus_field import LinkUrlError, link_endpoint
 
 router = APIRouter(prefix="/api/v1/devices", tags=["devices"])
 
 DeviceKind = Literal["speaker", "led_screen", "sensor"]
-Transport = Literal["mqtt"]
+Transport = Literal["mqtt", "modbus"]
 _IDENTIFIER = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
 _KIND_PREFIX = {"speaker": "spk", "led_screen": "led", "sensor": "sen"}
 
@@ -58,12 +59,67 @@ class MetricIn(BaseModel):
         return self
 
 
+class ModbusRegisterIn(BaseModel):
+    """One metric in a Modbus sensor's registers (docs/protocol.md §3.5): value = raw × scale + offset."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    metric: Annotated[str, StringConstraints(pattern=METRIC_PATTERN)]
+    table: Literal["input", "holding"] = "input"
+    address: int = Field(ge=0, le=0xFFFF)
+    type: Literal["int16", "uint16", "int32", "float32"] = "uint16"
+    byte_order: Literal["big", "little"] = "big"
+    word_order: Literal["big", "little"] = "big"
+    scale: float = Field(default=1.0, allow_inf_nan=False)
+    offset: float = Field(default=0.0, allow_inf_nan=False)
+    unit: str | None = Field(default=None, min_length=1, max_length=16)
+
+    @field_validator("scale")
+    @classmethod
+    def _scale_not_zero(cls, value: float) -> float:
+        if value == 0:
+            raise ValueError("must not be 0")
+        return value
+
+
+class ModbusIn(BaseModel):
+    """Where a Modbus sensor answers and what to poll."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    link: str = Field(
+        min_length=1,
+        max_length=300,
+        description="tcp://host:port, rtu:///dev/ttyUSB0?baud=9600 or rtu+tcp://host:port?baud=9600",
+    )
+    unit: int = Field(default=1, ge=1, le=247)
+    poll_interval_s: float = Field(default=10.0, ge=0.1, le=86_400, allow_inf_nan=False)
+    registers: list[ModbusRegisterIn] = Field(min_length=1, max_length=200)
+
+    @field_validator("link")
+    @classmethod
+    def _usable_link(cls, value: str) -> str:
+        try:
+            link_endpoint(value)
+        except LinkUrlError as error:
+            raise ValueError(str(error)) from error
+        return value
+
+    @model_validator(mode="after")
+    def _metrics_once(self) -> ModbusIn:
+        names = [r.metric for r in self.registers]
+        if len(set(names)) != len(names):
+            raise ValueError("registers: each metric appears once")
+        return self
+
+
 class DeviceConfigIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     metrics: dict[Annotated[str, StringConstraints(pattern=METRIC_PATTERN)], MetricIn] = Field(
         default_factory=dict, max_length=200
     )
+    modbus: ModbusIn | None = None
 
 
 def _identifier(value: str | None) -> str | None:
@@ -141,6 +197,16 @@ def _out(row: DeviceRow) -> DeviceOut:
     )
 
 
+def _check_transport(kind: str, transport: str, config: DeviceConfigIn | None) -> None:
+    has_modbus = config is not None and config.modbus is not None
+    if transport == "modbus" and kind != "sensor":
+        raise ApiError(422, "invalid", "transport", "Modbus devices are sensors here (wired zones: to come)")
+    if transport == "modbus" and not has_modbus:
+        raise ApiError(422, "invalid", "config.modbus", "a Modbus sensor needs its link, unit and registers")
+    if transport != "modbus" and has_modbus:
+        raise ApiError(422, "invalid", "config.modbus", f"a {transport} device has no Modbus settings")
+
+
 def _visible_areas(runtime: Any, principal: Principal) -> frozenset[str] | None:
     if principal.ward_code is None:
         return None
@@ -205,6 +271,7 @@ async def list_devices(
 async def create_device(body: DeviceIn, runtime: RuntimeDep, principal: DeviceManager) -> DeviceOut:
     def create() -> DeviceOut:
         _check_area(runtime, principal, body.area, "area")
+        _check_transport(body.kind, body.transport, body.config)
         device_id = body.id or f"{_KIND_PREFIX[body.kind]}-{secrets.token_hex(4)}"
         address = body.address or device_id
         with Session(runtime.engine) as session:
@@ -232,7 +299,9 @@ async def create_device(body: DeviceIn, runtime: RuntimeDep, principal: DeviceMa
             return _out(row)
 
     device = await asyncio.to_thread(create)
-    runtime.device_registered(device.transport, device.address, device.id, device.config)
+    runtime.device_registered(
+        device.transport, device.address, device.id, device.config, enabled=device.enabled
+    )
     runtime.device_programmes_changed()
     return device
 
@@ -294,6 +363,7 @@ async def patch_device(
                 config = changes.pop("config")
                 if config is None:
                     raise ApiError(422, "invalid", "config", "give a configuration, or leave config out")
+                _check_transport(row.kind, row.transport, body.config)
                 row.config = body.config.model_dump(exclude_none=True) if body.config else {}
             for key, value in changes.items():
                 setattr(row, key, value)
@@ -303,7 +373,9 @@ async def patch_device(
             return _out(row)
 
     device = await asyncio.to_thread(patch)
-    runtime.device_registered(device.transport, device.address, device.id, device.config)
+    runtime.device_registered(
+        device.transport, device.address, device.id, device.config, enabled=device.enabled
+    )
     runtime.device_programmes_changed()
     return device
 

@@ -1,0 +1,148 @@
+"""Modbus sensors registered through the API, polled by the controller from a simulated box in its own
+process over Modbus TCP, their readings on the telemetry API; the box killed and started again."""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.support.scenario import seed
+from tests.support.system import ControllerHandle, ManagedProcess, free_tcp_port, start_process, wait_until
+
+pytestmark = pytest.mark.integration
+
+
+def start_box(workdir: Path, port: int = 0) -> tuple[ManagedProcess, int]:
+    process = start_process(
+        [
+            sys.executable,
+            "-m",
+            "firmware_sim",
+            "modbus-box",
+            "--tcp",
+            f"127.0.0.1:{port}",
+            "--walk-interval",
+            "0.1",
+        ],
+        dict(os.environ),
+        workdir / "modbus-box.log",
+        "the simulated Modbus box",
+    )
+    match = re.search(r"tcp=127\.0\.0\.1:(\d+)", process.ready_line)
+    assert match, process.ready_line
+    return process, int(match.group(1))
+
+
+@pytest.fixture
+def box(tmp_path: Path) -> Iterator[tuple[ManagedProcess, int]]:
+    process, port = start_box(tmp_path)
+    try:
+        yield process, port
+    finally:
+        process.terminate()
+
+
+def river_box(port: int) -> dict[str, Any]:
+    return {
+        "id": "sen-box",
+        "kind": "sensor",
+        "area": "hn.b",
+        "transport": "modbus",
+        "config": {
+            "metrics": {"water_level": {"unit": "m", "min": 0, "max": 6}},
+            "modbus": {
+                "link": f"tcp://127.0.0.1:{port}",
+                "unit": 1,
+                "poll_interval_s": 0.2,
+                "registers": [
+                    {
+                        "metric": "water_level",
+                        "table": "holding",
+                        "address": 202,
+                        "type": "float32",
+                        "word_order": "little",
+                        "unit": "m",
+                    },
+                    {"metric": "mains_voltage", "address": 1, "scale": 0.1, "unit": "V"},
+                    {"metric": "rainfall", "address": 100, "scale": 0.1, "unit": "mm"},
+                ],
+            },
+        },
+    }
+
+
+def latest(controller: ControllerHandle) -> dict[str, dict[str, Any]]:
+    with controller.client() as client:
+        metrics = client.get("/api/v1/devices/sen-box/telemetry/latest").json()["metrics"]
+    return {m["metric"]: m for m in metrics}
+
+
+def device(controller: ControllerHandle) -> dict[str, Any]:
+    with controller.client() as client:
+        found: dict[str, Any] = client.get("/api/v1/devices/sen-box").json()
+    return found
+
+
+def test_a_modbus_sensor_is_polled_into_telemetry_and_goes_offline_and_back_with_its_box(
+    controller: ControllerHandle, box: tuple[ManagedProcess, int], tmp_path: Path
+) -> None:
+    seed(controller)
+    process, port = box
+    with controller.client() as client:
+        response = client.post("/api/v1/devices", json=river_box(port))
+    assert response.status_code == 201, response.text
+    wait_until(lambda: len(latest(controller)) == 3, "readings of all three registers", timeout=30)
+    readings = latest(controller)
+    assert 0 <= readings["water_level"]["value"] <= 6 and readings["water_level"]["unit"] == "m"
+    assert 198 <= readings["mains_voltage"]["value"] <= 242 and readings["mains_voltage"]["unit"] == "V"
+    wait_until(lambda: device(controller)["online"], "the sensor online")
+    first_level_at = readings["water_level"]["at"]
+    wait_until(
+        lambda: latest(controller)["water_level"]["at"] != first_level_at, "a later reading", timeout=30
+    )
+
+    process.kill()
+    wait_until(lambda: not device(controller)["online"], "the sensor offline once its box died", timeout=30)
+    assert device(controller)["status"]["degraded"] is True
+    restarted, _ = start_box(tmp_path, port)
+    try:
+        wait_until(lambda: device(controller)["online"], "the sensor online again", timeout=30)
+    finally:
+        restarted.terminate()
+    with controller.client() as client:
+        series = client.get("/api/v1/devices/sen-box/telemetry", params={"metric": "water_level"}).json()
+    (water,) = series["series"]
+    assert len(water["points"]) >= 2
+
+
+def test_bad_modbus_settings_are_refused_naming_the_field(controller: ControllerHandle) -> None:
+    seed(controller)
+    port = free_tcp_port()
+    cases = [
+        ({"link": "ftp://x"}, "config.modbus.link"),
+        ({"unit": 0}, "config.modbus.unit"),
+        ({"registers": []}, "config.modbus.registers"),
+        ({"registers": [{"metric": "w", "address": 70000}]}, "config.modbus.registers[0].address"),
+        ({"registers": [{"metric": "w", "address": 1, "type": "int64"}]}, "config.modbus.registers[0].type"),
+        ({"registers": [{"metric": "w", "address": 1, "scale": 0}]}, "config.modbus.registers[0].scale"),
+    ]
+    with controller.client() as client:
+        for change, field in cases:
+            body = river_box(port)
+            body["config"]["modbus"].update(change)
+            response = client.post("/api/v1/devices", json=body)
+            assert response.status_code == 422, (field, response.text)
+            assert response.json()["field"] == field, response.text
+        no_settings = {**river_box(port), "config": {}}
+        response = client.post("/api/v1/devices", json=no_settings)
+        assert response.status_code == 422 and response.json()["field"] == "config.modbus"
+        speaker = {**river_box(port), "kind": "speaker"}
+        response = client.post("/api/v1/devices", json=speaker)
+        assert response.status_code == 422 and response.json()["field"] == "transport"
+        assert client.get("/api/v1/devices/sen-box").status_code == 404
