@@ -1,0 +1,297 @@
+"""The Alpha sign codec (drivers/alpha_codec.py) against the golden packets, and the simulator's own
+parser (firmware_sim/alpha_sign.py) against the same bytes: two independent readings of the spec must
+agree on every byte (docs/alpha-sign.md)."""
+
+from __future__ import annotations
+
+import unicodedata
+from collections.abc import Callable
+from datetime import date, time
+from pathlib import Path
+
+import pytest
+from PIL import Image, ImageDraw, ImageFont
+
+from drivers import alpha_codec as codec
+from firmware_sim.alpha_sign import (
+    STATUS_CHECKSUM,
+    STATUS_OK,
+    FrameReader,
+    LineCounters,
+    SignConfig,
+    SimulatedSign,
+)
+
+GOLDEN = Path(__file__).parent / "golden" / "alpha"
+SIGN = "01"
+
+
+def golden(name: str) -> bytes:
+    return (GOLDEN / name).read_bytes()
+
+
+def packet(*commands: bytes, address: str = SIGN) -> bytes:
+    return codec.encode_packet(address, *commands)
+
+
+TINY_PICTURE = codec.DotsPicture(("01110", "10001", "01110"))
+
+REQUESTS: dict[str, Callable[[], bytes]] = {
+    "spec-f-write-text-hello.bin": lambda: packet(codec.write_text("A", b"HELLO", mode=None), address="00"),
+    "profile-priority-text.bin": lambda: packet(
+        codec.write_text("0", codec.coloured(b"FLOOD: LEAVE NOW", codec.Colour.RED), mode=codec.Mode.ROTATE)
+    ),
+    "profile-release-priority.bin": lambda: packet(codec.release_priority()),
+    "profile-programme-text.bin": lambda: packet(
+        codec.write_text("A", b"Welcome to ward 5", mode=codec.Mode.ROTATE)
+    ),
+    "profile-set-time-of-day.bin": lambda: packet(codec.set_time_of_day(14, 30)),
+    "profile-set-date.bin": lambda: packet(codec.set_date(date(2026, 11, 24))),
+    "profile-set-day-of-week.bin": lambda: packet(codec.set_day_of_week(date(2026, 11, 24))),
+    "profile-read-time-of-day.bin": lambda: packet(codec.read_special(codec.SpecialLabel.TIME_OF_DAY)),
+    "profile-read-general-information.bin": lambda: packet(
+        codec.read_special(codec.SpecialLabel.GENERAL_INFORMATION)
+    ),
+    "profile-read-text-a.bin": lambda: packet(codec.read_text("A")),
+    "profile-clear-memory.bin": lambda: packet(codec.clear_memory()),
+    "profile-configure-memory.bin": lambda: packet(
+        codec.configure_memory(
+            [
+                codec.FileAllocation("A", codec.FileKind.TEXT, size=256),
+                codec.FileAllocation("6", codec.FileKind.DOTS, height=16, width=240),
+            ]
+        )
+    ),
+    "profile-small-dots-picture.bin": lambda: packet(codec.write_small_dots("6", TINY_PICTURE)),
+    "profile-priority-picture-call.bin": lambda: packet(codec.write_text("0", codec.picture_calls("6"))),
+}
+
+
+def test_every_golden_file_is_checked() -> None:
+    replies = {"reply-ack.bin", "reply-nak-checksum.bin", "reply-time-of-day.bin"}
+    assert {path.name for path in GOLDEN.glob("*.bin")} == set(REQUESTS) | replies
+
+
+def test_the_spec_checksum_example() -> None:
+    # Appendix F: <STX>AAHELLO<ETX> sums to 01FB.
+    assert codec.checksum(b"\x02AAHELLO\x03") == b"01FB"
+    assert golden("spec-f-write-text-hello.bin").endswith(b"\x0301FB\x04")
+
+
+@pytest.mark.parametrize("name", sorted(REQUESTS))
+def test_the_encoder_produces_the_golden_packets(name: str) -> None:
+    assert REQUESTS[name]() == golden(name)
+
+
+@pytest.mark.parametrize("name", sorted(REQUESTS))
+def test_the_simulator_parses_the_golden_packets(name: str) -> None:
+    counters = LineCounters()
+    frames = FrameReader(counters).feed(golden(name))
+    assert len(frames) == 1
+    (frame,) = frames
+    assert frame.type_code == "Z"
+    assert frame.address == ("00" if name.startswith("spec-") else SIGN)
+    assert all(command.checksum_ok for command in frame.commands)
+    assert counters.garbage_bytes == counters.partial_frames == counters.malformed_frames == 0
+
+
+def _configured_sign(now: list[float] | None = None) -> SimulatedSign:
+    clock = now if now is not None else [0.0]
+    sign = SimulatedSign(SignConfig(SIGN), clock=lambda: clock[0])
+    (frame,) = FrameReader(LineCounters()).feed(golden("profile-configure-memory.bin"))
+    assert sign.handle(frame, answer=True) == [golden("reply-ack.bin")]
+    return sign
+
+
+@pytest.mark.parametrize("name", sorted(name for name in REQUESTS if name.startswith("profile-")))
+def test_the_simulator_accepts_the_golden_packets(name: str) -> None:
+    sign = _configured_sign()
+    (frame,) = FrameReader(LineCounters()).feed(golden(name))
+    replies = sign.handle(frame, answer=True)
+    assert len(replies) == 1
+    assert replies[0] == golden("reply-ack.bin") or replies[0].startswith(b"\x00" * 5 + b"\x01000\x02")
+    assert sign.counters.naks == 0
+
+
+def test_the_simulator_answers_the_time_read_byte_for_byte() -> None:
+    sign = _configured_sign()
+    reader = FrameReader(LineCounters())
+    (set_time,) = reader.feed(golden("profile-set-time-of-day.bin"))
+    sign.handle(set_time, answer=True)
+    (read_time,) = reader.feed(golden("profile-read-time-of-day.bin"))
+    assert sign.handle(read_time, answer=True) == [golden("reply-time-of-day.bin")]
+
+
+def test_the_simulator_keeps_what_the_golden_packets_write() -> None:
+    sign = _configured_sign()
+    reader = FrameReader(LineCounters())
+    for name in ("profile-programme-text.bin", "profile-small-dots-picture.bin", "profile-priority-text.bin"):
+        for frame in reader.feed(golden(name)):
+            sign.handle(frame, answer=True)
+    assert sign.text_file("A") == b"\x1b aWelcome to ward 5"
+    assert sign.current_text() == "FLOOD: LEAVE NOW"
+    assert sign.picture("6") is not None
+    assert sign.picture("6").rows == TINY_PICTURE.rows  # type: ignore[union-attr]
+    for frame in reader.feed(golden("profile-release-priority.bin")):
+        sign.handle(frame, answer=True)
+    assert sign.current_text() == "Welcome to ward 5"
+
+
+def test_a_corrupted_packet_is_refused_for_its_checksum() -> None:
+    sign = _configured_sign()
+    corrupted = bytearray(golden("profile-programme-text.bin"))
+    corrupted[corrupted.index(b"ward")] ^= 0x01
+    (frame,) = FrameReader(LineCounters()).feed(bytes(corrupted))
+    assert frame.commands[0].checksum_ok is False
+    assert sign.handle(frame, answer=True) == [golden("reply-nak-checksum.bin")]
+    assert sign.counters.bad_checksums == 1
+    assert sign.text_file("A") is None
+
+
+def test_the_reader_resynchronises_on_garbage_and_cut_off_frames() -> None:
+    counters = LineCounters()
+    reader = FrameReader(counters)
+    hello = golden("spec-f-write-text-hello.bin")
+    noise = b"\xff\x7fnoise"
+    cut_off = hello[: len(hello) // 2]
+    stream = noise + cut_off + hello + b"\x00\x01Z01\x15" + hello
+    frames = [frame for byte in stream for frame in reader.feed(bytes([byte]))]  # one byte at a time
+    assert len(frames) == 2
+    assert counters.garbage_bytes == len(noise)
+    assert counters.partial_frames == 1  # the cut-off frame, ended by the next SOH
+    assert counters.malformed_frames == 1  # a header without STX
+    reader.feed(cut_off)
+    reader.abandon()  # the line went quiet mid-frame
+    assert counters.partial_frames == 2
+
+
+def test_the_decoder_reads_the_golden_replies_in_any_chunks() -> None:
+    stream = golden("reply-ack.bin") + golden("reply-time-of-day.bin") + golden("reply-nak-checksum.bin")
+    decoder = codec.ReplyDecoder()
+    items = [item for byte in stream for item in decoder.feed(bytes([byte]))]
+    assert items[0] == codec.Acknowledged(0x40)
+    assert isinstance(items[1], codec.ResponsePacket)
+    assert codec.parse_time_of_day(items[1]) == time(14, 30)
+    assert items[2] == codec.Refused(0x50)
+    assert items[2].flags == (codec.StatusFlag.CHECKSUM,)
+    assert not decoder.pending
+
+
+def test_the_decoder_reports_garbage_and_never_mistakes_noise_for_an_ack() -> None:
+    decoder = codec.ReplyDecoder()
+    reply = golden("reply-time-of-day.bin")
+    bad_sum = reply.replace(b"0132", b"0133")
+    items = decoder.feed(b"junk\x06\x01" + reply[6:12] + b"\x00" + reply + bad_sum + b"\x06")
+    garbage = [item for item in items if isinstance(item, codec.Garbage)]
+    replies = [item for item in items if not isinstance(item, codec.Garbage)]
+    assert len(replies) == 1
+    assert isinstance(replies[0], codec.ResponsePacket)
+    reasons = " | ".join(item.reason for item in garbage)
+    assert "outside any reply" in reasons
+    assert "cut off by a new SOH" in reasons
+    assert "checksum 0133" in reasons
+    assert decoder.pending  # the trailing 06H still waits for its status byte
+    assert decoder.reset() == [codec.Garbage(b"\x06", "bytes outside any reply")]
+
+
+def test_replies_that_answer_another_question_are_refused() -> None:
+    decoder = codec.ReplyDecoder()
+    (response,) = decoder.feed(golden("reply-time-of-day.bin"))
+    assert isinstance(response, codec.ResponsePacket)
+    with pytest.raises(codec.ReplyError, match="answered about"):
+        codec.parse_date(response)
+
+
+@pytest.mark.parametrize("revision", ["A", ""])
+def test_general_information_is_read_from_both_ends(revision: str) -> None:
+    body = f'E"WCSIM-01{revision}11261430M004000,023E'.encode()
+    response = codec.ResponsePacket("0", "00", "E", body[1:])
+    info = codec.parse_general_information(response)
+    assert (info.firmware_version, info.firmware_revision, info.firmware_released) == (
+        "WCSIM-01",
+        revision,
+        "11/26",
+    )
+    assert (info.clock, info.time_format, info.speaker_enabled) == (time(14, 30), "24 hour", True)
+    assert (info.memory_total, info.memory_free) == (0x4000, 0x023E)
+
+
+def test_bad_fields_are_refused_naming_the_field() -> None:
+    with pytest.raises(ValueError, match="priority text"):
+        codec.write_text("0", b"X" * 126)
+    with pytest.raises(ValueError, match="file label"):
+        codec.write_text("?", b"X")
+    with pytest.raises(ValueError, match="sign address"):
+        codec.encode_packet("1", b"AA")
+    with pytest.raises(ValueError, match="hour"):
+        codec.set_time_of_day(24, 0)
+    with pytest.raises(ValueError, match="allocation label '0'"):
+        codec.FileAllocation("0", codec.FileKind.TEXT, size=10)
+    with pytest.raises(ValueError, match="a label appears twice"):
+        codec.configure_memory([codec.FileAllocation("A", codec.FileKind.TEXT, size=1)] * 2)
+    with pytest.raises(ValueError, match="headline"):
+        codec.sign_text("Cảnh báo", field="headline")
+    with pytest.raises(ValueError, match="picture row 1"):
+        codec.DotsPicture(("01", "0x"))
+
+
+def test_ascii_goes_as_text_and_vietnamese_as_a_picture() -> None:
+    assert codec.is_sign_text("FLOOD: LEAVE NOW")
+    assert not codec.is_sign_text("Cảnh báo lũ")
+    assert not codec.is_sign_text("tab\there")
+
+
+def test_a_vietnamese_picture_is_the_same_from_composed_and_decomposed_text() -> None:
+    text = "Cảnh báo lũ: sơ tán khỏi tổ 5"
+    picture = codec.render_picture(text, height=16)
+    assert picture.height == 16
+    assert 100 < picture.width <= 255
+    assert picture.lit_dots > 200
+    assert set("".join(picture.rows)) == {"0", "1"}
+    assert codec.render_picture(unicodedata.normalize("NFD", text), height=16) == picture
+    # The diacritics are drawn: the same letters without them light fewer dots.
+    assert codec.render_picture("Canh bao lu: so tan khoi to 5", height=16).lit_dots < picture.lit_dots
+
+
+def test_long_text_is_cut_into_pages_between_words() -> None:
+    text = "DIỄN TẬP: Cảnh báo lũ: sơ tán khỏi tổ 5 ngay bây giờ"
+    pages = codec.render_pages(text, height=16, page_width=120, max_pages=4, colour=codec.Colour.AMBER)
+    assert len(pages) > 1
+    assert all(page.width <= 120 for page in pages)
+    assert {"3"} < set("".join(pages[0].rows))
+    with pytest.raises(ValueError, match="needs"):
+        codec.render_pages(text, height=16, page_width=40, max_pages=2)
+
+
+VIETNAMESE_LETTERS = (
+    "aàáảãạăằắẳẵặâầấẩẫậbcdđeèéẻẽẹêềếểễệghiìíỉĩịklmnoòóỏõọôồốổỗộơờớởỡợpqrstuùúủũụưừứửữựvxyỳýỷỹỵ"
+)
+
+
+@pytest.mark.parametrize("case", ["lower", "upper"])
+def test_the_bundled_font_has_every_vietnamese_letter(case: str) -> None:
+    font = ImageFont.truetype(str(codec.BUNDLED_FONT), 24, layout_engine=ImageFont.Layout.BASIC)
+
+    def drawn(char: str) -> bytes:
+        canvas = Image.new("L", (40, 40), 0)
+        ImageDraw.Draw(canvas).text((4, 4), char, font=font, fill=255)
+        return canvas.tobytes()
+
+    missing_glyph = drawn("\U000f0000")  # a private-use code point: what the font draws for no glyph
+    letters = VIETNAMESE_LETTERS if case == "lower" else VIETNAMESE_LETTERS.upper()
+    missing = [letter for letter in letters if drawn(letter) == missing_glyph]
+    assert missing == []
+    assert drawn("\U000f0000") != drawn("ệ")
+
+
+def test_the_font_ships_with_its_licence() -> None:
+    licence = (codec.FONT_DIRECTORY / "LICENSE-DejaVu.txt").read_text(encoding="utf-8")
+    assert "Bitstream Vera Fonts Copyright" in licence
+    assert "Arev Fonts Copyright" in licence
+    assert codec.BUNDLED_FONT.stat().st_size > 100_000
+
+
+def test_status_flags_name_each_bit() -> None:
+    assert codec.status_flags(STATUS_OK | STATUS_CHECKSUM) == (codec.StatusFlag.CHECKSUM,)
+    assert codec.status_flags(0x60) == (codec.StatusFlag.ILLEGAL_COMMAND_OR_LABEL,)
+    assert codec.status_flags(0x40) == ()
