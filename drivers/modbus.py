@@ -108,6 +108,8 @@ class SerialEndpoint:
     port: str
     baud: int = DEFAULT_BAUD
     min_gap_s: float = 0.0
+    # After a request timed out, how long its reply may still arrive (the device's longest answer).
+    late_reply_s: float = 1.0
 
     @property
     def gap_s(self) -> float:
@@ -191,6 +193,7 @@ class ModbusLink:
         self._gate = _Gate()
         self._health: dict[int, _Health] = {}
         self._last_frame_end: float | None = None
+        self._quiet_until = 0.0
         self._client: AsyncModbusTcpClient | AsyncModbusSerialClient | None = None
         self._closed = False
 
@@ -199,8 +202,10 @@ class ModbusLink:
         return cls(TcpEndpoint(host, port))
 
     @classmethod
-    def serial(cls, port: str, *, baud: int = DEFAULT_BAUD, min_gap_s: float = 0.0) -> ModbusLink:
-        return cls(SerialEndpoint(port, baud, min_gap_s))
+    def serial(
+        cls, port: str, *, baud: int = DEFAULT_BAUD, min_gap_s: float = 0.0, late_reply_s: float = 1.0
+    ) -> ModbusLink:
+        return cls(SerialEndpoint(port, baud, min_gap_s, late_reply_s))
 
     async def __aenter__(self) -> Self:
         self._closed = False
@@ -340,12 +345,14 @@ class ModbusLink:
             async with asyncio.timeout(timeout):
                 reply = await call(client, unit)
         except TimeoutError as error:
+            self._forget_late_reply()
             raise DeviceTimeout(f"{self.name}: unit {unit} did not answer within {timeout:g} s") from error
         except ConnectionException as error:
             self._drop_client()
             raise DeviceUnreachable(f"{self.name}: link down ({error})") from error
         except ModbusIOException as error:
             # pymodbus's own timeout or a reply for another unit or transaction.
+            self._forget_late_reply()
             raise DeviceTimeout(f"{self.name}: unit {unit}: no matching answer ({error})") from error
         except ModbusException as error:
             raise ProtocolError(f"{self.name}: unit {unit}: {error}") from error
@@ -405,12 +412,24 @@ class ModbusLink:
             name=self.name,
         )
 
+    def _forget_late_reply(self) -> None:
+        """RTU frames carry no transaction id: a reply arriving after its request timed out would be
+        taken as the answer to the next request of the same unit and function. So after a timeout
+        the line stays quiet for `late_reply_s` (a reply arriving meanwhile finds no request waiting
+        and is discarded) before the next request goes out. Modbus TCP matches replies by transaction
+        id instead."""
+        if isinstance(self.endpoint, SerialEndpoint):
+            self._quiet_until = asyncio.get_running_loop().time() + self.endpoint.late_reply_s
+
     def _drop_client(self) -> None:
         if self._client is not None:
             self._client.close()
             self._client = None
 
     async def _keep_gap(self) -> None:
+        quiet = self._quiet_until - asyncio.get_running_loop().time()
+        if quiet > 0:
+            await asyncio.sleep(quiet)  # line timing (a late reply's window), not synchronisation
         gap = self.gap_s
         if gap <= 0 or self._last_frame_end is None:
             return

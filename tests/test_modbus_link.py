@@ -215,3 +215,19 @@ async def test_rtu_over_tcp_exception_and_timeout(box: ModbusBox) -> None:
         assert link.degraded(UNIT)
         assert await link.read_coils(UNIT, 100, timeout=TIMEOUT) == (False,)
         assert not link.degraded(UNIT)
+
+
+async def test_a_late_rtu_reply_is_never_taken_as_the_answer_to_the_next_request(box: ModbusBox) -> None:
+    box.set_value("water_level", 1.8)
+    async with (
+        RtuPtyLine([box], baud=19_200) as line,
+        ModbusLink.serial(line.slave_path, baud=19_200, late_reply_s=0.5) as link,
+    ):
+        box.faults.reply_delay_s = 0.3
+        with pytest.raises(DeviceTimeout):
+            await link.read_holding_registers(UNIT, 200, 2, timeout=0.1)
+        box.faults.reply_delay_s = 0.0
+        # Same unit, same function, asked at once: the float's registers arrive 0.2 s later and must
+        # not be taken for the volume.
+        assert await link.read_holding_registers(UNIT, 0, timeout=TIMEOUT) == (50,)
+        assert await link.read_holding_registers(UNIT, 200, 2, timeout=TIMEOUT) == (0x3FE6, 0x6666)
