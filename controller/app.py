@@ -11,7 +11,7 @@ from typing import Any
 
 import structlog
 from sqlalchemy import text
-from sqlmodel import Session, select
+from sqlmodel import Session, col, select
 
 from controller.broker import BrokerAccount, ManagedMosquitto
 from controller.domain.areas import AreaTree
@@ -20,7 +20,7 @@ from controller.services.alerts import AlertService
 from controller.services.area_fanout import AreaFollowers
 from controller.services.audit import AuditLog
 from controller.services.auth import Principal, authenticate
-from controller.services.broadcasts import BroadcastService
+from controller.services.broadcasts import WIRED_ZONE_KIND, BroadcastService
 from controller.services.cap_intake import CapIntake
 from controller.services.device_programmes import DeviceProgrammes
 from controller.services.dispatcher import Dispatcher
@@ -35,8 +35,9 @@ from controller.services.schedule_runner import ScheduleRunner
 from controller.services.schedules import ScheduleService
 from controller.services.targets import load_area_tree
 from controller.services.telemetry import TelemetryPipeline
-from controller.services.tracker import DeliveryTracker
+from controller.services.tracker import DeliveryTracker, TrackedDelivery
 from controller.services.webhooks import AlertWebhooks
+from controller.services.wired_zones import WiredZoneRouter
 from controller.settings import Settings
 from controller.store.db import create_db_engine, migrate
 from controller.store.models import DeviceRow
@@ -93,6 +94,8 @@ class Runtime:
         self.telemetry = TelemetryPipeline(self.engine, self.clock, settings.telemetry)
         self.modbus = ModbusSensors(self.engine, self.directory, self.tracker, self.clock, self.telemetry)
         self._background: set[asyncio.Task[None]] = set()
+        self.wired_zones: WiredZoneRouter | None = None
+        self._wired_ids: set[str] = set()
         self._rules: RuleEngine | None = None
 
     # -- lifecycle -----------------------------------------------------------------------------
@@ -108,9 +111,10 @@ class Runtime:
             keepalive_s=self.settings.mqtt.keepalive_s,
         )
         await self.driver.__aenter__()
+        router = self.wired_zones = WiredZoneRouter(self.driver, self.modbus.driver)
         self._dispatcher = Dispatcher(
             self.engine,
-            self.driver,
+            router,
             self.tracker,
             self.clock,
             publish_timeout_s=self.settings.dispatch.publish_timeout_s,
@@ -127,7 +131,13 @@ class Runtime:
             default_expiry_s=self.settings.dispatch.default_expiry_s,
             followers=self.area_followers if self.settings.dispatch.area_fanout else None,
         )
-        self.tracker.on_ended = self._broadcasts.delivery_ended
+        broadcasts = self._broadcasts
+
+        def delivery_ended(delivery: TrackedDelivery) -> None:
+            router.delivery_ended(delivery)
+            broadcasts.delivery_ended(delivery)
+
+        self.tracker.on_ended = delivery_ended
         self._alerts = AlertService(
             self.engine,
             self._broadcasts,
@@ -168,6 +178,11 @@ class Runtime:
         await asyncio.to_thread(self.directory.reload)
         await asyncio.to_thread(self.area_followers.load, self.engine)
         await asyncio.to_thread(self.tracker.load_open_deliveries)
+        # Before any command goes out: a resumed play on a wired zone must find its box.
+        await self.modbus.start()
+        for device_id, address, config in await asyncio.to_thread(self._wired_zone_devices):
+            self._wired_ids.add(device_id)
+            await router.configure(device_id, address, config)
         pending = await asyncio.to_thread(self._dispatcher.load_outbox)
         if pending:
             log.info("resuming commands from the outbox", count=len(pending))
@@ -181,7 +196,6 @@ class Runtime:
             telemetry=self.telemetry,
         )
         await self.schedule_runner.start()
-        await self.modbus.start()
         self._tasks = [
             asyncio.create_task(self.tracker.run(), name="tracker"),
             asyncio.create_task(inbound.run(self.driver.events()), name="inbound"),
@@ -191,6 +205,15 @@ class Runtime:
             asyncio.create_task(rules.run(), name="rules"),
         ]
         log.info("controller started", broker=url, database=self.engine.url.render_as_string())
+
+    def _wired_zone_devices(self) -> list[tuple[str, str, dict[str, Any]]]:
+        with Session(self.engine) as session:
+            rows = session.exec(
+                select(DeviceRow.id, DeviceRow.address, DeviceRow.config).where(
+                    DeviceRow.kind == WIRED_ZONE_KIND, col(DeviceRow.enabled)
+                )
+            ).all()
+        return [(device_id, address, dict(config)) for device_id, address, config in rows]
 
     def _broker_endpoint(self) -> tuple[str, str, str]:
         mqtt = self.settings.mqtt
@@ -272,6 +295,7 @@ class Runtime:
         config: Mapping[str, Any] | None = None,
         *,
         enabled: bool = True,
+        kind: str | None = None,
     ) -> None:
         self.directory.put(transport, address, device_id)
         self.telemetry.device_changed(device_id, config or {})
@@ -279,11 +303,17 @@ class Runtime:
             self._inbound.device_registered(address)
         if transport == MODBUS:
             self._in_background(self.modbus.device_changed(device_id, address, config if enabled else None))
+        if self.wired_zones is not None and (kind == WIRED_ZONE_KIND or device_id in self._wired_ids):
+            self._wired_ids.add(device_id)
+            wired = config if enabled and kind == WIRED_ZONE_KIND else None
+            self._in_background(self.wired_zones.configure(device_id, address, wired))
 
     def device_removed(self, device_id: str) -> None:
         self.directory.remove(device_id)
         self.telemetry.device_changed(device_id, None)
         self._in_background(self.modbus.device_changed(device_id, "", None))
+        if self.wired_zones is not None and device_id in self._wired_ids:
+            self._in_background(self.wired_zones.configure(device_id, "", None))
 
     def _in_background(self, work: Coroutine[Any, Any, None]) -> None:
         task = asyncio.create_task(work)

@@ -21,7 +21,9 @@ import contextlib
 import itertools
 import logging
 import math
-from collections.abc import AsyncIterator, Sequence
+import random
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from types import TracebackType
@@ -51,6 +53,7 @@ VOLUME_REGISTER = 0
 MAX_ZONES = 64
 MAX_VOLUME = 100
 _EVENT_BACKLOG = 100_000
+_MAX_START_SPREAD_S = 5.0
 
 
 class LinkUrlError(ValueError):
@@ -168,13 +171,23 @@ class _LinkEntry:
 class ModbusDriver:
     """Sensors and amplifier boxes on any number of links; the `Driver` protocol of drivers/base.py."""
 
-    def __init__(self, *, timeout_s: float = 1.0, warmup_timeout_s: float = 10.0) -> None:
+    def __init__(
+        self,
+        *,
+        timeout_s: float = 1.0,
+        warmup_timeout_s: float = 10.0,
+        on_poll: Callable[[str, float, bool], None] | None = None,
+    ) -> None:
+        """`on_poll(address, seconds, ok)` hears how long each poll of a sensor took (metrics, benchmarks)."""
+        self._on_poll = on_poll
         self._timeout_s = timeout_s
         self._warmup_timeout_s = warmup_timeout_s
         self._links: dict[str, _LinkEntry] = {}
         self._pollers: dict[str, _Poller] = {}
         self._boxes: dict[str, tuple[str, int]] = {}
         self._events: asyncio.Queue[InboundEvent] = asyncio.Queue(maxsize=_EVENT_BACKLOG)
+        self._dropping = False
+        self.dropped_events = 0
         self._open = False
 
     async def __aenter__(self) -> Self:
@@ -242,7 +255,9 @@ class ModbusDriver:
         sensor = poller.sensor
         blocks = read_blocks(sensor.points)
         loop = asyncio.get_running_loop()
-        next_poll = loop.time()
+        # Sensors added together (a restart, a bulk import) start at spread-out moments, not all at once.
+        next_poll = loop.time() + random.uniform(0, min(sensor.poll_interval_s, _MAX_START_SPREAD_S))
+        await asyncio.sleep(next_poll - loop.time())
         while True:
             await self.poll_once(poller, link, blocks)
             next_poll += sensor.poll_interval_s
@@ -253,6 +268,7 @@ class ModbusDriver:
     async def poll_once(self, poller: _Poller, link: ModbusLink, blocks: Sequence[_Block]) -> None:
         sensor = poller.sensor
         at = datetime.now(UTC)
+        started = time.perf_counter()
         readings: list[TelemetryReading] = []
         try:
             for block in blocks:
@@ -260,6 +276,8 @@ class ModbusDriver:
                 registers = await read(sensor.unit, block.start, block.count, timeout=self._timeout_s)
                 readings.extend(_decode(sensor.address, block, registers, at))
         except DriverError as error:
+            if self._on_poll is not None:
+                self._on_poll(sensor.address, time.perf_counter() - started, False)
             if poller.online is not False:
                 poller.online = False
                 self._emit(
@@ -271,6 +289,8 @@ class ModbusDriver:
                     )
                 )
             return
+        if self._on_poll is not None:
+            self._on_poll(sensor.address, time.perf_counter() - started, True)
         if poller.online is not True:
             poller.online = True
             self._emit(DeviceState(sensor.address, online=True, at=at, attributes={"degraded": False}))
@@ -281,7 +301,12 @@ class ModbusDriver:
         try:
             self._events.put_nowait(event)
         except asyncio.QueueFull:
-            log.warning("modbus events not consumed; one dropped (%s)", type(event).__name__)
+            self.dropped_events += 1
+            if not self._dropping:
+                self._dropping = True
+                log.warning("modbus events are not consumed: dropping them (%s first)", type(event).__name__)
+        else:
+            self._dropping = False
 
     # -- the Driver protocol ---------------------------------------------------------------------
     async def events(self) -> AsyncIterator[InboundEvent]:

@@ -50,7 +50,11 @@ from controller.store.models import (
     OutboxRow,
 )
 
-AUDIO_DEVICE_KINDS = frozenset({"speaker"})
+SPEAKER_KIND = "speaker"
+# Wired horn zones of an amplifier, fed by a smart-radio receiver at its line input (issue 5): a target
+# like a speaker, but commanded one by one, so that its relays are switched around each play.
+WIRED_ZONE_KIND = "wired_zone"
+AUDIO_DEVICE_KINDS = frozenset({SPEAKER_KIND, WIRED_ZONE_KIND})
 SCREEN_KIND = "led_screen"
 EMERGENCY_RANK = Priority(PriorityClass.EMERGENCY, 0).rank
 
@@ -535,7 +539,7 @@ class BroadcastService:
         tree = self._areas.load(session)
 
         def follows_areas(device: DeviceEntry) -> bool:
-            return device.kind in AUDIO_DEVICE_KINDS and device.transport == "mqtt"
+            return device.kind == SPEAKER_KIND and device.transport == "mqtt"
 
         placed_under: dict[str, list[str]] = {}
         for device in candidates:

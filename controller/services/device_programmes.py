@@ -39,7 +39,7 @@ from controller.domain.programme import (
     play_command,
     programme_document,
 )
-from controller.services.broadcasts import AUDIO_DEVICE_KINDS
+from controller.services.broadcasts import AUDIO_DEVICE_KINDS, SPEAKER_KIND
 from controller.services.media import media_document
 from controller.services.schedules import ScheduleSpec, schedule_time
 from controller.services.targets import load_area_tree
@@ -182,7 +182,8 @@ class DeviceProgrammes:
         valid_until = valid_from + timedelta(hours=self._settings.device_programme_hours)
         with Session(self._engine) as session:
             tree = load_area_tree(session)
-            speakers = select(DeviceRow).where(col(DeviceRow.kind).in_(AUDIO_DEVICE_KINDS))
+            # A wired zone's receiver keeps no programme: played offline, its relays would stay open.
+            speakers = select(DeviceRow).where(DeviceRow.kind == SPEAKER_KIND)
             device_rows = session.exec(speakers).all()
             schedules = session.exec(select(ScheduleRow).where(col(ScheduleRow.enabled))).all()
             media = {row.id: row for row in session.exec(select(MediaRow)).all()}

@@ -20,10 +20,10 @@ from drivers.modbus_field import LinkUrlError, link_endpoint
 
 router = APIRouter(prefix="/api/v1/devices", tags=["devices"])
 
-DeviceKind = Literal["speaker", "led_screen", "sensor"]
+DeviceKind = Literal["speaker", "led_screen", "sensor", "wired_zone"]
 Transport = Literal["mqtt", "modbus"]
 _IDENTIFIER = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
-_KIND_PREFIX = {"speaker": "spk", "led_screen": "led", "sensor": "sen"}
+_KIND_PREFIX = {"speaker": "spk", "led_screen": "led", "sensor": "sen", "wired_zone": "wz"}
 
 
 class CommLossIn(BaseModel):
@@ -83,7 +83,8 @@ class ModbusRegisterIn(BaseModel):
 
 
 class ModbusIn(BaseModel):
-    """Where a Modbus sensor answers and what to poll."""
+    """Where a Modbus device answers: a sensor's registers to poll, or the zones of an amplifier box that
+    a wired-zone device switches around each play (docs/protocol.md §3.4)."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -94,7 +95,9 @@ class ModbusIn(BaseModel):
     )
     unit: int = Field(default=1, ge=1, le=247)
     poll_interval_s: float = Field(default=10.0, ge=0.1, le=86_400, allow_inf_nan=False)
-    registers: list[ModbusRegisterIn] = Field(min_length=1, max_length=200)
+    registers: list[ModbusRegisterIn] = Field(default_factory=list, max_length=200)
+    zones: list[Annotated[int, Field(ge=1, le=64)]] = Field(default_factory=list, max_length=64)
+    volume: int | None = Field(default=None, ge=0, le=100, description="amplifier volume set before a play")
 
     @field_validator("link")
     @classmethod
@@ -198,13 +201,26 @@ def _out(row: DeviceRow) -> DeviceOut:
 
 
 def _check_transport(kind: str, transport: str, config: DeviceConfigIn | None) -> None:
-    has_modbus = config is not None and config.modbus is not None
+    modbus = config.modbus if config is not None else None
+    if kind == "wired_zone":
+        # The device is the receiver at the amplifier's input (MQTT); Modbus switches its zones.
+        if transport != "mqtt":
+            raise ApiError(422, "invalid", "transport", "a wired zone is played by its MQTT receiver")
+        if modbus is None or not modbus.zones:
+            raise ApiError(422, "invalid", "config.modbus.zones", "a wired zone needs its box and zones")
+        if modbus.registers:
+            raise ApiError(422, "invalid", "config.modbus.registers", "a wired zone polls no registers")
+        return
     if transport == "modbus" and kind != "sensor":
-        raise ApiError(422, "invalid", "transport", "Modbus devices are sensors here (wired zones: to come)")
-    if transport == "modbus" and not has_modbus:
+        raise ApiError(422, "invalid", "transport", "over Modbus: sensors, or wired zones (kind wired_zone)")
+    if transport == "modbus" and modbus is None:
         raise ApiError(422, "invalid", "config.modbus", "a Modbus sensor needs its link, unit and registers")
-    if transport != "modbus" and has_modbus:
-        raise ApiError(422, "invalid", "config.modbus", f"a {transport} device has no Modbus settings")
+    if transport == "modbus" and modbus is not None and not modbus.registers:
+        raise ApiError(422, "invalid", "config.modbus.registers", "name at least one register to poll")
+    if modbus is not None and modbus.zones:
+        raise ApiError(422, "invalid", "config.modbus.zones", "only a wired_zone device switches zones")
+    if transport != "modbus" and modbus is not None:
+        raise ApiError(422, "invalid", "config.modbus", f"a {transport} {kind} has no Modbus settings")
 
 
 def _visible_areas(runtime: Any, principal: Principal) -> frozenset[str] | None:
@@ -300,7 +316,12 @@ async def create_device(body: DeviceIn, runtime: RuntimeDep, principal: DeviceMa
 
     device = await asyncio.to_thread(create)
     runtime.device_registered(
-        device.transport, device.address, device.id, device.config, enabled=device.enabled
+        device.transport,
+        device.address,
+        device.id,
+        device.config,
+        enabled=device.enabled,
+        kind=device.kind,
     )
     runtime.device_programmes_changed()
     return device
@@ -374,7 +395,12 @@ async def patch_device(
 
     device = await asyncio.to_thread(patch)
     runtime.device_registered(
-        device.transport, device.address, device.id, device.config, enabled=device.enabled
+        device.transport,
+        device.address,
+        device.id,
+        device.config,
+        enabled=device.enabled,
+        kind=device.kind,
     )
     runtime.device_programmes_changed()
     return device
