@@ -1,6 +1,6 @@
 """The Alpha Sign Communications Protocol (Adaptive Micro Systems, 9708-8061) as bytes: no I/O here.
 
-Our profile of the protocol is docs/alpha-sign.md (to become docs/protocol.md §4). This module builds
+Our profile of the protocol is docs/protocol.md §4. This module builds
 the packets the controller sends (§4.2–§4.5), decodes what a sign answers (§4.6), and turns text the
 sign's character set cannot show (Vietnamese) into a SMALL DOTS PICTURE rendered with the bundled font
 (§4.4). Everything that goes wrong raises `ValueError` naming the field (the driver translates it into

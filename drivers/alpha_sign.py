@@ -1,10 +1,10 @@
-"""Serial LED signs on the Alpha Sign Communications Protocol (docs/alpha-sign.md): one driver per link.
+"""Serial LED signs on the Alpha Sign Communications Protocol (docs/protocol.md §4): one driver per link.
 
 A link is a serial line (a device path such as a pty, or `socket://host:port` for a serial-to-Ethernet
 converter) opened with pyserial-asyncio-fast; on an RS-485 pair it reaches several signs, each by its
 two-hex-digit address. One packet is on the wire at a time.
 
-What the driver promises (docs/alpha-sign.md §4.7):
+What the driver promises (docs/protocol.md §4.7):
 
 - `send()` takes the LED screen documents of docs/protocol.md §1.11 (`show`, `stop`) and puts the text
   in the sign's **priority TEXT file** (label "0"), releasing it when `display_s` has passed or on a

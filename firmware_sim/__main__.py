@@ -1,20 +1,22 @@
-"""`python -m firmware_sim fleet|modbus-box|alpha-sign …`: simulated devices for Wardcast."""
+"""`python -m firmware_sim fleet|modbus-box|alpha-sign|coap-sensor …`: simulated devices for Wardcast."""
 
 from __future__ import annotations
 
 import sys
 from collections.abc import Sequence
 
-from firmware_sim import alpha_sign, fleet, modbus_box
+from firmware_sim import alpha_sign, coap_sensor, fleet, modbus_box
 
 MODBUS_BOX_COMMAND = "modbus-box"
 ALPHA_SIGN_COMMAND = "alpha-sign"
+COAP_SENSOR_COMMAND = "coap-sensor"
 _USAGE = """usage: python -m firmware_sim COMMAND [OPTIONS]
 
 commands:
   fleet       run simulated smart-radio speakers and LED screens (python -m firmware_sim fleet --help)
   modbus-box  run a simulated Modbus amplifier I/O box with sensors (python -m firmware_sim modbus-box --help)
   alpha-sign  run a simulated serial LED sign (Alpha protocol) on a pty and/or TCP (… alpha-sign --help)
+  coap-sensor run a simulated CoAP sensor (water level, rainfall, air quality) (… coap-sensor --help)
 """
 
 
@@ -29,6 +31,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return modbus_box.main(options)
     if command == ALPHA_SIGN_COMMAND:
         return alpha_sign.main(options)
+    if command == COAP_SENSOR_COMMAND:
+        return coap_sensor.main(options)
     sys.stderr.write(_USAGE)
     return 0 if command in {"-h", "--help"} else 2
 

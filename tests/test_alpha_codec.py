@@ -1,6 +1,6 @@
 """The Alpha sign codec (drivers/alpha_codec.py) against the golden packets, and the simulator's own
 parser (firmware_sim/alpha_sign.py) against the same bytes: two independent readings of the spec must
-agree on every byte (docs/alpha-sign.md)."""
+agree on every byte (docs/protocol.md §4)."""
 
 from __future__ import annotations
 

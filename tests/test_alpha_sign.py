@@ -1,5 +1,5 @@
 """The Alpha sign driver (drivers/alpha_sign.py) against the simulated sign (firmware_sim/alpha_sign.py),
-over a real pseudo-terminal and over `socket://` (docs/alpha-sign.md)."""
+over a real pseudo-terminal and over `socket://` (docs/protocol.md §4)."""
 
 from __future__ import annotations
 
