@@ -25,10 +25,9 @@ from controller.services.cap_intake import CapIntake
 from controller.services.device_programmes import DeviceProgrammes
 from controller.services.dispatcher import Dispatcher
 from controller.services.events import EventBus
+from controller.services.field_sensors import COAP, MODBUS, CoapAdapter, FieldSensors, ModbusAdapter
 from controller.services.inbound import DeviceDirectory, InboundProcessor
 from controller.services.media import MediaStore
-from controller.services.modbus_sensors import TRANSPORT as MODBUS
-from controller.services.modbus_sensors import ModbusSensors
 from controller.services.rate_limit import RateLimiter
 from controller.services.rules import RuleEngine
 from controller.services.schedule_runner import ScheduleRunner
@@ -41,6 +40,8 @@ from controller.services.wired_zones import WiredZoneRouter
 from controller.settings import Settings
 from controller.store.db import create_db_engine, migrate
 from controller.store.models import DeviceRow
+from drivers.coap import CoapDriver
+from drivers.modbus_field import ModbusDriver
 from drivers.mqtt import MqttDriver
 from drivers.mqtt_codec import schedule_topic
 
@@ -92,7 +93,17 @@ class Runtime:
         self._alerts: AlertService | None = None
         self._cap_intake: CapIntake | None = None
         self.telemetry = TelemetryPipeline(self.engine, self.clock, settings.telemetry)
-        self.modbus = ModbusSensors(self.engine, self.directory, self.tracker, self.clock, self.telemetry)
+        # One Modbus driver for sensors and wired zones alike: a link's lock holds across both.
+        self.modbus_driver = ModbusDriver()
+        self.field_sensors = {
+            transport: FieldSensors(
+                transport, adapter, self.engine, self.directory, self.tracker, self.clock, self.telemetry
+            )
+            for transport, adapter in (
+                (MODBUS, ModbusAdapter(self.modbus_driver)),
+                (COAP, CoapAdapter(CoapDriver())),
+            )
+        }
         self._background: set[asyncio.Task[None]] = set()
         self.wired_zones: WiredZoneRouter | None = None
         self._wired_ids: set[str] = set()
@@ -111,7 +122,7 @@ class Runtime:
             keepalive_s=self.settings.mqtt.keepalive_s,
         )
         await self.driver.__aenter__()
-        router = self.wired_zones = WiredZoneRouter(self.driver, self.modbus.driver)
+        router = self.wired_zones = WiredZoneRouter(self.driver, self.modbus_driver)
         self._dispatcher = Dispatcher(
             self.engine,
             router,
@@ -179,7 +190,8 @@ class Runtime:
         await asyncio.to_thread(self.area_followers.load, self.engine)
         await asyncio.to_thread(self.tracker.load_open_deliveries)
         # Before any command goes out: a resumed play on a wired zone must find its box.
-        await self.modbus.start()
+        for sensors in self.field_sensors.values():
+            await sensors.start()
         for device_id, address, config in await asyncio.to_thread(self._wired_zone_devices):
             self._wired_ids.add(device_id)
             await router.configure(device_id, address, config)
@@ -240,7 +252,8 @@ class Runtime:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks = []
-        await self.modbus.stop()
+        for sensors in self.field_sensors.values():
+            await sensors.stop()
         if self._dispatcher is not None:
             await self._dispatcher.close()
         await self.tracker.flush()
@@ -301,8 +314,9 @@ class Runtime:
         self.telemetry.device_changed(device_id, config or {})
         if self._inbound is not None and transport == "mqtt":
             self._inbound.device_registered(address)
-        if transport == MODBUS:
-            self._in_background(self.modbus.device_changed(device_id, address, config if enabled else None))
+        sensors = self.field_sensors.get(transport)
+        if sensors is not None:
+            self._in_background(sensors.device_changed(device_id, address, config if enabled else None))
         if self.wired_zones is not None and (kind == WIRED_ZONE_KIND or device_id in self._wired_ids):
             self._wired_ids.add(device_id)
             wired = config if enabled and kind == WIRED_ZONE_KIND else None
@@ -311,7 +325,8 @@ class Runtime:
     def device_removed(self, device_id: str) -> None:
         self.directory.remove(device_id)
         self.telemetry.device_changed(device_id, None)
-        self._in_background(self.modbus.device_changed(device_id, "", None))
+        for sensors in self.field_sensors.values():
+            self._in_background(sensors.device_changed(device_id, "", None))
         if self.wired_zones is not None and device_id in self._wired_ids:
             self._in_background(self.wired_zones.configure(device_id, "", None))
 

@@ -721,7 +721,8 @@ class CoapDriver:
         addresses = [sensor.address for sensor in sensors]
         if len(set(addresses)) != len(addresses):
             raise ValueError(f"sensor addresses repeat: {addresses}")
-        self.sensors: Mapping[str, CoapSensor] = {sensor.address: sensor for sensor in sensors}
+        self.sensors: dict[str, CoapSensor] = {sensor.address: sensor for sensor in sensors}
+        self._supervisors: dict[str, asyncio.Task[None]] = {}
         self.timing = timing if timing is not None else CoapTiming()
         self.clock = clock
         self._tuning = self.timing.transport_tuning()
@@ -737,12 +738,31 @@ class CoapDriver:
             transports=["udp6"], loggername="coap.driver"
         )
         for sensor in self.sensors.values():
-            task = asyncio.get_running_loop().create_task(
-                self._supervise(sensor), name=f"coap-sensor {sensor.address}"
-            )
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            self._start_supervising(sensor)
         return self
+
+    def _start_supervising(self, sensor: CoapSensor) -> None:
+        task = asyncio.get_running_loop().create_task(
+            self._supervise(sensor), name=f"coap-sensor {sensor.address}"
+        )
+        self._tasks.add(task)
+        self._supervisors[sensor.address] = task
+        task.add_done_callback(self._tasks.discard)
+
+    async def add_sensor(self, sensor: CoapSensor) -> None:
+        """Start observing `sensor` (replacing an earlier configuration of the same address)."""
+        await self.remove_sensor(sensor.address)
+        self.sensors[sensor.address] = sensor
+        if self._context is not None:
+            self._start_supervising(sensor)
+
+    async def remove_sensor(self, address: str) -> None:
+        """Stop observing the sensor at `address` (its observations are cancelled)."""
+        self.sensors.pop(address, None)
+        task = self._supervisors.pop(address, None)
+        if task is not None:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
 
     async def __aexit__(
         self,

@@ -7,7 +7,15 @@ from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Query, Response, status
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 from sqlmodel import Session, col, select
 
 from controller.api.deps import DeviceManager, Reader, RuntimeDep
@@ -16,12 +24,13 @@ from controller.domain.clock import rfc3339
 from controller.domain.telemetry import METRIC_PATTERN
 from controller.services.auth import Principal
 from controller.store.models import DeliveryRow, DeviceRow, RuleRow
+from drivers.coap import parse_address
 from drivers.modbus_field import LinkUrlError, link_endpoint
 
 router = APIRouter(prefix="/api/v1/devices", tags=["devices"])
 
 DeviceKind = Literal["speaker", "led_screen", "sensor", "wired_zone"]
-Transport = Literal["mqtt", "modbus"]
+Transport = Literal["mqtt", "modbus", "coap"]
 _IDENTIFIER = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
 _KIND_PREFIX = {"speaker": "spk", "led_screen": "led", "sensor": "sen", "wired_zone": "wz"}
 
@@ -123,12 +132,40 @@ class DeviceConfigIn(BaseModel):
         default_factory=dict, max_length=200
     )
     modbus: ModbusIn | None = None
+    coap: CoapIn | None = None
 
 
 def _identifier(value: str | None) -> str | None:
     if value is not None and not _IDENTIFIER.fullmatch(value):
         raise ValueError("use 1-64 lowercase letters, digits, '-' or '_', starting with a letter or digit")
     return value
+
+
+def _address(value: str | None, info: ValidationInfo) -> str | None:
+    """A CoAP sensor's address is where it answers (coap://host:port); any other, an identifier."""
+    if value is not None and (info.data.get("transport") == "coap" or value.startswith("coap:")):
+        try:
+            parse_address(value)
+        except ValueError as error:
+            raise ValueError(f"a CoAP sensor's address is coap://host[:port] ({error})") from error
+        return value
+    return _identifier(value)
+
+
+class CoapReadingIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    path: str = Field(pattern=r"^/[^?#\s]*$", max_length=200)
+    format: Literal["json", "text"] = "json"
+    metric: Annotated[str, StringConstraints(pattern=METRIC_PATTERN)] | None = None
+
+
+class CoapIn(BaseModel):
+    """The readings a CoAP sensor is observed on (docs/protocol.md §5); none: discovered."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    readings: list[CoapReadingIn] = Field(default_factory=list, max_length=100)
 
 
 class DeviceIn(BaseModel):
@@ -146,7 +183,8 @@ class DeviceIn(BaseModel):
     comm_loss: CommLossIn = Field(default_factory=CommLossIn)
     config: DeviceConfigIn = Field(default_factory=DeviceConfigIn)
 
-    _check_id = field_validator("id", "address")(_identifier)
+    _check_id = field_validator("id")(_identifier)
+    _check_address = field_validator("address")(_address)
 
 
 class DevicePatch(BaseModel):
@@ -161,7 +199,7 @@ class DevicePatch(BaseModel):
     comm_loss: CommLossIn | None = None
     config: DeviceConfigIn | None = None
 
-    _check_address = field_validator("address")(_identifier)
+    _check_address = field_validator("address")(_address)
 
 
 class DeviceOut(BaseModel):
@@ -221,6 +259,10 @@ def _check_transport(kind: str, transport: str, config: DeviceConfigIn | None) -
         raise ApiError(422, "invalid", "config.modbus.zones", "only a wired_zone device switches zones")
     if transport != "modbus" and modbus is not None:
         raise ApiError(422, "invalid", "config.modbus", f"a {transport} {kind} has no Modbus settings")
+    if transport == "coap" and kind != "sensor":
+        raise ApiError(422, "invalid", "transport", "over CoAP: sensors")
+    if transport != "coap" and config is not None and config.coap is not None:
+        raise ApiError(422, "invalid", "config.coap", f"a {transport} {kind} has no CoAP settings")
 
 
 def _visible_areas(runtime: Any, principal: Principal) -> frozenset[str] | None:
@@ -289,6 +331,10 @@ async def create_device(body: DeviceIn, runtime: RuntimeDep, principal: DeviceMa
         _check_area(runtime, principal, body.area, "area")
         _check_transport(body.kind, body.transport, body.config)
         device_id = body.id or f"{_KIND_PREFIX[body.kind]}-{secrets.token_hex(4)}"
+        if body.transport == "coap" and body.address is None:
+            raise ApiError(
+                422, "invalid", "address", "a CoAP sensor's address is where it answers: coap://host:port"
+            )
         address = body.address or device_id
         with Session(runtime.engine) as session:
             if session.get(DeviceRow, device_id) is not None:

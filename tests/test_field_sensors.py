@@ -1,5 +1,6 @@
-"""Modbus sensors registered through the API, polled by the controller from a simulated box in its own
-process over Modbus TCP, their readings on the telemetry API; the box killed and started again."""
+"""Field-bus sensors registered through the API: Modbus sensors polled by the controller from a simulated
+box in its own process over Modbus TCP (the box killed and started again), and a CoAP sensor observed
+from the CoAP sensor simulator; their readings on the telemetry API."""
 
 from __future__ import annotations
 
@@ -146,3 +147,61 @@ def test_bad_modbus_settings_are_refused_naming_the_field(controller: Controller
         response = client.post("/api/v1/devices", json=speaker)
         assert response.status_code == 422 and response.json()["field"] == "transport"
         assert client.get("/api/v1/devices/sen-box").status_code == 404
+
+
+def test_a_coap_sensor_is_observed_into_telemetry(controller: ControllerHandle, tmp_path: Path) -> None:
+    seed(controller)
+    sensor = start_process(
+        [
+            sys.executable,
+            "-m",
+            "firmware_sim",
+            "coap-sensor",
+            "--quantities",
+            "water_level,rainfall",
+            "--report-interval",
+            "0.5",
+            "--walk-interval",
+            "0.2",
+        ],
+        dict(os.environ),
+        tmp_path / "coap-sensor.log",
+        "the simulated CoAP sensor",
+    )
+    try:
+        match = re.search(r"coap=(127\.0\.0\.1:\d+)", sensor.ready_line)
+        assert match, sensor.ready_line
+        address = f"coap://{match.group(1)}"
+        with controller.client() as client:
+            response = client.post(
+                "/api/v1/devices",
+                json={
+                    "id": "sen-coap",
+                    "kind": "sensor",
+                    "area": "hn.a",
+                    "transport": "coap",
+                    "address": address,
+                    "config": {"metrics": {"water_level": {"unit": "m", "min": 0, "max": 6}}},
+                },
+            )
+            assert response.status_code == 201, response.text
+            bad = client.post(
+                "/api/v1/devices",
+                json={"kind": "sensor", "area": "hn.a", "transport": "coap", "address": "coap://"},
+            )
+            assert bad.status_code == 422 and bad.json()["field"] == "address", bad.text
+
+        def coap_latest() -> dict[str, Any]:
+            with controller.client() as client:
+                metrics = client.get("/api/v1/devices/sen-coap/telemetry/latest").json()["metrics"]
+            return {m["metric"]: m for m in metrics}
+
+        # Discovered through /.well-known/core, observed: both quantities arrive, with their units.
+        wait_until(lambda: {"water_level", "rainfall"} <= set(coap_latest()), "both readings", timeout=30)
+        readings = coap_latest()
+        assert readings["water_level"]["unit"] == "m" and 0 <= readings["water_level"]["value"] <= 6
+        assert readings["rainfall"]["unit"] == "mm"
+        with controller.client() as client:
+            assert client.get("/api/v1/devices/sen-coap").json()["online"]
+    finally:
+        sensor.terminate()
