@@ -32,6 +32,8 @@ from controller.services.rate_limit import RateLimiter
 from controller.services.rules import RuleEngine
 from controller.services.schedule_runner import ScheduleRunner
 from controller.services.schedules import ScheduleService
+from controller.services.serial_signs import TRANSPORT as SERIAL
+from controller.services.serial_signs import SerialSigns
 from controller.services.targets import load_area_tree
 from controller.services.telemetry import TelemetryPipeline
 from controller.services.tracker import DeliveryTracker, TrackedDelivery
@@ -93,6 +95,7 @@ class Runtime:
         self._alerts: AlertService | None = None
         self._cap_intake: CapIntake | None = None
         self.telemetry = TelemetryPipeline(self.engine, self.clock, settings.telemetry)
+        self.serial_signs = SerialSigns(self.directory, self.tracker, self.clock, self.telemetry)
         # One Modbus driver for sensors and wired zones alike: a link's lock holds across both.
         self.modbus_driver = ModbusDriver()
         self.field_sensors = {
@@ -122,7 +125,7 @@ class Runtime:
             keepalive_s=self.settings.mqtt.keepalive_s,
         )
         await self.driver.__aenter__()
-        router = self.wired_zones = WiredZoneRouter(self.driver, self.modbus_driver)
+        router = self.wired_zones = WiredZoneRouter(self.driver, self.modbus_driver, signs=self.serial_signs)
         self._dispatcher = Dispatcher(
             self.engine,
             router,
@@ -195,6 +198,8 @@ class Runtime:
         for device_id, address, config in await asyncio.to_thread(self._wired_zone_devices):
             self._wired_ids.add(device_id)
             await router.configure(device_id, address, config)
+        for device_id, address, config in await asyncio.to_thread(self._devices_of, SERIAL):
+            await self.serial_signs.device_changed(device_id, address, config)
         pending = await asyncio.to_thread(self._dispatcher.load_outbox)
         if pending:
             log.info("resuming commands from the outbox", count=len(pending))
@@ -227,6 +232,15 @@ class Runtime:
             ).all()
         return [(device_id, address, dict(config)) for device_id, address, config in rows]
 
+    def _devices_of(self, transport: str) -> list[tuple[str, str, dict[str, Any]]]:
+        with Session(self.engine) as session:
+            rows = session.exec(
+                select(DeviceRow.id, DeviceRow.address, DeviceRow.config).where(
+                    DeviceRow.transport == transport, col(DeviceRow.enabled)
+                )
+            ).all()
+        return [(device_id, address, dict(config)) for device_id, address, config in rows]
+
     def _broker_endpoint(self) -> tuple[str, str, str]:
         mqtt = self.settings.mqtt
         if mqtt.mode == "external":
@@ -254,6 +268,7 @@ class Runtime:
         self._tasks = []
         for sensors in self.field_sensors.values():
             await sensors.stop()
+        await self.serial_signs.stop()
         if self._dispatcher is not None:
             await self._dispatcher.close()
         await self.tracker.flush()
@@ -309,11 +324,18 @@ class Runtime:
         *,
         enabled: bool = True,
         kind: str | None = None,
+        created: bool = False,
     ) -> None:
         self.directory.put(transport, address, device_id)
         self.telemetry.device_changed(device_id, config or {})
         if self._inbound is not None and transport == "mqtt":
             self._inbound.device_registered(address)
+        if transport == SERIAL:
+            self._in_background(
+                self.serial_signs.device_changed(
+                    device_id, address, config if enabled else None, set_up=created
+                )
+            )
         sensors = self.field_sensors.get(transport)
         if sensors is not None:
             self._in_background(sensors.device_changed(device_id, address, config if enabled else None))
@@ -327,6 +349,7 @@ class Runtime:
         self.telemetry.device_changed(device_id, None)
         for sensors in self.field_sensors.values():
             self._in_background(sensors.device_changed(device_id, "", None))
+        self._in_background(self.serial_signs.device_changed(device_id, "", None))
         if self.wired_zones is not None and device_id in self._wired_ids:
             self._in_background(self.wired_zones.configure(device_id, "", None))
 

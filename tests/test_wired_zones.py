@@ -5,10 +5,9 @@ the simulated fleet, and a simulated Modbus box whose relays the test watches.""
 
 from __future__ import annotations
 
-import asyncio
-import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +17,7 @@ from firmware_sim.modbus_box import BoxConfig, ModbusBox, ModbusTcpServer
 from tests.support.broker import TestBroker
 from tests.support.scenario import SPEAKERS, all_ended, seed, send, upload
 from tests.support.system import ControllerHandle, EventWatcher, FleetHandle
+from tests.support.threaded import ServedInThread
 
 pytestmark = pytest.mark.integration
 
@@ -25,55 +25,27 @@ RECEIVER = "amp-b2"
 WAIT_S = 30.0
 
 
-class BoxInThread:
-    """A simulated box serving Modbus TCP from its own event loop, so that a synchronous test can watch
-    its relays while the controller (another process) drives them."""
+@dataclass
+class Box:
+    served: ServedInThread[ModbusTcpServer]
+    box: ModbusBox
 
-    def __init__(self) -> None:
-        self.box = ModbusBox(BoxConfig(unit=1, amplifier_warmup_s=0.2))
-        self._loop = asyncio.new_event_loop()
-        self._ready = threading.Event()
-        self._stop: asyncio.Event | None = None
-        self.port = 0
-        self._thread = threading.Thread(
-            target=self._loop.run_until_complete, args=(self._serve(),), daemon=True
-        )
-
-    async def _serve(self) -> None:
-        self._stop = asyncio.Event()
-        async with ModbusTcpServer([self.box]) as server:
-            self.port = server.port
-            self._ready.set()
-            await self._stop.wait()
-
-    def __enter__(self) -> BoxInThread:
-        self._thread.start()
-        assert self._ready.wait(WAIT_S), "the Modbus box did not start"
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        assert self._stop is not None
-        self._loop.call_soon_threadsafe(self._stop.set)
-        self._thread.join(WAIT_S)
-        self._loop.close()
+    @property
+    def port(self) -> int:
+        return self.served.server.port
 
     def when(self, condition: Callable[[], bool]) -> Future[None]:
-        """A future that completes once `condition` holds on the box (checked after each change)."""
-        return asyncio.run_coroutine_threadsafe(self.box.wait_until(condition, WAIT_S), self._loop)
+        return self.served.when(self.box.wait_until, condition)
 
     def call(self, action: Callable[[], None]) -> None:
-        done: Future[None] = asyncio.run_coroutine_threadsafe(_run(action), self._loop)
-        done.result(WAIT_S)
-
-
-async def _run(action: Callable[[], None]) -> None:
-    action()
+        self.served.call(action)
 
 
 @pytest.fixture
-def box() -> Iterator[BoxInThread]:
-    with BoxInThread() as running:
-        yield running
+def box() -> Iterator[Box]:
+    simulated = ModbusBox(BoxConfig(unit=1, amplifier_warmup_s=0.2))
+    with ServedInThread(lambda: ModbusTcpServer([simulated])) as served:
+        yield Box(served, simulated)
 
 
 @pytest.fixture
@@ -120,7 +92,7 @@ def deliveries(controller: ControllerHandle, broadcast_id: str) -> dict[str, dic
 
 
 def test_a_group_with_wired_zones_hears_a_broadcast_with_its_relays_switched_around_it(
-    controller: ControllerHandle, fleet_with_receiver: FleetHandle, box: BoxInThread
+    controller: ControllerHandle, fleet_with_receiver: FleetHandle, box: Box
 ) -> None:
     seed(controller)
     register_wired_zone(controller, box.port)

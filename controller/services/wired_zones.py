@@ -21,6 +21,7 @@ from typing import Any, Self
 
 import structlog
 
+from controller.services.serial_signs import SerialSigns
 from controller.services.tracker import TrackedDelivery
 from drivers.base import Ack, DeviceCommand, DeviceTimeout, DeviceUnreachable, DriverError, InboundEvent
 from drivers.modbus_field import ModbusDriver
@@ -57,11 +58,13 @@ def wired_zone_from_config(device_id: str, config: Mapping[str, Any]) -> WiredZo
 
 
 class WiredZoneRouter:
-    """The MQTT driver as the dispatcher sees it, with wired zones switched around their plays."""
+    """The MQTT driver as the dispatcher sees it, with wired zones switched around their plays (and the
+    commands of serial LED signs handed to the driver of their line)."""
 
-    def __init__(self, mqtt: MqttDriver, modbus: ModbusDriver) -> None:
+    def __init__(self, mqtt: MqttDriver, modbus: ModbusDriver, *, signs: SerialSigns | None = None) -> None:
         self._mqtt = mqtt
         self._modbus = modbus
+        self._signs = signs
         self._by_address: dict[str, WiredZone] = {}
         self._address_of: dict[str, str] = {}
         # command id → zone, for every play whose zones are (being) switched on.
@@ -104,6 +107,8 @@ class WiredZoneRouter:
         return await self._mqtt.ping()
 
     async def send(self, command: DeviceCommand, *, timeout: float) -> Ack:
+        if self._signs is not None and command.area is None and self._signs.handles(command.address):
+            return await self._signs.send(command, timeout=timeout)  # a serial LED sign (protocol §4)
         zone = None if command.area is not None else self._by_address.get(command.address)
         if zone is not None and command.document.get("type") == "play":
             await self._switch_on(zone, command, timeout)

@@ -30,7 +30,7 @@ from drivers.modbus_field import LinkUrlError, link_endpoint
 router = APIRouter(prefix="/api/v1/devices", tags=["devices"])
 
 DeviceKind = Literal["speaker", "led_screen", "sensor", "wired_zone"]
-Transport = Literal["mqtt", "modbus", "coap"]
+Transport = Literal["mqtt", "modbus", "coap", "serial"]
 _IDENTIFIER = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
 _KIND_PREFIX = {"speaker": "spk", "led_screen": "led", "sensor": "sen", "wired_zone": "wz"}
 
@@ -125,6 +125,27 @@ class ModbusIn(BaseModel):
         return self
 
 
+class SerialSignIn(BaseModel):
+    """An LED sign on a serial line (docs/protocol.md §4): the line, and the sign's address on it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    port: str = Field(
+        min_length=1, max_length=300, description="/dev/ttyUSB0, or socket://host:port for a serial server"
+    )
+    sign_address: str = Field(pattern=r"^[0-9A-F]{2}$", description="the sign's RS-485 address, 01-FF")
+    baud: Literal[1200, 2400, 4800, 9600, 19200, 38400] = 9600
+    framing: Literal["7E1", "8N1"] = "7E1"
+    rows: int = Field(default=16, ge=7, le=64)
+
+    @field_validator("sign_address")
+    @classmethod
+    def _own_address(cls, value: str) -> str:
+        if value == "00":
+            raise ValueError("00 is every sign at once; give the sign's own address")
+        return value
+
+
 class DeviceConfigIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -133,6 +154,7 @@ class DeviceConfigIn(BaseModel):
     )
     modbus: ModbusIn | None = None
     coap: CoapIn | None = None
+    serial: SerialSignIn | None = None
 
 
 def _identifier(value: str | None) -> str | None:
@@ -259,6 +281,13 @@ def _check_transport(kind: str, transport: str, config: DeviceConfigIn | None) -
         raise ApiError(422, "invalid", "config.modbus.zones", "only a wired_zone device switches zones")
     if transport != "modbus" and modbus is not None:
         raise ApiError(422, "invalid", "config.modbus", f"a {transport} {kind} has no Modbus settings")
+    serial = config.serial if config is not None else None
+    if transport == "serial" and kind != "led_screen":
+        raise ApiError(422, "invalid", "transport", "over a serial line: LED signs (kind led_screen)")
+    if transport == "serial" and serial is None:
+        raise ApiError(422, "invalid", "config.serial", "a serial sign needs its port and sign_address")
+    if transport != "serial" and serial is not None:
+        raise ApiError(422, "invalid", "config.serial", f"a {transport} {kind} has no serial settings")
     if transport == "coap" and kind != "sensor":
         raise ApiError(422, "invalid", "transport", "over CoAP: sensors")
     if transport != "coap" and config is not None and config.coap is not None:
@@ -288,9 +317,14 @@ def _get_visible(session: Session, runtime: Any, principal: Principal, device_id
     return row
 
 
+# Commands to these transports go through one router that tells them apart by address alone.
+_ROUTED_TOGETHER = ("mqtt", "serial")
+
+
 def _refuse_address_clash(session: Session, transport: str, address: str) -> None:
+    transports = _ROUTED_TOGETHER if transport in _ROUTED_TOGETHER else (transport,)
     clash = session.exec(
-        select(DeviceRow).where(DeviceRow.transport == transport, DeviceRow.address == address)
+        select(DeviceRow).where(col(DeviceRow.transport).in_(transports), DeviceRow.address == address)
     ).first()
     if clash is not None:
         raise ApiError(409, "conflict", "address", f"address {address!r} is used by {clash.id!r}")
@@ -368,6 +402,7 @@ async def create_device(body: DeviceIn, runtime: RuntimeDep, principal: DeviceMa
         device.config,
         enabled=device.enabled,
         kind=device.kind,
+        created=True,
     )
     runtime.device_programmes_changed()
     return device
