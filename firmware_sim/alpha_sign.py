@@ -41,6 +41,7 @@ from typing import Final, Self
 from PIL import Image, ImageDraw, ImageFont
 
 from firmware_sim.lifecycle import stop_on_signals
+from firmware_sim.signals import ChangeSignal
 
 logger = logging.getLogger(__name__)
 
@@ -94,23 +95,6 @@ _MINUTES: Final = 60
 _YEAR_PIVOT: Final = 96
 
 Clock = Callable[[], float]
-
-
-class ChangeSignal:
-    """Wakes whoever waits for a condition on a sign or a line whenever either changes."""
-
-    def __init__(self) -> None:
-        self._event = asyncio.Event()
-
-    def notify(self) -> None:
-        self._event.set()
-        self._event = asyncio.Event()
-
-    async def wait_until(self, condition: Callable[[], bool], timeout: float) -> None:
-        """Returns once `condition()` holds; TimeoutError after `timeout` seconds."""
-        async with asyncio.timeout(timeout):
-            while not condition():
-                await self._event.wait()
 
 
 # Reading frames

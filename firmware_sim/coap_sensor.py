@@ -37,6 +37,7 @@ import aiocoap
 from aiocoap import resource
 
 from firmware_sim.lifecycle import stop_on_signals
+from firmware_sim.signals import ChangeSignal
 
 logger = logging.getLogger(__name__)
 
@@ -267,23 +268,6 @@ class SensorCounters:
     commands: int = 0
     identifies: int = 0
     reboots: int = 0
-
-
-class ChangeSignal:
-    """Wakes the coroutines waiting for a condition on the sensor whenever it changes."""
-
-    def __init__(self) -> None:
-        self._changed = asyncio.Event()
-
-    def notify(self) -> None:
-        self._changed.set()
-        self._changed = asyncio.Event()
-
-    async def wait_until(self, condition: Callable[[], bool], timeout: float) -> None:
-        """Returns once `condition()` holds; TimeoutError after `timeout` seconds."""
-        async with asyncio.timeout(timeout):
-            while not condition():
-                await self._changed.wait()
 
 
 # Validation of request bodies (docs/coap.md §5.4, §5.5)

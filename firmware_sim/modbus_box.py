@@ -71,6 +71,7 @@ from firmware_sim.modbus_wire import (
     split_rtu_frame,
     write_response,
 )
+from firmware_sim.signals import ChangeSignal
 
 logger = logging.getLogger(__name__)
 
@@ -366,23 +367,6 @@ def _count(name: str, count: int) -> int:
 
 
 # The box
-
-
-class ChangeSignal:
-    """Wakes the coroutines waiting for a condition on a box or a line whenever either changes."""
-
-    def __init__(self) -> None:
-        self._changed = asyncio.Event()
-
-    def notify(self) -> None:
-        self._changed.set()
-        self._changed = asyncio.Event()
-
-    async def wait_until(self, condition: Callable[[], bool], timeout: float) -> None:
-        """Returns once `condition()` holds; TimeoutError after `timeout` seconds."""
-        async with asyncio.timeout(timeout):
-            while not condition():
-                await self._changed.wait()
 
 
 @dataclass(slots=True)

@@ -37,6 +37,7 @@ import numpy.typing as npt
 import shapely
 
 from controller.domain.cap import CapCircle, LatLon
+from controller.domain.errors import FieldError
 
 LATITUDE_LIMIT: Final[float] = 90.0
 LONGITUDE_LIMIT: Final[float] = 180.0
@@ -55,13 +56,8 @@ _CIRCLE_KEYS: Final[tuple[str, ...]] = ("lat", "lon", "radius_m")
 _METRES_PER_KM: Final[float] = 1000.0
 
 
-class GeoError(ValueError):
+class GeoError(FieldError):
     """An invalid geographic target. `field` names the offending input, e.g. `targets.circle.lat`."""
-
-    def __init__(self, field: str, detail: str) -> None:
-        super().__init__(f"{field}: {detail}")
-        self.field = field
-        self.detail = detail
 
 
 class LonLat(NamedTuple):

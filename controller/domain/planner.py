@@ -6,6 +6,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from controller.domain.areas import AreaTree
+from controller.domain.errors import FieldError
 
 
 @dataclass(frozen=True, slots=True)
@@ -24,11 +25,8 @@ class Targets:
     devices: Sequence[str] = ()
 
 
-class TargetError(ValueError):
-    def __init__(self, field: str, detail: str) -> None:
-        super().__init__(f"{field}: {detail}")
-        self.field = field
-        self.detail = detail
+class TargetError(FieldError):
+    """A refused input (controller/domain/errors.py)."""
 
 
 def resolve_targets(

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
 
+from controller.domain.errors import FieldError
+
 
 class Direction(StrEnum):
     ABOVE = "above"
@@ -27,11 +29,8 @@ class Transition(StrEnum):
     CLEARED = "cleared"
 
 
-class ThresholdError(ValueError):
-    def __init__(self, field: str, detail: str) -> None:
-        super().__init__(f"{field}: {detail}")
-        self.field = field
-        self.detail = detail
+class ThresholdError(FieldError):
+    """A refused input (controller/domain/errors.py)."""
 
 
 @dataclass(frozen=True, slots=True)

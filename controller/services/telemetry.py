@@ -35,6 +35,7 @@ from controller.domain.telemetry import (
     from_epoch_ms,
     metric_specs,
 )
+from controller.services.errors import ServiceError
 from controller.settings import TelemetrySettings
 from controller.store.models import DeviceRow, TelemetryLatestRow, TelemetryRollupRow, TelemetryRow
 
@@ -52,11 +53,8 @@ _METRIC = re.compile(METRIC_PATTERN)
 ReadingListener = Callable[[str, str, float, datetime], None]
 
 
-class TelemetryQueryError(ValueError):
-    def __init__(self, field: str, detail: str) -> None:
-        super().__init__(f"{field}: {detail}")
-        self.field = field
-        self.detail = detail
+class TelemetryQueryError(ServiceError):
+    """A telemetry request that cannot be answered (422 naming the field)."""
 
 
 @dataclass(frozen=True, slots=True)
