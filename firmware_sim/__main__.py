@@ -1,19 +1,21 @@
-"""`python -m firmware_sim fleet|modbus-box|alpha-sign|coap-sensor …`: simulated devices for Wardcast."""
+"""`python -m firmware_sim fleet|field-devices|modbus-box|alpha-sign|coap-sensor …`: simulated devices."""
 
 from __future__ import annotations
 
 import sys
 from collections.abc import Sequence
 
-from firmware_sim import alpha_sign, coap_sensor, fleet, modbus_box
+from firmware_sim import alpha_sign, coap_sensor, field_devices, fleet, modbus_box
 
 MODBUS_BOX_COMMAND = "modbus-box"
 ALPHA_SIGN_COMMAND = "alpha-sign"
 COAP_SENSOR_COMMAND = "coap-sensor"
+FIELD_DEVICES_COMMAND = "field-devices"
 _USAGE = """usage: python -m firmware_sim COMMAND [OPTIONS]
 
 commands:
   fleet       run simulated smart-radio speakers and LED screens (python -m firmware_sim fleet --help)
+  field-devices  simulate the registered Modbus boxes, CoAP sensors and serial signs (… field-devices --help)
   modbus-box  run a simulated Modbus amplifier I/O box with sensors (python -m firmware_sim modbus-box --help)
   alpha-sign  run a simulated serial LED sign (Alpha protocol) on a pty and/or TCP (… alpha-sign --help)
   coap-sensor run a simulated CoAP sensor (water level, rainfall, air quality) (… coap-sensor --help)
@@ -33,6 +35,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return alpha_sign.main(options)
     if command == COAP_SENSOR_COMMAND:
         return coap_sensor.main(options)
+    if command == FIELD_DEVICES_COMMAND:
+        return field_devices.main(options)
     sys.stderr.write(_USAGE)
     return 0 if command in {"-h", "--help"} else 2
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import re
+import socket
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -205,3 +206,91 @@ def test_a_coap_sensor_is_observed_into_telemetry(controller: ControllerHandle, 
             assert client.get("/api/v1/devices/sen-coap").json()["online"]
     finally:
         sensor.terminate()
+
+
+def free_udp_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+    return port
+
+
+def test_the_field_simulators_start_from_the_registry_and_the_controller_reads_them(
+    controller: ControllerHandle, tmp_path: Path
+) -> None:
+    seed(controller)
+    modbus_port, sign_port, coap_port = free_tcp_port(), free_tcp_port(), free_udp_port()
+    with controller.client() as client:
+        for body in (
+            river_box(modbus_port),
+            {
+                "id": "sen-air",
+                "kind": "sensor",
+                "area": "hn.a",
+                "transport": "coap",
+                "address": f"coap://127.0.0.1:{coap_port}",
+            },
+            {
+                "id": "led-a1",
+                "kind": "led_screen",
+                "area": "hn.a.t1",
+                "transport": "serial",
+                "config": {
+                    "serial": {
+                        "port": f"socket://127.0.0.1:{sign_port}",
+                        "sign_address": "01",
+                        "framing": "8N1",
+                    }
+                },
+            },
+        ):
+            response = client.post("/api/v1/devices", json=body)
+            assert response.status_code == 201, response.text
+    simulators = start_process(
+        [
+            sys.executable,
+            "-m",
+            "firmware_sim",
+            "field-devices",
+            "--from-api",
+            controller.base_url,
+            "--token",
+            controller.token,
+        ],
+        dict(os.environ),
+        tmp_path / "field-devices.log",
+        "the field-device simulators",
+    )
+    try:
+        assert simulators.ready_line == "READY modbus=1 coap=1 signs=1 skipped=0"
+
+        def online(device_id: str) -> bool:
+            with controller.client() as client:
+                found: bool = client.get(f"/api/v1/devices/{device_id}").json()["online"]
+            return found
+
+        wait_until(lambda: len(latest(controller)) == 3, "the Modbus sensor's readings", timeout=30)
+        wait_until(lambda: online("sen-box") and online("sen-air"), "both sensors online", timeout=30)
+        # The sign was registered before its line existed: it is set up on its first command.
+        with controller.client() as client:
+            alert = client.post(
+                "/api/v1/alerts",
+                json={
+                    "headline": "Thử",
+                    "text": "Thử bảng tin.",
+                    "targets": {"devices": ["led-a1"]},
+                    "mode": "drill",
+                },
+            )
+            assert alert.status_code == 201, alert.text
+            broadcast_id = alert.json()["broadcast_id"]
+
+        def sign_state() -> str:
+            with controller.client() as client:
+                deliveries = client.get(f"/api/v1/broadcasts/{broadcast_id}").json()["deliveries"]
+            state: str = deliveries[0]["state"]
+            return state
+
+        wait_until(lambda: sign_state() == "playing", "the sign showing the drill", timeout=30)
+    finally:
+        simulators.terminate()
