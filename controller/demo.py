@@ -46,8 +46,17 @@ async def _seed(client: httpx.AsyncClient) -> str:
             "lon": device.lon,
             "transport": device.transport,
             "address": device.address,
+            "config": {
+                **device.config,
+                **(
+                    {"metrics": {m.metric: {"unit": m.unit} for m in device.metrics}}
+                    if device.metrics
+                    else {}
+                ),
+            },
         }
         (await client.post("/api/v1/devices", json=body)).raise_for_status()
+    await _seed_flood_rule(client)
     tone = await client.post(
         "/api/v1/media", files={"file": ("chuong-bao.wav", sine_wav(880.0, 3.0), "audio/wav")}
     )
@@ -55,6 +64,28 @@ async def _seed(client: httpx.AsyncClient) -> str:
     media_id: str = tone.json()["id"]
     await _seed_programme(client, media_id)
     return media_id
+
+
+async def _seed_flood_rule(client: httpx.AsyncClient) -> None:
+    """The pumping station's gauge at 3.2 m for 2 minutes drafts a warning for Xuất Hóa's groups, for
+    an operator to approve (clears below 3.0 m)."""
+    if (await client.get("/api/v1/rules")).json():
+        return
+    rule = {
+        "name": "Lũ sông Cầu tại trạm bơm Xuất Hóa",
+        "device_id": "wl-xuathoa-tram-bom",
+        "metric": "water_level",
+        "raise_at": 3.2,
+        "clear_at": 3.0,
+        "for_s": 120,
+        "action": "draft",
+        "broadcast": {
+            "areas": ["bk.xuathoa.t01", "bk.xuathoa.t02", "bk.xuathoa.t03"],
+            "headline": "Cảnh báo nước sông Cầu lên cao",
+            "text": "Mực nước sông Cầu tại trạm bơm Xuất Hóa vượt 3,2 mét. Người dân tránh xa bờ sông.",
+        },
+    }
+    (await client.post("/api/v1/rules", json=rule)).raise_for_status()
 
 
 async def _seed_programme(client: httpx.AsyncClient, media_id: str) -> None:
@@ -90,6 +121,14 @@ async def run_demo(settings: Settings, *, speed: float, state_file: Path) -> Non
         base_url=base_url, headers={"Authorization": f"Bearer {token}"}, timeout=60
     ) as client:
         media_id = await _seed(client)
+    field_devices = await _start_process(
+        "simulated field devices",
+        "field-devices",
+        "--from-api",
+        base_url,
+        "--token",
+        token,
+    )
     fleet = await _start_fleet(settings, base_url, token, speed)
     await asyncio.to_thread(_save_cli_state, state_file, base_url, token)
     console.print(
@@ -108,9 +147,10 @@ async def run_demo(settings: Settings, *, speed: float, state_file: Path) -> Non
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     await asyncio.wait([asyncio.create_task(stop.wait()), server_task], return_when=asyncio.FIRST_COMPLETED)
-    fleet.terminate()
-    with suppress(TimeoutError):
-        await asyncio.wait_for(fleet.wait(), timeout=10)
+    for simulators in (fleet, field_devices):
+        simulators.terminate()
+        with suppress(TimeoutError):
+            await asyncio.wait_for(simulators.wait(), timeout=10)
     controller.request_stop()
     await server_task
 
@@ -130,10 +170,8 @@ async def _start_fleet(
         if settings.mqtt.mode == "managed"
         else str(settings.mqtt.url)
     )
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "firmware_sim",
+    return await _start_process(
+        "simulated fleet",
         "fleet",
         "--mqtt-url",
         broker_url,
@@ -150,11 +188,17 @@ async def _start_fleet(
         # The demo's networked LED screens show alerts too (protocol §1.11); sensors come with issue 5.
         "--kinds",
         "speaker,led_screen",
-        stdout=asyncio.subprocess.PIPE,
+    )
+
+
+async def _start_process(what: str, *arguments: str) -> asyncio.subprocess.Process:
+    """`python -m firmware_sim ARGUMENTS`, once it printed its READY line."""
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "firmware_sim", *arguments, stdout=asyncio.subprocess.PIPE
     )
     assert process.stdout is not None  # noqa: S101
     line = await asyncio.wait_for(process.stdout.readline(), timeout=120)
     if not line.startswith(b"READY"):
-        raise SystemExit(f"the simulated fleet did not start: {line.decode(errors='replace')}")
-    console.print(f"simulated fleet: {line.decode().strip()}")
+        raise SystemExit(f"the {what} did not start: {line.decode(errors='replace')}")
+    console.print(f"{what}: {line.decode().strip()}")
     return process

@@ -164,12 +164,19 @@ def test_central_wards_are_central(city: AreaTree) -> None:
 
 
 def test_fleet_counts_by_kind(fleet: list[DemoDevice]) -> None:
-    assert Counter(device.kind for device in fleet) == {"speaker": 56, "led_screen": 4, "sensor": 5}
+    assert Counter(device.kind for device in fleet) == {
+        "speaker": 56,
+        "led_screen": 5,
+        "sensor": 7,
+        "wired_zone": 1,
+    }
+    assert Counter(device.transport for device in fleet) == {"mqtt": 66, "modbus": 1, "coap": 1, "serial": 1}
 
 
 def test_device_ids_are_unique_and_addresses_are_ids(fleet: list[DemoDevice]) -> None:
     assert len({device.id for device in fleet}) == len(fleet)
-    assert all(device.address == device.id and device.transport == "mqtt" for device in fleet)
+    # A CoAP sensor's address is where it answers; every other device's is its id.
+    assert all(device.address == device.id for device in fleet if device.transport != "coap")
 
 
 def test_every_device_is_in_a_known_area_within_the_radius(city: AreaTree, fleet: list[DemoDevice]) -> None:
@@ -198,7 +205,7 @@ def test_every_group_has_one_to_three_speakers_near_it(city: AreaTree, fleet: li
 
 
 def test_led_screens_stand_at_the_named_junctions(city: AreaTree, fleet: list[DemoDevice]) -> None:
-    screens = [device for device in fleet if device.kind == "led_screen"]
+    screens = [device for device in fleet if device.kind == "led_screen" and device.transport == "mqtt"]
     assert len(screens) == 4
     assert all(city.get(screen.area).kind == "ward" and screen.metrics == () for screen in screens)
     names = " | ".join(screen.name for screen in screens)
@@ -212,7 +219,9 @@ def test_sensors_measure_the_river_and_the_air(fleet: list[DemoDevice]) -> None:
     assert metrics[SensorMetric("water_level", "m")] >= 2
     assert metrics[SensorMetric("pm2_5", "µg/m³")] == 2
     assert all(
-        "sông Cầu" in sensor.name for sensor in sensors if SensorMetric("water_level", "m") in sensor.metrics
+        "sông Cầu" in sensor.name
+        for sensor in sensors
+        if SensorMetric("water_level", "m") in sensor.metrics and sensor.transport == "mqtt"
     )
 
 

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cache
 from importlib import resources
-from typing import Final, Literal, TypeVar, get_args
+from typing import Any, Final, Literal, TypeVar, get_args
 
 import yaml
 
@@ -27,8 +27,8 @@ from controller.domain.areas import (
     normalise_name,
 )
 
-DeviceKind = Literal["speaker", "led_screen", "sensor"]
-DemoTransport = Literal["mqtt"]
+DeviceKind = Literal["speaker", "led_screen", "sensor", "wired_zone"]
+DemoTransport = Literal["mqtt", "modbus", "coap", "serial"]
 
 DEVICE_KINDS: Final[tuple[str, ...]] = get_args(DeviceKind)
 DEMO_CENTRE_LAT: Final[float] = 22.147
@@ -46,10 +46,16 @@ _KIND_BY_NAME: Final[dict[str, DeviceKind]] = {
     "speaker": "speaker",
     "led_screen": "led_screen",
     "sensor": "sensor",
+    "wired_zone": "wired_zone",
 }
-_TRANSPORT_BY_NAME: Final[dict[str, DemoTransport]] = {"mqtt": "mqtt"}
+_TRANSPORT_BY_NAME: Final[dict[str, DemoTransport]] = {
+    "mqtt": "mqtt",
+    "modbus": "modbus",
+    "coap": "coap",
+    "serial": "serial",
+}
 _DEVICE_KEYS: Final[frozenset[str]] = frozenset(
-    {"id", "kind", "area", "name", "lat", "lon", "transport", "address", "metrics"}
+    {"id", "kind", "area", "name", "lat", "lon", "transport", "address", "metrics", "config"}
 )
 
 
@@ -70,6 +76,8 @@ class DemoDevice:
     transport: DemoTransport
     address: str
     metrics: tuple[SensorMetric, ...] = ()
+    # Transport settings passed to the API as they are (a Modbus link, a serial line, …): it checks them.
+    config: Mapping[str, Any] = field(default_factory=dict)
 
 
 class DemoDataError(AreaError):
@@ -204,6 +212,10 @@ def _read_device(entry: object, path: str, tree: AreaTree, issues: list[Issue]) 
     if lat is not None and lon is not None and not _is_near_centre(lat, lon):
         problem("lat", _too_far_message(lat, lon))
     metrics = _metrics(entry.get("metrics"), kind, problem)
+    config = entry.get("config", {})
+    if not isinstance(config, dict):
+        problem("config", "must be a mapping of transport settings")
+        config = {}
 
     if (
         found
@@ -228,6 +240,7 @@ def _read_device(entry: object, path: str, tree: AreaTree, issues: list[Issue]) 
         transport=transport,
         address=address,
         metrics=metrics,
+        config=config,
     )
 
 
