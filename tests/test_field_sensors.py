@@ -123,6 +123,8 @@ def test_a_modbus_sensor_is_polled_into_telemetry_and_goes_offline_and_back_with
     assert len(water["points"]) >= 2
 
 
+# Input checks and transport plumbing: the database adds nothing here (SQLite only, to keep CI short).
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
 def test_bad_modbus_settings_are_refused_naming_the_field(controller: ControllerHandle) -> None:
     seed(controller)
     port = free_tcp_port()
@@ -150,6 +152,8 @@ def test_bad_modbus_settings_are_refused_naming_the_field(controller: Controller
         assert client.get("/api/v1/devices/sen-box").status_code == 404
 
 
+# Input checks and transport plumbing: the database adds nothing here (SQLite only, to keep CI short).
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
 def test_a_coap_sensor_is_observed_into_telemetry(controller: ControllerHandle, tmp_path: Path) -> None:
     seed(controller)
     sensor = start_process(
@@ -215,6 +219,8 @@ def free_udp_port() -> int:
     return port
 
 
+# Input checks and transport plumbing: the database adds nothing here (SQLite only, to keep CI short).
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
 def test_the_field_simulators_start_from_the_registry_and_the_controller_reads_them(
     controller: ControllerHandle, tmp_path: Path
 ) -> None:

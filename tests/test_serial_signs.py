@@ -75,6 +75,8 @@ def device_online(controller: ControllerHandle) -> bool:
     return online
 
 
+# Input checks and transport plumbing: the database adds nothing here (SQLite only, to keep CI short).
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
 def test_bad_serial_sign_settings_are_refused_naming_the_field(controller: ControllerHandle) -> None:
     seed(controller)
     for serial, field in [

@@ -129,6 +129,8 @@ def test_a_group_with_wired_zones_hears_a_broadcast_with_its_relays_switched_aro
     box.when(lambda: all_off(box.box)).result(WAIT_S)
 
 
+# Input checks and transport plumbing: the database adds nothing here (SQLite only, to keep CI short).
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
 def test_bad_wired_zone_settings_are_refused_naming_the_field(controller: ControllerHandle) -> None:
     seed(controller)
     base = {"kind": "wired_zone", "area": "hn.b.t2", "address": RECEIVER}
