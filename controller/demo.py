@@ -185,9 +185,12 @@ async def _start_fleet(
         token,
         "--speed",
         str(speed),
-        # The demo's networked LED screens show alerts too (protocol §1.11); sensors come with issue 5.
+        # Speakers (and the receivers of wired zones), networked LED screens (protocol §1.11) and the
+        # MQTT sensors, reporting every 30 s.
         "--kinds",
-        "speaker,led_screen",
+        "speaker,led_screen,sensor",
+        "--sensor-interval",
+        "30",
     )
 
 

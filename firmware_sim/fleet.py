@@ -1,12 +1,29 @@
-"""Thousands of simulated speakers (and LED screens), in one process or split over several.
+"""Thousands of simulated speakers (and LED screens, and MQTT sensors), in one process or split over several.
 
     python -m firmware_sim fleet --mqtt-url mqtt://127.0.0.1:1883 --username device --password … \\
         --count 5000 --prefix sim- --speed 20
 
 prints `READY <n>` on stdout once every device is connected and subscribed, and shuts every device
 down cleanly (retained `offline`, reason `shutdown`) on SIGTERM or SIGINT, then exits 0.
-Speakers are simulated by default; `--kinds speaker,led_screen` also starts the networked LED screens
-(firmware_sim/screen.py) that `--csv` and `--from-api` list.
+Speakers are simulated by default; `--kinds speaker,led_screen,sensor` also starts the networked LED
+screens (firmware_sim/screen.py) and the MQTT sensors (firmware_sim/mqtt_sensor.py) that `--csv` and
+`--from-api` list.
+
+Sensors publish telemetry every `--sensor-interval` seconds (one reading per `--sensor-metrics` entry in
+each document), their first document at a random instant within one interval. N sensors thus offer
+N / interval documents a second: 10,000 sensors at `--sensor-interval 0.5` offer 20,000 a second.
+
+Two files let another process steer and watch a running fleet without a channel of its own (every
+worker process reads and writes them itself, so they work the same with `--processes`):
+
+- `--control FILE`: a JSON document, re-read within `CONTROL_POLL_S` whenever it changes (write it to a
+  temporary name and rename it over the old one, so that no reader sees half of it), e.g.
+  `{"sensor_interval_s": 0.5, "forced": {"sen-00001": {"water_level": 3.4}}}`: every sensor's interval
+  (absent: `--sensor-interval`), and metrics held at a value (a metric no longer listed walks again).
+  A missing file is an empty document; a malformed one is logged and the previous one stays in force.
+- `--stats FILE`: every `--stats-interval` seconds each process appends one JSON line of its sensors'
+  counters: `{"pid", "at" (Unix time), "sensors", "published", "acknowledged", "skipped", "late"}`
+  (totals since the process started; see `TelemetryCounters`), and a last line when it stops.
 """
 
 from __future__ import annotations
@@ -21,6 +38,7 @@ import logging
 import os
 import signal
 import sys
+import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +56,17 @@ from firmware_sim.device import (
     parse_mqtt_url,
 )
 from firmware_sim.lifecycle import stop_on_signals
+from firmware_sim.mqtt_sensor import (
+    DEFAULT_INTERVAL_S,
+    DEFAULT_METRICS,
+    QUANTITIES,
+    SensorConfigError,
+    SensorControl,
+    SimulatedMqttSensor,
+    TelemetryCounters,
+    check_interval,
+    check_metrics,
+)
 from firmware_sim.screen import SimulatedLedScreen
 from firmware_sim.speaker import SimulatedSpeaker, SpeakerRuntime
 from firmware_sim.wire import Clock, utc_now
@@ -51,9 +80,15 @@ _EXIT_OK: Final = 0
 _EXIT_FAILED: Final = 1
 _EXIT_USAGE: Final = 2
 _WORKER_STOP_TIMEOUT_S: Final = 60.0
+# How often a process looks at its control file: a stat() call, cheap enough to do often.
+CONTROL_POLL_S: Final = 0.25
+DEFAULT_STATS_INTERVAL_S: Final = 1.0
 
-DeviceKind = Literal["speaker", "led_screen"]
+DeviceKind = Literal["speaker", "led_screen", "sensor"]
 DEVICE_KINDS: Final[tuple[DeviceKind, ...]] = get_args(DeviceKind)
+# The registry's kinds each simulated kind stands for: a wired zone (protocol §3.4) is played by the
+# smart-radio receiver at its amplifier's input, a speaker as far as the wire goes.
+_REGISTERED_AS: Final[dict[str, tuple[str, ...]]] = {"speaker": ("speaker", "wired_zone")}
 SPEAKERS_ONLY: Final[tuple[DeviceKind, ...]] = ("speaker",)
 _T = TypeVar("_T")
 
@@ -75,38 +110,64 @@ class FleetConfig:
     http_connections: int = DEFAULT_HTTP_CONNECTIONS
     # The LED screens' addresses (§1.11).
     screens: tuple[str, ...] = ()
+    # The MQTT sensors' addresses, and what they publish (firmware_sim/mqtt_sensor.py).
+    sensors: tuple[str, ...] = ()
+    sensor_interval_s: float = DEFAULT_INTERVAL_S
+    sensor_metrics: tuple[str, ...] = DEFAULT_METRICS
+    # Seeds the sensors' random walks and first-publish instants (with each sensor's address).
+    seed: int = 1
+    # The control file and the stats file (see the module's docstring).
+    control: Path | None = None
+    stats: Path | None = None
+    stats_interval_s: float = DEFAULT_STATS_INTERVAL_S
 
     def devices(self) -> list[tuple[str, DeviceKind]]:
-        """Every device of the fleet with its kind, speakers first."""
-        return [(address, "speaker") for address in self.addresses] + [
-            (address, "led_screen") for address in self.screens
-        ]
+        """Every device of the fleet with its kind: speakers, then LED screens, then sensors."""
+        return (
+            [(address, "speaker") for address in self.addresses]
+            + [(address, "led_screen") for address in self.screens]
+            + [(address, "sensor") for address in self.sensors]
+        )
 
     def to_json(self) -> str:
         document = dataclasses.asdict(self)
-        document["play_log"] = str(self.play_log) if self.play_log is not None else None
+        for name in _PATH_FIELDS:
+            path = document[name]
+            document[name] = str(path) if path is not None else None
         return json.dumps(document)
 
     @classmethod
     def from_json(cls, text: str) -> FleetConfig:
         document = json.loads(text)
-        play_log = document.pop("play_log")
+
+        def path(name: str) -> Path | None:
+            value = document.pop(name, None)
+            return Path(value) if value is not None else None
+
         return cls(
             broker=BrokerSettings(**document.pop("broker")),
             addresses=tuple(document.pop("addresses")),
             screens=tuple(document.pop("screens", ())),
-            play_log=Path(play_log) if play_log is not None else None,
+            sensors=tuple(document.pop("sensors", ())),
+            sensor_metrics=tuple(document.pop("sensor_metrics", DEFAULT_METRICS)),
+            play_log=path("play_log"),
+            control=path("control"),
+            stats=path("stats"),
             **document,
         )
 
 
+_PATH_FIELDS: Final = ("play_log", "control", "stats")
+
+
 class Fleet:
-    """Every speaker and LED screen of `config` in this process; entering returns once all are
-    subscribed.
+    """Every speaker, LED screen and sensor of `config` in this process; entering returns once all are
+    subscribed (and, with a control or stats file, watching or writing it).
 
     async with Fleet(config) as fleet:
         fleet.speakers["sim-00001"].playing
         fleet.screens["led-00001"].headline
+        fleet.sensors["sen-00001"].set_value("water_level", 3.4)
     """
 
     def __init__(self, config: FleetConfig, *, clock: Clock = utc_now) -> None:
@@ -122,6 +183,11 @@ class Fleet:
             shared_media_cache=config.shared_media_cache,
             http_connections=config.http_connections,
         )
+        # What this process's sensors did, for the stats file (and tests).
+        self.counters = TelemetryCounters()
+        self._sensors: dict[str, SimulatedMqttSensor] = {}
+        self._control_key: tuple[int, int, int] | None = None
+        self._side_tasks: list[asyncio.Task[None]] = []
 
     @property
     def speakers(self) -> Mapping[str, SimulatedSpeaker]:
@@ -130,6 +196,10 @@ class Fleet:
     @property
     def screens(self) -> Mapping[str, SimulatedLedScreen]:
         return self.runtime.screens
+
+    @property
+    def sensors(self) -> Mapping[str, SimulatedMqttSensor]:
+        return self._sensors
 
     def __len__(self) -> int:
         return len(self.runtime.devices)
@@ -140,10 +210,16 @@ class Fleet:
         except OSError as error:
             raise FleetError(f"cannot reach the broker {self.config.broker.host}: {error}") from error
         try:
+            self._make_sensors()
             await self._connect_all()
         except BaseException:
             await self.runtime.__aexit__(None, None, None)
             raise
+        loop = asyncio.get_running_loop()
+        if self.config.control is not None:
+            self._side_tasks.append(loop.create_task(self._watch_control(self.config.control)))
+        if self.config.stats is not None:
+            self._side_tasks.append(loop.create_task(self._write_stats(self.config.stats)))
         return self
 
     async def __aexit__(
@@ -152,7 +228,35 @@ class Fleet:
         _value: BaseException | None,
         _traceback: TracebackType | None,
     ) -> None:
-        await self.runtime.__aexit__(None, None, None)
+        tasks, self._side_tasks = self._side_tasks, []
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        try:
+            await self.runtime.__aexit__(None, None, None)
+        finally:
+            if self.config.stats is not None:
+                self._append_stats(self.config.stats)
+
+    def _make_sensors(self) -> None:
+        config = self.config
+        try:
+            for address in config.sensors:
+                self._sensors[address] = self.runtime.add(
+                    SimulatedMqttSensor(
+                        self.runtime,
+                        address,
+                        metrics=config.sensor_metrics,
+                        interval_s=config.sensor_interval_s,
+                        seed=config.seed,
+                        counters=self.counters,
+                    )
+                )
+        except SensorConfigError as error:
+            raise FleetError(f"the sensors cannot be made: {error}") from error
+        if config.control is not None:
+            # Before the first connect, so that the first documents already follow the file.
+            self._reload_control(config.control)
 
     async def _connect_all(self) -> None:
         # Bounded so that thousands of CONNECTs (each a password check on the broker) arrive as a
@@ -167,6 +271,7 @@ class Fleet:
             self.runtime.speaker(address) for address in self.config.addresses
         ]
         devices += [self.runtime.led_screen(address) for address in self.config.screens]
+        devices += self._sensors.values()
         results = await asyncio.gather(*(connect(device) for device in devices), return_exceptions=True)
         failures = [
             (device, result) for device, result in zip(devices, results, strict=True) if result is not None
@@ -176,10 +281,75 @@ class Fleet:
                 raise result
         if failures:
             device, first = failures[0]
-            noun = "devices" if self.config.screens else "speakers"
+            noun = "devices" if self.config.screens or self.config.sensors else "speakers"
             raise FleetError(
                 f"{len(failures)} of {len(devices)} {noun} could not connect; {device.address}: {first!r}"
             ) from first
+
+    # The control file and the stats file
+
+    async def _watch_control(self, path: Path) -> None:
+        while True:
+            await asyncio.sleep(CONTROL_POLL_S)
+            self._reload_control(path)
+
+    def _reload_control(self, path: Path) -> None:
+        """Applies the control file if it changed since the last look (a missing file is empty)."""
+        try:
+            status = path.stat()
+            key = (status.st_ino, status.st_mtime_ns, status.st_size)
+        except FileNotFoundError:
+            key = (0, 0, -1)
+        except OSError as error:
+            logger.warning("cannot look at the control file %s: %s", path, error)
+            return
+        if key == self._control_key:
+            return
+        try:
+            text = path.read_text(encoding="utf-8") if key[2] >= 0 else ""
+            control = SensorControl.parse(text)
+        except FileNotFoundError:
+            control = SensorControl()  # removed between the stat() and the read
+        except (OSError, UnicodeDecodeError, SensorConfigError) as error:
+            logger.warning("the control file %s was not applied: %s", path, error)
+            self._control_key = key  # said once; the next change is looked at again
+            return
+        self._control_key = key
+        control.apply(self._sensors.values(), self.config.sensor_interval_s)
+        logger.info(
+            "control file applied: interval %s s, %d sensors forced",
+            control.interval_s or self.config.sensor_interval_s,
+            len(control.forced),
+        )
+
+    async def _write_stats(self, path: Path) -> None:
+        while True:
+            self._append_stats(path)
+            await asyncio.sleep(self.config.stats_interval_s)
+
+    def _append_stats(self, path: Path) -> None:
+        counters = self.counters
+        line = json.dumps(
+            {
+                "pid": os.getpid(),
+                "at": time.time(),
+                "sensors": len(self._sensors),
+                "published": counters.published,
+                "acknowledged": counters.acknowledged,
+                "skipped": counters.skipped,
+                "late": counters.late,
+            }
+        )
+        try:
+            # One write() of a short line on an O_APPEND descriptor: the processes of a fleet share the
+            # file without interleaving their lines.
+            descriptor = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            try:
+                os.write(descriptor, (line + "\n").encode())
+            finally:
+                os.close(descriptor)
+        except OSError as error:
+            logger.warning("cannot append to the stats file %s: %s", path, error)
 
 
 async def run_fleet(
@@ -238,10 +408,11 @@ def devices_from_api(
     GET {base_url}/api/v1/devices?kind=… per kind."""
     url = f"{base_url.rstrip('/')}/api/v1/devices"
     devices: list[tuple[str, DeviceKind]] = []
-    for kind in kinds:
+    wanted = [(kind, listed) for kind in kinds for listed in _REGISTERED_AS.get(kind, (kind,))]
+    for kind, listed in wanted:
         try:
             response = httpx.get(
-                url, params={"kind": kind}, headers={"Authorization": f"Bearer {token}"}, timeout=timeout_s
+                url, params={"kind": listed}, headers={"Authorization": f"Bearer {token}"}, timeout=timeout_s
             )
             response.raise_for_status()
             document = response.json()
@@ -254,7 +425,7 @@ def devices_from_api(
             if not isinstance(item, dict) or not isinstance(item.get("address"), str):
                 raise FleetError(f"{url}: a device without a string 'address': {item!r}")
             # The server filters by kind; a device that does not say its kind is taken at its word.
-            if item.get("transport") == "mqtt" and item.get("kind", kind) == kind:
+            if item.get("transport") == "mqtt" and item.get("kind", listed) == listed:
                 devices.append((item["address"], kind))
     return devices
 
@@ -272,11 +443,15 @@ def _unique(devices: Iterable[tuple[str, DeviceKind]]) -> list[tuple[str, Device
     return list(first.items())
 
 
-def _by_kind(devices: Sequence[tuple[str, DeviceKind]]) -> tuple[tuple[str, ...], tuple[str, ...]]:
-    """The speakers' and the LED screens' addresses, for `FleetConfig.addresses` and `.screens`."""
+def _by_kind(
+    devices: Sequence[tuple[str, DeviceKind]],
+) -> tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]:
+    """The speakers', LED screens' and sensors' addresses, for `FleetConfig.addresses`, `.screens` and
+    `.sensors`."""
     return (
         tuple(address for address, kind in devices if kind == "speaker"),
         tuple(address for address, kind in devices if kind == "led_screen"),
+        tuple(address for address, kind in devices if kind == "sensor"),
     )
 
 
@@ -296,7 +471,7 @@ def split_evenly(addresses: Sequence[_T], parts: int) -> list[tuple[_T, ...]]:
 def build_parser(prog: str = "python -m firmware_sim fleet") -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=prog,
-        description="Simulated smart-radio speakers and LED screens speaking Wardcast MQTT "
+        description="Simulated smart-radio speakers, LED screens and MQTT sensors speaking Wardcast MQTT "
         "(docs/protocol.md §1).",
     )
     broker = parser.add_argument_group("broker")
@@ -356,6 +531,40 @@ def build_parser(prog: str = "python -m firmware_sim fleet") -> argparse.Argumen
         help="media download connections per process (default: %(default)s)",
     )
     behaviour.add_argument("--log-level", default="WARNING", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    sensors = parser.add_argument_group("sensors (--kinds sensor)")
+    sensors.add_argument(
+        "--sensor-interval",
+        type=float,
+        default=DEFAULT_INTERVAL_S,
+        metavar="SECONDS",
+        help="seconds between a sensor's telemetry documents; N sensors offer N / SECONDS documents a "
+        "second (default: %(default)s)",
+    )
+    sensors.add_argument(
+        "--sensor-metrics",
+        default=",".join(DEFAULT_METRICS),
+        metavar="M,M",
+        help=f"the readings in each document, of {', '.join(QUANTITIES)} (default: %(default)s)",
+    )
+    sensors.add_argument(
+        "--seed", type=int, default=1, help="seeds the sensors' random walks and timing (default: 1)"
+    )
+    sensors.add_argument(
+        "--control",
+        type=Path,
+        metavar="FILE",
+        help="a JSON control file re-read when it changes: sensor_interval_s and forced values",
+    )
+    sensors.add_argument(
+        "--stats", type=Path, metavar="FILE", help="append each process's sensor counters here as JSON lines"
+    )
+    sensors.add_argument(
+        "--stats-interval",
+        type=float,
+        default=DEFAULT_STATS_INTERVAL_S,
+        metavar="SECONDS",
+        help="seconds between two lines of --stats (default: %(default)s)",
+    )
     return parser
 
 
@@ -376,6 +585,15 @@ def config_from_arguments(arguments: argparse.Namespace) -> FleetConfig:
         raise FleetError("--connect-concurrency must be at least 1")
     if arguments.http_connections < 1:
         raise FleetError("--http-connections must be at least 1")
+    if not arguments.stats_interval > 0:
+        raise FleetError("--stats-interval must be greater than 0")
+    try:
+        sensor_interval_s = check_interval(arguments.sensor_interval)
+        sensor_metrics = check_metrics(
+            [metric.strip() for metric in arguments.sensor_metrics.split(",") if metric.strip()]
+        )
+    except SensorConfigError as error:
+        raise FleetError(f"--sensor-interval / --sensor-metrics: {error}") from error
     try:
         host, port = parse_mqtt_url(arguments.mqtt_url)
     except ValueError as error:
@@ -402,9 +620,10 @@ def config_from_arguments(arguments: argparse.Namespace) -> FleetConfig:
         ]
     unique = _unique(devices)
     if not unique:
-        raise FleetError("no speakers to simulate: give --csv, --from-api, --addresses or --count")
+        noun = "speakers" if kinds == SPEAKERS_ONLY else "devices"
+        raise FleetError(f"no {noun} to simulate: give --csv, --from-api, --addresses or --count")
     invalid = [address for address, _ in unique if not wire.is_valid_address(address)]
-    speakers, screens = _by_kind(unique)
+    speakers, screens, sensors = _by_kind(unique)
     if invalid:
         raise FleetError(f"not device addresses ({wire.ADDRESS_PATTERN.pattern}): {', '.join(invalid[:5])}")
     password = (
@@ -423,6 +642,13 @@ def config_from_arguments(arguments: argparse.Namespace) -> FleetConfig:
         ),
         addresses=speakers,
         screens=screens,
+        sensors=sensors,
+        sensor_interval_s=sensor_interval_s,
+        sensor_metrics=sensor_metrics,
+        seed=arguments.seed,
+        control=arguments.control,
+        stats=arguments.stats,
+        stats_interval_s=arguments.stats_interval,
         speed=arguments.speed,
         play_log=arguments.play_log,
         shared_media_cache=arguments.shared_media_cache,
@@ -512,8 +738,8 @@ async def _supervise(config: FleetConfig, processes: int, log_level: str) -> int
     with stop_on_signals(stop):
         try:
             for chunk in split_evenly(config.devices(), processes):
-                speakers, screens = _by_kind(chunk)
-                part = dataclasses.replace(config, addresses=speakers, screens=screens)
+                speakers, screens, sensors = _by_kind(chunk)
+                part = dataclasses.replace(config, addresses=speakers, screens=screens, sensors=sensors)
                 # One at a time, so that a failed spawn still leaves the started ones to stop.
                 worker = await _spawn_worker(part, log_level)
                 workers.append(worker)

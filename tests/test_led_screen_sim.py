@@ -500,5 +500,5 @@ def test_fleet_config_with_screens_survives_the_trip_to_a_worker() -> None:
 
 
 def test_unknown_kinds_are_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
-    assert fleet.main(["--count", "1", "--kinds", "speaker,sensor"]) == 2
+    assert fleet.main(["--count", "1", "--kinds", "speaker,camera"]) == 2
     assert "--kinds" in capsys.readouterr().err
