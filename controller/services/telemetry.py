@@ -43,6 +43,7 @@ log = structlog.get_logger(__name__)
 
 READINGS = Counter("wardcast_telemetry_readings_total", "Sensor readings", ["outcome"])
 PENDING = Gauge("wardcast_telemetry_pending", "Readings waiting to be written")
+_ACCEPTED = READINGS.labels("accepted")  # looked up once: it is counted for every reading
 WRITTEN = Counter("wardcast_telemetry_written_total", "Readings stored in the telemetry table")
 # Folding works through this much raw time per transaction, so that memory stays bounded.
 _FOLD_WINDOW_MS = 3600 * 1000
@@ -131,7 +132,7 @@ class TelemetryPipeline:
         if spec is not None and spec.unit is not None:
             unit = spec.unit
         self._pending.append(_Reading(device_id, metric, value, unit, epoch_ms(at)))
-        READINGS.labels("accepted").inc()
+        _ACCEPTED.inc()
         self._idle.clear()
         if len(self._pending) >= self._settings.batch_size:
             self._wake.set()
