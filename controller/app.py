@@ -109,7 +109,6 @@ class Runtime:
         }
         self._background: set[asyncio.Task[None]] = set()
         self.wired_zones: WiredZoneRouter | None = None
-        self._wired_ids: set[str] = set()
         self._rules: RuleEngine | None = None
 
     # -- lifecycle -----------------------------------------------------------------------------
@@ -195,11 +194,11 @@ class Runtime:
         # Before any command goes out: a resumed play on a wired zone must find its box.
         for sensors in self.field_sensors.values():
             await sensors.start()
-        for device_id, address, config in await asyncio.to_thread(self._wired_zone_devices):
-            self._wired_ids.add(device_id)
-            await router.configure(device_id, address, config)
-        for device_id, address, config in await asyncio.to_thread(self._devices_of, SERIAL):
-            await self.serial_signs.device_changed(device_id, address, config)
+        for device_id, kind, transport, address, config in await asyncio.to_thread(self._enabled_devices):
+            if kind == WIRED_ZONE_KIND:
+                await router.configure(device_id, address, config)
+            elif transport == SERIAL:
+                await self.serial_signs.device_changed(device_id, address, config)
         pending = await asyncio.to_thread(self._dispatcher.load_outbox)
         if pending:
             log.info("resuming commands from the outbox", count=len(pending))
@@ -223,23 +222,16 @@ class Runtime:
         ]
         log.info("controller started", broker=url, database=self.engine.url.render_as_string())
 
-    def _wired_zone_devices(self) -> list[tuple[str, str, dict[str, Any]]]:
+    def _enabled_devices(self) -> list[tuple[str, str, str, str, dict[str, Any]]]:
+        """(id, kind, transport, address, config) of the enabled wired zones and serial signs."""
         with Session(self.engine) as session:
             rows = session.exec(
-                select(DeviceRow.id, DeviceRow.address, DeviceRow.config).where(
-                    DeviceRow.kind == WIRED_ZONE_KIND, col(DeviceRow.enabled)
+                select(DeviceRow).where(
+                    col(DeviceRow.enabled),
+                    (col(DeviceRow.kind) == WIRED_ZONE_KIND) | (col(DeviceRow.transport) == SERIAL),
                 )
             ).all()
-        return [(device_id, address, dict(config)) for device_id, address, config in rows]
-
-    def _devices_of(self, transport: str) -> list[tuple[str, str, dict[str, Any]]]:
-        with Session(self.engine) as session:
-            rows = session.exec(
-                select(DeviceRow.id, DeviceRow.address, DeviceRow.config).where(
-                    DeviceRow.transport == transport, col(DeviceRow.enabled)
-                )
-            ).all()
-        return [(device_id, address, dict(config)) for device_id, address, config in rows]
+        return [(row.id, row.kind, row.transport, row.address, dict(row.config)) for row in rows]
 
     def _broker_endpoint(self) -> tuple[str, str, str]:
         mqtt = self.settings.mqtt
@@ -339,10 +331,8 @@ class Runtime:
         sensors = self.field_sensors.get(transport)
         if sensors is not None:
             self._in_background(sensors.device_changed(device_id, address, config if enabled else None))
-        if self.wired_zones is not None and (kind == WIRED_ZONE_KIND or device_id in self._wired_ids):
-            self._wired_ids.add(device_id)
-            wired = config if enabled and kind == WIRED_ZONE_KIND else None
-            self._in_background(self.wired_zones.configure(device_id, address, wired))
+        if self.wired_zones is not None and kind == WIRED_ZONE_KIND:
+            self._in_background(self.wired_zones.configure(device_id, address, config if enabled else None))
 
     def device_removed(self, device_id: str) -> None:
         self.directory.remove(device_id)
@@ -350,7 +340,7 @@ class Runtime:
         for sensors in self.field_sensors.values():
             self._in_background(sensors.device_changed(device_id, "", None))
         self._in_background(self.serial_signs.device_changed(device_id, "", None))
-        if self.wired_zones is not None and device_id in self._wired_ids:
+        if self.wired_zones is not None:  # a no-op for a device that is not a wired zone
             self._in_background(self.wired_zones.configure(device_id, "", None))
 
     def _in_background(self, work: Coroutine[Any, Any, None]) -> None:

@@ -131,7 +131,9 @@ class FieldSensors:
         self._adapter = adapter
         self._engine = engine
         self._inbound = InboundProcessor(transport, directory, tracker, clock, telemetry=telemetry)
-        self._addresses: dict[str, str] = {}  # device id → address, to remove a device by its id
+        # device id → (address, config) being read: to remove a device by its id, and to leave one alone
+        # when nothing about its transport changed.
+        self._reading: dict[str, tuple[str, dict[str, Any]]] = {}
         self._task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
@@ -153,9 +155,11 @@ class FieldSensors:
 
     async def device_changed(self, device_id: str, address: str, config: Mapping[str, Any] | None) -> None:
         """Read the device as configured now; `config` None (removed, disabled): stop reading it."""
-        earlier = self._addresses.pop(device_id, None)
+        if config is not None and self._reading.get(device_id) == (address, config):
+            return  # a change of name or place: polling and observations go on undisturbed
+        earlier = self._reading.pop(device_id, None)
         if earlier is not None:
-            await self._adapter.remove(earlier)
+            await self._adapter.remove(earlier[0])
         if config is None:
             return
         try:
@@ -169,7 +173,7 @@ class FieldSensors:
                 error=str(error),
             )
             return
-        self._addresses[device_id] = address
+        self._reading[device_id] = (address, dict(config))
         log.info("reading a sensor", transport=self.transport, device_id=device_id, at=description)
 
     async def stop(self) -> None:

@@ -105,23 +105,25 @@ class SerialSigns:
     ) -> None:
         """The sign as configured now; `config` None (removed, disabled): forget it. `set_up`: a new
         sign, whose memory is configured now (or before its first command, if it does not answer)."""
+        try:
+            wanted = serial_sign(address, config) if config is not None and "serial" in config else None
+        except (KeyError, ValueError) as error:
+            # The reason is the whole story: no traceback.
+            log.error(  # noqa: TRY400
+                "a serial sign's configuration cannot be used", device_id=device_id, error=str(error)
+            )
+            wanted = None
+        if wanted is not None and not set_up and self._signs.get(device_id) == wanted:
+            return  # a change of name or place: the line is not rebuilt under a showing alert
         ports: set[str] = set()
         earlier = self._signs.pop(device_id, None)
         if earlier is not None:
             ports.add(earlier.port)
             self._line_of_address.pop(earlier.address, None)
-        if config is not None and "serial" in config:
-            try:
-                sign = serial_sign(address, config)
-            except (KeyError, ValueError) as error:
-                # The reason is the whole story: no traceback.
-                log.error(  # noqa: TRY400
-                    "a serial sign's configuration cannot be used", device_id=device_id, error=str(error)
-                )
-            else:
-                self._signs[device_id] = sign
-                self._line_of_address[sign.address] = sign.port
-                ports.add(sign.port)
+        if wanted is not None:
+            self._signs[device_id] = wanted
+            self._line_of_address[wanted.address] = wanted.port
+            ports.add(wanted.port)
         for port in ports:
             await self._rebuild(port)
         driver = self.driver_for(address) if set_up and device_id in self._signs else None

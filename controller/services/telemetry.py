@@ -340,6 +340,9 @@ class TelemetryPipeline:
             statement = self._insert(session)(TelemetryRollupRow)
             excluded = statement.excluded
             table = TelemetryRollupRow.__table__  # type: ignore[attr-defined]
+            # SQLite's two-argument min/max are PostgreSQL's least/greatest.
+            sqlite_like = session.get_bind().dialect.name == "sqlite"
+            smaller, larger = (func.min, func.max) if sqlite_like else (func.least, func.greatest)
             # A late reading for a bucket folded earlier merges into it rather than replacing it.
             session.execute(
                 statement.on_conflict_do_update(
@@ -347,12 +350,8 @@ class TelemetryPipeline:
                     set_={
                         "count": table.c.count + excluded.count,
                         "total": table.c.total + excluded.total,
-                        "minimum": func.min(table.c.minimum, excluded.minimum)
-                        if session.get_bind().dialect.name == "sqlite"
-                        else func.least(table.c.minimum, excluded.minimum),
-                        "maximum": func.max(table.c.maximum, excluded.maximum)
-                        if session.get_bind().dialect.name == "sqlite"
-                        else func.greatest(table.c.maximum, excluded.maximum),
+                        "minimum": smaller(table.c.minimum, excluded.minimum),
+                        "maximum": larger(table.c.maximum, excluded.maximum),
                     },
                 ),
                 rows,

@@ -74,14 +74,18 @@ class WiredZoneRouter:
     # -- configuration ---------------------------------------------------------------------------
     async def configure(self, device_id: str, address: str, config: Mapping[str, Any] | None) -> None:
         """The device is (now) a wired zone with this configuration; None: it is not (any more)."""
+        wanted = wired_zone_from_config(device_id, config) if config and "modbus" in config else None
+        known = self._address_of.get(device_id)
+        if wanted is not None and known == address and self._by_address.get(address) == wanted:
+            return  # a change of name or place: the box and its link stay as they are
         earlier = self._address_of.pop(device_id, None)
         if earlier is not None:
             zone = self._by_address.pop(earlier, None)
             if zone is not None:
                 await self._modbus.remove(zone.handle)
-        if config is None or "modbus" not in config:
+        if wanted is None:
             return
-        zone = wired_zone_from_config(device_id, config)
+        zone = wanted
         await self._modbus.add_box(zone.handle, zone.link, zone.unit)
         self._by_address[address] = zone
         self._address_of[device_id] = address
