@@ -33,8 +33,12 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
+# The integration tests spend most of their time waiting on subprocesses (controller, broker, fleet):
+# two pytest workers keep both cores busy. Each test owns its broker, port, database and directory.
+TEST_WORKERS ?= 2
+
 test: $(STAMP) system-deps-test lint typecheck
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n $(TEST_WORKERS)
 
 bench: $(STAMP) system-deps-test
 	$(BIN)/python bench/fanout.py

@@ -101,7 +101,7 @@ from sqlmodel import Session
 from controller.broker import BrokerAccount, ManagedMosquitto, free_tcp_port
 from controller.domain.clock import SystemClock
 from controller.domain.telemetry import epoch_ms
-from controller.services.telemetry import TelemetryPipeline, _Reading
+from controller.services.telemetry import Reading, TelemetryPipeline
 from controller.settings import TelemetrySettings
 from controller.store.db import create_db_engine, migrate
 from controller.store.models import AreaRow, DeviceRow, TelemetryLatestRow, TelemetryRow
@@ -543,6 +543,7 @@ class Options:
     quiet_wait_s: float
     drain_s: float
     controller_log_level: str
+    ingest_workers: int
     profile: bool
     raw_ceiling: bool
     single_publisher: bool
@@ -626,6 +627,7 @@ class DatabaseRun:
                 "WARDCAST_MEDIA__DIR": str(self.workdir / "media"),
                 "WARDCAST_DATA_DIR": str(self.workdir),
                 "WARDCAST_LOGGING__LEVEL": self.options.controller_log_level,
+                "WARDCAST_TELEMETRY__INGEST_WORKERS": str(self.options.ingest_workers),
             }
         )
         return env
@@ -721,6 +723,7 @@ class DatabaseRun:
         if self.controller_running:
             assert self.controller is not None
             groups["controller"] = [self.controller.pid]
+            groups["ingest_workers"] = child_pids(self.controller.pid)
         if self.publisher is not None:
             groups["publisher"] = [self.publisher.pid]
         if self.profiler is not None and self.profiler.process.poll() is None:
@@ -798,8 +801,10 @@ class DatabaseRun:
         profiler = self.profiler = None
         if self.options.profile and with_controller:
             assert self.controller is not None
+            # Where the telemetry is handled: the first ingest worker, or the controller without any.
+            target = next(iter(child_pids(self.controller.pid)), self.controller.pid)
             profiler = self.profiler = Profiler(
-                self.controller.pid, self.options.window_s, self.workdir / f"profile-{rate}.txt"
+                target, self.options.window_s, self.workdir / f"profile-{rate}.txt"
             )
         first = self.snapshot()
         samples = self.sample_window(with_controller)
@@ -867,6 +872,12 @@ class DatabaseRun:
             for name in last["threads"]
         }
         result["cpu_us_per_message"]["controller"] = _per_message(cores["controller"], persisted)
+        result["cpu_us_per_message"]["ingest_workers"] = _per_message(
+            cores.get("ingest_workers", 0.0), persisted
+        )
+        result["cpu_us_per_message"]["controller_and_workers"] = _per_message(
+            cores["controller"] + cores.get("ingest_workers", 0.0), persisted
+        )
         result["cpu_us_per_message"]["controller_event_loop"] = _per_message(
             threads["main_thread"], persisted
         )
@@ -1092,14 +1103,14 @@ def component_costs(url: str, addresses: Sequence[str], batches: int = 3) -> dic
         accept_us = (time.perf_counter() - started) / count * 1e6
         batch_size = settings.batch_size
         readings = [
-            _Reading(addresses[index % len(addresses)], METRIC, 1.5, "m", epoch_ms(now) + index)
+            Reading(addresses[index % len(addresses)], METRIC, 1.5, "m", epoch_ms(now) + index)
             for index in range(batch_size * batches)
         ]
         write_wall, write_cpu = [], []
         for number in range(batches):
             batch = readings[number * batch_size : (number + 1) * batch_size]
             wall, cpu = time.perf_counter(), time.process_time()
-            pipeline._write(batch, {})  # noqa: SLF001  (the writer's own cost, without its task around it)
+            pipeline.store.write(batch, {})  # the writer's own cost, without its task around it
             write_wall.append((time.perf_counter() - wall) / batch_size * 1e6)
             write_cpu.append((time.process_time() - cpu) / batch_size * 1e6)
         with Session(engine) as session:
@@ -1244,6 +1255,12 @@ def parse_arguments(argv: Sequence[str] | None) -> Options:
         "--controller-log-level", default="info", choices=["debug", "info", "warning", "error"]
     )
     parser.add_argument(
+        "--ingest-workers",
+        type=int,
+        default=1,
+        help="the controller's telemetry.ingest_workers (default: 1, as config.yaml; 0 = in its process)",
+    )
+    parser.add_argument(
         "--profile", action="store_true", help="sample the controller with py-spy in every window (diagnosis)"
     )
     parser.add_argument(
@@ -1282,6 +1299,7 @@ def parse_arguments(argv: Sequence[str] | None) -> Options:
         quiet_wait_s=arguments.quiet_wait,
         drain_s=arguments.drain,
         controller_log_level=arguments.controller_log_level,
+        ingest_workers=arguments.ingest_workers,
         profile=arguments.profile,
         raw_ceiling=arguments.raw_ceiling,
         single_publisher=arguments.single_publisher,
@@ -1314,6 +1332,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "raw_subscriber_protocol": "5",
             "qos": 1,
             "controller_log_level": options.controller_log_level,
+            "ingest_workers": options.ingest_workers,
             "controller_profiled": options.profile,
             "host": HOST,
         },

@@ -27,6 +27,7 @@ from controller.services.dispatcher import Dispatcher
 from controller.services.events import EventBus
 from controller.services.field_sensors import COAP, MODBUS, CoapAdapter, FieldSensors, ModbusAdapter
 from controller.services.inbound import DeviceDirectory, InboundProcessor
+from controller.services.ingest import IngestWorkers
 from controller.services.media import MediaStore
 from controller.services.rate_limit import RateLimiter
 from controller.services.rules import RuleEngine
@@ -45,7 +46,7 @@ from controller.store.models import DeviceRow
 from drivers.coap import CoapDriver
 from drivers.modbus_field import ModbusDriver
 from drivers.mqtt import MqttDriver
-from drivers.mqtt_codec import schedule_topic
+from drivers.mqtt_codec import CONTROLLER_SUBSCRIPTIONS, schedule_topic
 
 log = structlog.get_logger(__name__)
 
@@ -110,11 +111,13 @@ class Runtime:
         self._background: set[asyncio.Task[None]] = set()
         self.wired_zones: WiredZoneRouter | None = None
         self._rules: RuleEngine | None = None
+        self.ingest: IngestWorkers | None = None
 
     # -- lifecycle -----------------------------------------------------------------------------
     async def start(self) -> None:
         await asyncio.to_thread(migrate, self.engine)
         url, username, password = await asyncio.to_thread(self._broker_endpoint)
+        workers = self.settings.telemetry.ingest_workers
         self.driver = MqttDriver(
             url=url,
             username=username,
@@ -122,6 +125,9 @@ class Runtime:
             client_id=self.settings.mqtt.client_id,
             protocol=self.settings.mqtt.protocol,
             keepalive_s=self.settings.mqtt.keepalive_s,
+            subscriptions=[
+                topic for topic in CONTROLLER_SUBSCRIPTIONS if not (workers and topic.endswith("/telemetry"))
+            ],
         )
         await self.driver.__aenter__()
         router = self.wired_zones = WiredZoneRouter(self.driver, self.modbus_driver, signs=self.serial_signs)
@@ -165,6 +171,21 @@ class Runtime:
         await asyncio.to_thread(rules.load)
         await asyncio.to_thread(self.telemetry.load)
         self.telemetry.add_listener(rules.observe)
+        if workers:
+            ingest = self.ingest = IngestWorkers(
+                workers,
+                database_url=self.settings.database.url,
+                broker_url=url,
+                username=username,
+                password=password,
+                client_id=self.settings.mqtt.client_id,
+                telemetry=self.settings.telemetry,
+                logging=self.settings.logging,
+                on_reading=rules.observe,
+            )
+            ingest.watch(rules.watched_metrics)
+            rules.on_watch_changed = ingest.watch
+            await ingest.start()
         webhooks = AlertWebhooks(self.bus, self.settings.alerts, self.clock, progress=self._alerts.progress)
         self._alerts.on_dispatched = webhooks.watch
         for alert_id, broadcast_id, url in await asyncio.to_thread(self._alerts.webhooks_to_resume):
@@ -261,6 +282,8 @@ class Runtime:
         for sensors in self.field_sensors.values():
             await sensors.stop()
         await self.serial_signs.stop()
+        if self.ingest is not None:
+            await self.ingest.stop()
         if self._dispatcher is not None:
             await self._dispatcher.close()
         await self.tracker.flush()
@@ -320,6 +343,8 @@ class Runtime:
     ) -> None:
         self.directory.put(transport, address, device_id)
         self.telemetry.device_changed(device_id, config or {})
+        if self.ingest is not None:
+            self.ingest.devices_changed()
         if self._inbound is not None and transport == "mqtt":
             self._inbound.device_registered(address)
         if transport == SERIAL:
@@ -337,6 +362,8 @@ class Runtime:
     def device_removed(self, device_id: str) -> None:
         self.directory.remove(device_id)
         self.telemetry.device_changed(device_id, None)
+        if self.ingest is not None:
+            self.ingest.devices_changed()
         for sensors in self.field_sensors.values():
             self._in_background(sensors.device_changed(device_id, "", None))
         self._in_background(self.serial_signs.device_changed(device_id, "", None))

@@ -205,6 +205,9 @@ class TelemetrySettings(_Section):
     maintenance_interval_s: Annotated[int, Field(ge=1, le=86_400)] = 600
     # The most points one telemetry request may return (raw readings or buckets).
     max_points: Annotated[int, Field(ge=100, le=1_000_000)] = 10_000
+    # Processes that take MQTT telemetry off the controller's event loop (a shared subscription splits
+    # the sensors between them); 0 keeps it in the controller's process.
+    ingest_workers: Annotated[int, Field(ge=0, le=32)] = 1
 
     @model_validator(mode="after")
     def _buckets_fit_in_the_raw_window(self) -> Self:

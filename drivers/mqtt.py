@@ -18,7 +18,7 @@ import asyncio
 import copy
 import math
 import random
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from types import TracebackType
@@ -230,8 +230,12 @@ class MqttDriver:
         session_expiry_s: int = 86_400,
         connect_timeout_s: float = 10.0,
         clock: Callable[[], datetime] = utc_now,
+        subscriptions: Sequence[str] = CONTROLLER_SUBSCRIPTIONS,
     ) -> None:
         self._host, self._port = parse_broker_url(url)
+        unknown = set(subscriptions) - set(CONTROLLER_SUBSCRIPTIONS)
+        if unknown or not subscriptions:
+            raise ValueError(f"subscriptions: expected some of {list(CONTROLLER_SUBSCRIPTIONS)}")
         if not client_id:
             raise ValueError("client_id is required: a persistent session is keyed by it")
         if protocol not in ("3.1.1", "5"):
@@ -254,6 +258,7 @@ class MqttDriver:
         self._session_expiry_s = session_expiry_s
         self._connect_timeout_s = connect_timeout_s
         self._clock = clock
+        self._subscriptions = tuple(subscriptions)
         self._events: asyncio.Queue[InboundEvent | None] = asyncio.Queue()
         self._up = asyncio.Event()
         self._listeners: list[LinkListener] = []
@@ -456,7 +461,7 @@ class MqttDriver:
             queue_type=self._inbox_type,
         )
         # aiomqtt warns on every publish beyond 10 pending ones; our window is the back-pressure.
-        client.pending_calls_threshold = self._max_inflight + len(CONTROLLER_SUBSCRIPTIONS)
+        client.pending_calls_threshold = self._max_inflight + len(CONTROLLER_SUBSCRIPTIONS) + 1
         return client
 
     async def _maintain_link(self) -> None:
@@ -527,13 +532,17 @@ class MqttDriver:
             self._events.put_nowait(event)
 
     async def _subscribe(self, client: _Client) -> None:
-        granted = await client.subscribe([(topic, 1) for topic in CONTROLLER_SUBSCRIPTIONS])
+        topics = self._subscriptions
+        granted = await client.subscribe([(topic, 1) for topic in topics])
         codes: list[int | ReasonCode] = list(granted)
-        refused = [
-            topic for topic, code in zip(CONTROLLER_SUBSCRIPTIONS, codes, strict=False) if _is_refusal(code)
-        ]
-        if refused or len(codes) != len(CONTROLLER_SUBSCRIPTIONS):
-            raise _SubscriptionRefusedError(f"the broker refused {refused or list(CONTROLLER_SUBSCRIPTIONS)}")
+        refused = [topic for topic, code in zip(topics, codes, strict=False) if _is_refusal(code)]
+        if refused or len(codes) != len(topics):
+            raise _SubscriptionRefusedError(f"the broker refused {refused or list(topics)}")
+        # The persistent session keeps what an earlier run subscribed to (telemetry, before ingest
+        # workers took it over): leave what this run does not want.
+        dropped = [topic for topic in CONTROLLER_SUBSCRIPTIONS if topic not in topics]
+        if dropped:
+            await client.unsubscribe(dropped)
 
     def _open_link(self, client: _Client, failures: int) -> _Link:
         window = self._max_inflight

@@ -16,6 +16,9 @@ from drivers import alpha_codec as codec
 from firmware_sim.alpha_sign import (
     STATUS_CHECKSUM,
     STATUS_OK,
+    Allocation,
+    Command,
+    Frame,
     FrameReader,
     LineCounters,
     SignConfig,
@@ -34,10 +37,36 @@ def packet(*commands: bytes, address: str = SIGN) -> bytes:
     return codec.encode_packet(address, *commands)
 
 
+# The specification's examples are all written to every sign ("Z00"); all but the 01FB one go without
+# a checksum (tests/golden/alpha/README.md says which bytes are quoted and which assumed).
+SPEC_ADDRESS = "00"
+
+
+def spec_packet(command: bytes, *, with_checksum: bool = False) -> bytes:
+    return codec.encode_packet(SPEC_ADDRESS, command, with_checksum=with_checksum)
+
+
 TINY_PICTURE = codec.DotsPicture(("01110", "10001", "01110"))
 
 REQUESTS: dict[str, Callable[[], bytes]] = {
-    "spec-f-write-text-hello.bin": lambda: packet(codec.write_text("A", b"HELLO", mode=None), address="00"),
+    "spec-f-write-text-hello.bin": lambda: spec_packet(
+        codec.write_text("A", b"HELLO", mode=None), with_checksum=True
+    ),
+    "spec-f-write-text-hello-no-checksum.bin": lambda: spec_packet(
+        codec.write_text("A", b"HELLO", mode=None)
+    ),
+    "spec-f-write-text-d-rotate-bottom.bin": lambda: spec_packet(
+        codec.write_text("D", b"HELLO", position=codec.Position.BOTTOM, mode=codec.Mode.ROTATE)
+    ),
+    "spec-d-configure-text-and-string.bin": lambda: spec_packet(
+        codec.configure_memory(
+            [
+                codec.FileAllocation("A", codec.FileKind.TEXT, size=0x400),
+                codec.FileAllocation("1", codec.FileKind.STRING, size=0x20),
+            ]
+        )
+    ),
+    "spec-d-write-string-1.bin": lambda: spec_packet(codec.write_string("1", b"364")),
     "profile-priority-text.bin": lambda: packet(
         codec.write_text("0", codec.coloured(b"FLOOD: LEAVE NOW", codec.Colour.RED), mode=codec.Mode.ROTATE)
     ),
@@ -83,16 +112,80 @@ def test_the_encoder_produces_the_golden_packets(name: str) -> None:
     assert REQUESTS[name]() == golden(name)
 
 
-@pytest.mark.parametrize("name", sorted(REQUESTS))
+@pytest.mark.parametrize("name", sorted(name for name in REQUESTS if name.startswith("profile-")))
 def test_the_simulator_parses_the_golden_packets(name: str) -> None:
     counters = LineCounters()
     frames = FrameReader(counters).feed(golden(name))
     assert len(frames) == 1
     (frame,) = frames
     assert frame.type_code == "Z"
-    assert frame.address == ("00" if name.startswith("spec-") else SIGN)
+    assert frame.address == SIGN
     assert all(command.checksum_ok for command in frame.commands)
     assert counters.garbage_bytes == counters.partial_frames == counters.malformed_frames == 0
+
+
+def _spec_frame(code: str, data: bytes, *, checksum_ok: bool | None = None) -> Frame:
+    return Frame(type_code="Z", address=SPEC_ADDRESS, commands=(Command(code, data, checksum_ok),))
+
+
+# What each of the specification's examples means, as the simulator's own reader must see it:
+# `checksum_ok` is True where the example carries a checksum, None where it carries none.
+SPEC_FRAMES: dict[str, Frame] = {
+    "spec-f-write-text-hello.bin": _spec_frame("A", b"AHELLO", checksum_ok=True),
+    "spec-f-write-text-hello-no-checksum.bin": _spec_frame("A", b"AHELLO"),
+    "spec-f-write-text-d-rotate-bottom.bin": _spec_frame("A", b"D\x1b&aHELLO"),
+    "spec-d-configure-text-and-string.bin": _spec_frame("E", b"$AAU0400FF001BL00200000"),
+    "spec-d-write-string-1.bin": _spec_frame("G", b"1364"),
+}
+
+
+def test_every_spec_golden_file_has_its_meaning_written_down() -> None:
+    assert set(SPEC_FRAMES) == {name for name in REQUESTS if name.startswith("spec-")}
+
+
+@pytest.mark.parametrize("name", sorted(SPEC_FRAMES))
+def test_the_simulator_reads_each_spec_example_as_the_spec_means_it(name: str) -> None:
+    counters = LineCounters()
+    assert FrameReader(counters).feed(golden(name)) == [SPEC_FRAMES[name]]
+    assert counters.garbage_bytes == counters.partial_frames == counters.malformed_frames == 0
+
+
+def _broadcast(sign: SimulatedSign, data: bytes) -> None:
+    """Hands a packet to `sign` as the line does a broadcast: executed, never answered."""
+    (frame,) = FrameReader(LineCounters()).feed(data)
+    assert sign.accepts(frame)
+    assert sign.handle(frame, answer=False) == []
+    assert sign.counters.naks == 0
+
+
+@pytest.mark.parametrize("name", ["spec-f-write-text-hello.bin", "spec-f-write-text-hello-no-checksum.bin"])
+def test_the_spec_hello_shows_hello_with_or_without_its_checksum(name: str) -> None:
+    sign = SimulatedSign(SignConfig(SIGN), clock=lambda: 0.0)
+    _broadcast(sign, golden(name))  # TEXT file A needs no memory configuration
+    assert sign.text_file("A") == b"HELLO"
+    assert sign.current_text() == "HELLO"
+
+
+def test_the_spec_rotate_example_writes_text_file_d_at_the_bottom_in_rotate() -> None:
+    sign = SimulatedSign(SignConfig(SIGN), clock=lambda: 0.0)
+    allocate_d = codec.configure_memory([codec.FileAllocation("D", codec.FileKind.TEXT, size=64)])
+    _broadcast(sign, spec_packet(allocate_d))
+    _broadcast(sign, golden("spec-f-write-text-d-rotate-bottom.bin"))
+    assert sign.text_file("D") == b"\x1b&aHELLO"  # ESC, bottom line (26H), ROTATE (61H)
+    assert sign.current_text() == "HELLO"
+
+
+def test_the_spec_string_example_allocates_updates_and_shows_string_1() -> None:
+    sign = SimulatedSign(SignConfig(SIGN), clock=lambda: 0.0)
+    _broadcast(sign, golden("spec-d-configure-text-and-string.bin"))
+    assert sign.allocations == (
+        Allocation("A", "A", locked=False, size=0x400, height=0, width=0, qualifier="FF00"),
+        Allocation("1", "B", locked=True, size=0x20, height=0, width=0, qualifier="0000"),
+    )
+    # Between the spec's steps 1 and 3, TEXT file A calls STRING file 1 (10H "1"); our own bytes.
+    _broadcast(sign, spec_packet(codec.write_text("A", bytes([codec.CALL_STRING]) + b"1")))
+    _broadcast(sign, golden("spec-d-write-string-1.bin"))
+    assert sign.current_text() == "364"
 
 
 def _configured_sign(now: list[float] | None = None) -> SimulatedSign:

@@ -3,16 +3,14 @@ end to end: a real Mosquitto (auth + ACL), the controller, a simulated fleet, SQ
 
 from __future__ import annotations
 
-import json
-import threading
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-import paho.mqtt.client as paho
 import pytest
 
 from tests.support.broker import TestBroker
+from tests.support.mqtt_sensor import SensorClient
 from tests.support.scenario import all_ended, seed
 from tests.support.system import ControllerHandle, EventWatcher, FleetHandle, wait_until
 
@@ -21,38 +19,6 @@ pytestmark = pytest.mark.integration
 SENSOR_ADDRESS = "river-1"
 T0 = datetime(2026, 11, 24, 6, 0, tzinfo=UTC)
 WAIT_S = 30.0
-
-
-class SensorClient:
-    """A sensor as the broker sees it: its own client id, the device account, publishing telemetry."""
-
-    def __init__(self, broker: TestBroker, address: str) -> None:
-        self._address = address
-        self._client = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id=address)
-        self._client.username_pw_set(broker.device.username, broker.device.password)
-        connected = threading.Event()
-        self._client.on_connect = lambda *_args: connected.set()
-        self._client.connect(broker.host, broker.port)
-        self._client.loop_start()
-        assert connected.wait(WAIT_S), "the sensor did not connect"
-
-    def readings(self, at: datetime, **values: float) -> None:
-        document = {
-            "v": 1,
-            "at": at.isoformat().replace("+00:00", "Z"),
-            "readings": [{"metric": metric, "value": value} for metric, value in values.items()],
-        }
-        info = self._client.publish(f"wardcast/v1/dev/{self._address}/telemetry", json.dumps(document), qos=1)
-        info.wait_for_publish(WAIT_S)
-
-    def raw(self, payload: bytes) -> None:
-        self._client.publish(f"wardcast/v1/dev/{self._address}/telemetry", payload, qos=1).wait_for_publish(
-            WAIT_S
-        )
-
-    def close(self) -> None:
-        self._client.loop_stop()
-        self._client.disconnect()
 
 
 @pytest.fixture
@@ -164,6 +130,10 @@ def test_a_rising_river_raises_an_alarm_whose_draft_an_operator_approves_and_the
         )
         second = next(e for e in alarm_events(watcher.events, at_once_rule["id"]) if e["alert_id"])
         assert "sent to 1 devices" in second["detail"]
+        wait_until(
+            lambda: any(p["address"] == "b2-1" and p["event"] == "playing" for p in fleet.plays()),
+            "the second rule's drill playing on hn.b.t2",
+        )
 
         # Down to 3.1: the first still holds (hysteresis), the second clears; at 2.9 both have cleared.
         sensor.readings(T0 + timedelta(minutes=4), water_level=3.1)

@@ -59,8 +59,15 @@ async def pipeline(database_url: str) -> AsyncIterator[TelemetryPipeline]:  # no
         engine.dispose()
 
 
+def reconfigured(telemetry: TelemetryPipeline, settings: TelemetrySettings) -> TelemetryPipeline:
+    """Another pipeline on the same database, with other settings."""
+    other = TelemetryPipeline(telemetry.store._engine, SteppedClock(), settings)
+    other.load()
+    return other
+
+
 def count_rows(telemetry: TelemetryPipeline, table: type[TelemetryRow] | type[TelemetryRollupRow]) -> int:
-    with Session(telemetry._engine) as session:
+    with Session(telemetry.store._engine) as session:
         return session.exec(select(func.count()).select_from(table)).one()
 
 
@@ -75,7 +82,7 @@ async def test_readings_are_stored_in_batches_with_the_latest_value_per_metric(
     await pipeline.flush()
     assert pipeline.written == 251
     assert count_rows(pipeline, TelemetryRow) == 251
-    latest = {m["metric"]: m for m in pipeline.latest(SENSOR)}
+    latest = {m["metric"]: m for m in pipeline.store.latest(SENSOR)}
     assert latest["water_level"]["value"] == pytest.approx(1.249)
     assert latest["water_level"]["unit"] == "m"  # from the device's configuration
     assert latest["water_level"]["at"] == "2026-11-24T00:04:09Z"
@@ -84,7 +91,7 @@ async def test_readings_are_stored_in_batches_with_the_latest_value_per_metric(
     # A late reading does not replace a newer latest value.
     pipeline.accept(SENSOR, "water_level", 0.5, None, T0)
     await pipeline.flush()
-    latest = {m["metric"]: m for m in pipeline.latest(SENSOR)}
+    latest = {m["metric"]: m for m in pipeline.store.latest(SENSOR)}
     assert latest["water_level"]["value"] == pytest.approx(1.249)
 
 
@@ -99,7 +106,7 @@ async def test_a_reading_out_of_its_physical_range_is_refused_counted_and_marks_
     assert not pipeline.accept(SENSOR, "rainfall", 1.0, "a unit far too long to store", T0)
     await pipeline.flush()
     assert count_rows(pipeline, TelemetryRow) == 1  # only the good one
-    water = next(m for m in pipeline.latest(SENSOR) if m["metric"] == "water_level")
+    water = next(m for m in pipeline.store.latest(SENSOR) if m["metric"] == "water_level")
     assert water["value"] == 1.8
     assert water["rejected_count"] == 3
     assert water["degraded"]
@@ -107,7 +114,7 @@ async def test_a_reading_out_of_its_physical_range_is_refused_counted_and_marks_
     # A good reading afterwards: healthy again, the count stays as history.
     pipeline.accept(SENSOR, "water_level", 1.9, None, T0 + timedelta(seconds=4))
     await pipeline.flush()
-    water = next(m for m in pipeline.latest(SENSOR) if m["metric"] == "water_level")
+    water = next(m for m in pipeline.store.latest(SENSOR) if m["metric"] == "water_level")
     assert not water["degraded"] and water["rejected_count"] == 3
 
 
@@ -115,7 +122,7 @@ async def test_raw_and_bucketed_series(pipeline: TelemetryPipeline) -> None:
     for minute in range(20):
         pipeline.accept(SENSOR, "water_level", minute / 2, None, T0 + timedelta(minutes=minute))
     await pipeline.flush()
-    raw = pipeline.series(SENSOR, start=T0, end=T0 + timedelta(minutes=3), step_s=None)
+    raw = pipeline.store.series(SENSOR, start=T0, end=T0 + timedelta(minutes=3), step_s=None)
     assert raw["series"] == [
         {
             "metric": "water_level",
@@ -127,17 +134,17 @@ async def test_raw_and_bucketed_series(pipeline: TelemetryPipeline) -> None:
             ],
         }
     ]
-    buckets = pipeline.series(SENSOR, start=T0, end=T0 + timedelta(hours=1), step_s=600)
+    buckets = pipeline.store.series(SENSOR, start=T0, end=T0 + timedelta(hours=1), step_s=600)
     (series,) = buckets["series"]
     assert series["points"] == [
         {"at": "2026-11-24T00:00:00Z", "mean": 2.25, "min": 0.0, "max": 4.5, "count": 10},
         {"at": "2026-11-24T00:10:00Z", "mean": 7.25, "min": 5.0, "max": 9.5, "count": 10},
     ]
     with pytest.raises(TelemetryQueryError) as caught:
-        pipeline.series(SENSOR, start=T0, end=T0 + timedelta(days=365), step_s=1)
+        pipeline.store.series(SENSOR, start=T0, end=T0 + timedelta(days=365), step_s=1)
     assert caught.value.field == "step"
     with pytest.raises(TelemetryQueryError) as caught:
-        pipeline.series(SENSOR, start=T0, end=T0, step_s=None)
+        pipeline.store.series(SENSOR, start=T0, end=T0, step_s=None)
     assert caught.value.field == "to"
 
 
@@ -147,12 +154,12 @@ async def test_old_readings_are_folded_into_buckets_and_queries_see_both(pipelin
         pipeline.accept(SENSOR, "water_level", float(minute % 10), None, T0 + timedelta(minutes=minute))
     await pipeline.flush()
     now = T0 + timedelta(days=2)
-    folded, removed = pipeline.maintain(now)
+    folded, removed = pipeline.store.maintain(now)
     assert folded == 24 * 60 and removed == 0
     assert count_rows(pipeline, TelemetryRow) == 24 * 60
     assert count_rows(pipeline, TelemetryRollupRow) == 24 * 60 // 5
     # The whole two days in hours: the first day from buckets, the second from raw readings, alike.
-    hours = pipeline.series(SENSOR, start=T0, end=now, step_s=3600)["series"][0]["points"]
+    hours = pipeline.store.series(SENSOR, start=T0, end=now, step_s=3600)["series"][0]["points"]
     assert len(hours) == 48
     assert all(h["count"] == 60 and h["mean"] == pytest.approx(4.5) for h in hours)
     assert all(h["min"] == 0.0 and h["max"] == 9.0 for h in hours)
@@ -161,8 +168,8 @@ async def test_old_readings_are_folded_into_buckets_and_queries_see_both(pipelin
     pipeline.accept(SENSOR, "water_level", 100.0 / 20, None, T0 + timedelta(seconds=30))
     pipeline.accept(SENSOR, "water_level", 9.5, None, T0 + timedelta(seconds=40))
     await pipeline.flush()
-    pipeline.maintain(now)
-    first = pipeline.series(SENSOR, start=T0, end=T0 + timedelta(minutes=5), step_s=300)["series"][0][
+    pipeline.store.maintain(now)
+    first = pipeline.store.series(SENSOR, start=T0, end=T0 + timedelta(minutes=5), step_s=300)["series"][0][
         "points"
     ]
     assert first == [
@@ -170,14 +177,16 @@ async def test_old_readings_are_folded_into_buckets_and_queries_see_both(pipelin
     ]
 
     # Buckets past their own retention go.
-    pipeline._settings = TelemetrySettings(raw_retention_hours=24, rollup_step_s=300, rollup_retention_days=1)
+    short = reconfigured(
+        pipeline, TelemetrySettings(raw_retention_hours=24, rollup_step_s=300, rollup_retention_days=1)
+    )
     # A day later the second day is folded too, and both days of buckets are past one day's retention.
-    assert pipeline.maintain(now + timedelta(days=1)) == (24 * 60, 2 * 24 * 60 // 5)
+    assert short.store.maintain(now + timedelta(days=1)) == (24 * 60, 2 * 24 * 60 // 5)
     assert count_rows(pipeline, TelemetryRollupRow) == 0
 
 
 async def test_the_backlog_is_bounded_and_says_so(pipeline: TelemetryPipeline) -> None:
-    pipeline._settings = TelemetrySettings(max_pending=1000, batch_size=5000)
+    pipeline = reconfigured(pipeline, TelemetrySettings(max_pending=1000, batch_size=5000))
     accepted = sum(
         pipeline.accept(SENSOR, "rainfall", 1.0, None, T0 + timedelta(milliseconds=i)) for i in range(1500)
     )

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -80,6 +81,16 @@ class RuleEngine:
         self._changes: asyncio.Queue[_Change] = asyncio.Queue(maxsize=_MAX_QUEUED_TRANSITIONS)
         self._idle = asyncio.Event()
         self._idle.set()
+        self.on_watch_changed: Callable[[Iterable[tuple[str, str]]], None] | None = None
+        """Hears the (device, metric) pairs that rules watch whenever they change (ingest workers)."""
+
+    @property
+    def watched_metrics(self) -> Iterable[tuple[str, str]]:
+        return self._index.by_metric.keys()
+
+    def _watch_changed(self) -> None:
+        if self.on_watch_changed is not None:
+            self.on_watch_changed(self.watched_metrics)
 
     # -- the rules in memory ---------------------------------------------------------------------
     def load(self) -> None:
@@ -93,6 +104,7 @@ class RuleEngine:
         self._index = _Index()
         for rule in rules:
             self._watch(rule, active.get(rule.id))
+        self._watch_changed()
 
     def _watch(self, rule: RuleRow, alarm_id: str | None) -> None:
         tracker = ThresholdTracker(_threshold(rule), active=alarm_id is not None)
@@ -116,9 +128,11 @@ class RuleEngine:
         earlier = self._unwatch(rule.id)
         if rule.enabled:
             self._watch(rule, earlier.alarm_id if earlier else self._active_alarm(rule.id))
+        self._watch_changed()
 
     def rule_removed(self, rule_id: str) -> None:
         self._unwatch(rule_id)
+        self._watch_changed()
 
     def _active_alarm(self, rule_id: str) -> str | None:
         with Session(self._engine) as session:

@@ -59,7 +59,7 @@ class TelemetryQueryError(ServiceError):
 
 
 @dataclass(frozen=True, slots=True)
-class _Reading:
+class Reading:
     device_id: str
     metric: str
     value: float
@@ -74,26 +74,25 @@ class _Rejection:
     reason: str
 
 
-class TelemetryPipeline:
-    def __init__(self, engine: Engine, clock: Clock, settings: TelemetrySettings) -> None:
-        self._engine = engine
-        self._clock = clock
+Rejections = dict[tuple[str, str], _Rejection]
+
+
+class ReadingQueue:
+    """Range checks and the queue of readings waiting to be written: no I/O, no event loop.
+
+    The controller's pipeline and the ingest worker processes (controller/ingest_worker.py) share it;
+    it is not thread-safe, its owner serialises access.
+    """
+
+    def __init__(self, settings: TelemetrySettings) -> None:
         self._settings = settings
         self._specs: dict[str, dict[str, MetricSpec]] = {}
-        self._pending: list[_Reading] = []
-        self._rejections: dict[tuple[str, str], _Rejection] = {}
-        self._wake = asyncio.Event()
-        self._idle = asyncio.Event()
-        self._idle.set()
+        self.pending: list[Reading] = []
+        self.rejections: Rejections = {}
         self._dropping = False
-        self._listeners: list[ReadingListener] = []
-        self.written = 0
-        """Readings stored so far (for benchmarks and tests)."""
 
-    # -- configuration ---------------------------------------------------------------------------
-    def load(self) -> None:
-        with Session(self._engine) as session:
-            rows = session.exec(select(DeviceRow.id, DeviceRow.config)).all()
+    def load(self, rows: Iterable[tuple[str, Mapping[str, Any] | None]]) -> None:
+        """(device id, stored configuration) of every device."""
         self._specs = {device_id: metric_specs(config or {}) for device_id, config in rows}
 
     def device_changed(self, device_id: str, config: Mapping[str, Any] | None) -> None:
@@ -102,13 +101,8 @@ class TelemetryPipeline:
         else:
             self._specs[device_id] = metric_specs(config)
 
-    def add_listener(self, listener: ReadingListener) -> None:
-        """`listener(device_id, metric, value, at)` hears every accepted reading (the rules)."""
-        self._listeners.append(listener)
-
-    # -- intake ----------------------------------------------------------------------------------
     def accept(self, device_id: str, metric: str, value: float, unit: str | None, at: datetime) -> bool:
-        """Take one reading; False when it was refused (out of range, or the queue is full)."""
+        """Queue one reading; False when it was refused (out of range, or the queue is full)."""
         if not _METRIC.fullmatch(metric):
             READINGS.labels("rejected").inc()
             log.warning("sensor reading with an unusable metric name refused", device_id=device_id)
@@ -120,86 +114,80 @@ class TelemetryPipeline:
         if problem is not None:
             self.reject(device_id, metric, problem, at)
             return False
-        if len(self._pending) >= self._settings.max_pending:
+        if len(self.pending) >= self._settings.max_pending:
             READINGS.labels("dropped").inc()
             if not self._dropping:
                 self._dropping = True
                 log.error(
                     "telemetry backlog full: readings are dropped until the database catches up",
-                    pending=len(self._pending),
+                    pending=len(self.pending),
                 )
             return False
         if spec is not None and spec.unit is not None:
             unit = spec.unit
-        self._pending.append(_Reading(device_id, metric, value, unit, epoch_ms(at)))
+        self.pending.append(Reading(device_id, metric, value, unit, epoch_ms(at)))
         _ACCEPTED.inc()
-        self._idle.clear()
-        if len(self._pending) >= self._settings.batch_size:
-            self._wake.set()
-        for listener in self._listeners:
-            listener(device_id, metric, value, at)
         return True
 
     def reject(self, device_id: str, metric: str, reason: str, at: datetime) -> None:
         """A reading that cannot be true: counted and kept as the metric's last refusal, never stored."""
         READINGS.labels("rejected").inc()
         key = (device_id, metric)
-        earlier = self._rejections.get(key)
+        earlier = self.rejections.get(key)
         if earlier is None:
             log.warning("sensor reading refused", device_id=device_id, metric=metric, reason=reason)
-            self._rejections[key] = _Rejection(1, at, reason)
+            self.rejections[key] = _Rejection(1, at, reason)
         else:
             earlier.count += 1
             earlier.at, earlier.reason = at, reason
-        self._idle.clear()
-        self._wake.set()
 
-    # -- writing ---------------------------------------------------------------------------------
-    async def run(self) -> None:
-        """Write batches, and fold and expire old readings every `maintenance_interval_s`."""
-        next_maintenance = time.monotonic() + self._settings.maintenance_interval_s
-        while True:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), timeout=self._settings.flush_interval_s)
-            self._wake.clear()
-            await self.flush()
-            if time.monotonic() >= next_maintenance:
-                next_maintenance = time.monotonic() + self._settings.maintenance_interval_s
-                try:
-                    await asyncio.to_thread(self.maintain)
-                except SQLAlchemyError:
-                    log.exception("telemetry retention pass failed; it runs again later")
+    @property
+    def has_work(self) -> bool:
+        return bool(self.pending or self.rejections)
 
-    async def flush(self) -> None:
-        """Write everything accepted so far (a failed write keeps the readings for the next try)."""
-        while self._pending or self._rejections:
-            batch = self._pending[: self._settings.batch_size]
-            rejections = self._rejections
-            self._rejections = {}
-            try:
-                await asyncio.to_thread(self._write, batch, rejections)
-            except SQLAlchemyError:
-                for key, rejection in rejections.items():
-                    self._rejections.setdefault(key, rejection)
-                log.exception("writing readings failed; retrying", batch=len(batch))
-                await asyncio.sleep(self._settings.flush_interval_s)
-                continue
-            del self._pending[: len(batch)]
-            self.written += len(batch)
-            WRITTEN.inc(len(batch))
-            PENDING.set(len(self._pending))
-            if self._dropping and len(self._pending) < self._settings.max_pending // 2:
-                self._dropping = False
-                log.info("telemetry backlog drained; readings are accepted again")
-        self._idle.set()
+    def take(self) -> tuple[list[Reading], Rejections]:
+        """The next batch and the refusals so far, removed from the queue (`put_back` on failure)."""
+        size = self._settings.batch_size
+        batch, self.pending = self.pending[:size], self.pending[size:]
+        rejections, self.rejections = self.rejections, {}
+        return batch, rejections
 
-    async def wait_written(self, timeout: float) -> None:
-        """Until every reading accepted so far is stored (tests, benchmarks, shutdown)."""
-        self._wake.set()
-        await asyncio.wait_for(self._idle.wait(), timeout)
+    def put_back(self, batch: list[Reading], rejections: Rejections) -> None:
+        """A batch whose write failed goes back to the front, ahead of what arrived meanwhile."""
+        self.pending[:0] = batch
+        for key, rejection in rejections.items():
+            newer = self.rejections.get(key)
+            if newer is None:
+                self.rejections[key] = rejection
+            else:
+                newer.count += rejection.count
 
-    def _write(self, batch: list[_Reading], rejections: Mapping[tuple[str, str], _Rejection]) -> None:
-        latest: dict[tuple[str, str], _Reading] = {}
+    def written(self, count: int) -> None:
+        WRITTEN.inc(count)
+        PENDING.set(len(self.pending))
+        if self._dropping and len(self.pending) < self._settings.max_pending // 2:
+            self._dropping = False
+            log.info("telemetry backlog drained; readings are accepted again")
+
+
+class TelemetryStore:
+    """The telemetry tables: batch writes, retention, and reading back. Synchronous (worker threads)."""
+
+    def __init__(self, engine: Engine, clock: Clock, settings: TelemetrySettings) -> None:
+        self._engine = engine
+        self._clock = clock
+        self._settings = settings
+
+    def device_configs(self) -> list[tuple[str, Mapping[str, Any] | None]]:
+        with Session(self._engine) as session:
+            return [
+                (device_id, config)
+                for device_id, config in session.exec(select(DeviceRow.id, DeviceRow.config))
+            ]
+
+    def write(self, batch: list[Reading], rejections: Mapping[tuple[str, str], _Rejection]) -> None:
+        """One transaction: the raw rows, the latest value per metric, and the refusals."""
+        latest: dict[tuple[str, str], Reading] = {}
         for reading in batch:
             key = (reading.device_id, reading.metric)
             known = latest.get(key)
@@ -207,22 +195,35 @@ class TelemetryPipeline:
                 latest[key] = reading
         with Session(self._engine) as session:
             if batch:
-                session.execute(
-                    insert(TelemetryRow),
-                    [
-                        {"device_id": r.device_id, "metric": r.metric, "at_ms": r.at_ms, "value": r.value}
-                        for r in batch
-                    ],
-                )
+                self._insert_raw(session, batch)
             self._upsert_latest(session, latest.values())
             self._upsert_rejections(session, rejections)
             session.commit()
+
+    def _insert_raw(self, session: Session, batch: list[Reading]) -> None:
+        if session.get_bind().dialect.name == "postgresql":
+            # COPY streams the rows in one round trip; an INSERT per row costs ~3 × more.
+            driver_connection: Any = session.connection().connection.driver_connection
+            with (
+                driver_connection.cursor() as cursor,
+                cursor.copy("COPY telemetry (device_id, metric, at_ms, value) FROM STDIN") as copy,
+            ):
+                for r in batch:
+                    copy.write_row((r.device_id, r.metric, r.at_ms, r.value))
+            return
+        session.execute(
+            insert(TelemetryRow.__table__),  # type: ignore[attr-defined]
+            [
+                {"device_id": r.device_id, "metric": r.metric, "at_ms": r.at_ms, "value": r.value}
+                for r in batch
+            ],
+        )
 
     def _insert(self, session: Session) -> Any:
         dialect = session.get_bind().dialect.name
         return postgresql.insert if dialect == "postgresql" else sqlite.insert
 
-    def _upsert_latest(self, session: Session, readings: Iterable[_Reading]) -> None:
+    def _upsert_latest(self, session: Session, readings: Iterable[Reading]) -> None:
         rows = [
             {
                 "device_id": r.device_id,
@@ -508,6 +509,91 @@ class TelemetryPipeline:
                 }
             )
         return series
+
+
+class TelemetryPipeline:
+    """Readings of the controller's own drivers (Modbus, CoAP, serial, and MQTT when no ingest worker
+    runs): checked and queued on the event loop, written in batches by a worker thread."""
+
+    def __init__(self, engine: Engine, clock: Clock, settings: TelemetrySettings) -> None:
+        self._settings = settings
+        self.queue = ReadingQueue(settings)
+        self.store = TelemetryStore(engine, clock, settings)
+        self._wake = asyncio.Event()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._listeners: list[ReadingListener] = []
+        self.written = 0
+        """Readings stored so far (for benchmarks and tests)."""
+
+    # -- configuration ---------------------------------------------------------------------------
+    def load(self) -> None:
+        self.queue.load(self.store.device_configs())
+
+    def device_changed(self, device_id: str, config: Mapping[str, Any] | None) -> None:
+        self.queue.device_changed(device_id, config)
+
+    def add_listener(self, listener: ReadingListener) -> None:
+        """`listener(device_id, metric, value, at)` hears every accepted reading (the rules)."""
+        self._listeners.append(listener)
+
+    # -- intake ----------------------------------------------------------------------------------
+    def accept(self, device_id: str, metric: str, value: float, unit: str | None, at: datetime) -> bool:
+        """Take one reading; False when it was refused (out of range, or the queue is full)."""
+        if not self.queue.accept(device_id, metric, value, unit, at):
+            self._wake_writer()
+            return False
+        self._idle.clear()
+        if len(self.queue.pending) >= self._settings.batch_size:
+            self._wake.set()
+        for listener in self._listeners:
+            listener(device_id, metric, value, at)
+        return True
+
+    def reject(self, device_id: str, metric: str, reason: str, at: datetime) -> None:
+        self.queue.reject(device_id, metric, reason, at)
+        self._wake_writer()
+
+    def _wake_writer(self) -> None:
+        if self.queue.rejections:
+            self._idle.clear()
+            self._wake.set()
+
+    # -- writing ---------------------------------------------------------------------------------
+    async def run(self) -> None:
+        """Write batches, and fold and expire old readings every `maintenance_interval_s`."""
+        next_maintenance = time.monotonic() + self._settings.maintenance_interval_s
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), timeout=self._settings.flush_interval_s)
+            self._wake.clear()
+            await self.flush()
+            if time.monotonic() >= next_maintenance:
+                next_maintenance = time.monotonic() + self._settings.maintenance_interval_s
+                try:
+                    await asyncio.to_thread(self.store.maintain)
+                except SQLAlchemyError:
+                    log.exception("telemetry retention pass failed; it runs again later")
+
+    async def flush(self) -> None:
+        """Write everything accepted so far (a failed write keeps the readings for the next try)."""
+        while self.queue.has_work:
+            batch, rejections = self.queue.take()
+            try:
+                await asyncio.to_thread(self.store.write, batch, rejections)
+            except SQLAlchemyError:
+                self.queue.put_back(batch, rejections)
+                log.exception("writing readings failed; retrying", batch=len(batch))
+                await asyncio.sleep(self._settings.flush_interval_s)
+                continue
+            self.written += len(batch)
+            self.queue.written(len(batch))
+        self._idle.set()
+
+    async def wait_written(self, timeout: float) -> None:
+        """Until every reading accepted so far is stored (tests, benchmarks, shutdown)."""
+        self._wake.set()
+        await asyncio.wait_for(self._idle.wait(), timeout)
 
 
 def _affected(result: Any) -> int:

@@ -67,7 +67,7 @@ async def device_telemetry(
         _visible_device(runtime, principal, device_id)
         to = end or runtime.clock.now()
         since = start or to - _DEFAULT_RANGE
-        return runtime.telemetry.series(
+        return runtime.telemetry.store.series(
             device_id, start=since, end=to, step_s=step_s, metrics=frozenset(metric or ())
         )
 
@@ -78,7 +78,7 @@ async def device_telemetry(
 async def device_latest_readings(device_id: str, runtime: RuntimeDep, principal: Reader) -> dict[str, Any]:
     def query() -> dict[str, Any]:
         _visible_device(runtime, principal, device_id)
-        return {"device_id": device_id, "metrics": runtime.telemetry.latest(device_id)}
+        return {"device_id": device_id, "metrics": runtime.telemetry.store.latest(device_id)}
 
     return await asyncio.to_thread(query)
 
