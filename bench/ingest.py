@@ -1144,7 +1144,7 @@ def run_database(kind: str, options: Options, *, raw_ceiling: bool) -> dict[str,
         single, single_drain = run.single_publisher() if options.single_publisher else (None, None)
         raw_only = run.raw_ceiling() if raw_ceiling else None
         sustained = [step for step in steps if step["sustained"]]
-        best = max(sustained, key=lambda step: step["persisted_rate"]) if sustained else None
+        best = max(sustained, key=lambda step: step["offered_rate"]) if sustained else None
         return {
             "database": kind,
             "sensors": options.sensors,
@@ -1216,13 +1216,14 @@ def verdict(results: list[dict[str, Any]]) -> dict[str, Any]:
     }
     for result in results:
         best = result["highest_sustained"]
-        persisted = best["persisted_rate"] if best else 0.0
+        # No more than was offered: a step may still be storing the backlog of the step before it.
+        persisted = min(best["persisted_rate"], best["offered_rate"]) if best else 0.0
         ceiling_ratio = round(persisted / raw_ceiling, 3) if raw_ceiling else None
         single = [step for step in result.get("single_publisher_steps") or [] if step["sustained"]]
         summary["databases"][result["database"]] = {
             "highest_sustained_persisted_per_s": persisted,
             "single_publisher_highest_sustained_per_s": max(
-                (step["persisted_rate"] for step in single), default=None
+                (min(step["persisted_rate"], step["offered_rate"]) for step in single), default=None
             ),
             "same_window_ratio_persisted_over_raw": best["ratio_persisted_over_raw"] if best else None,
             "ratio_to_raw_ceiling": ceiling_ratio,

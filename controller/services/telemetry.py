@@ -19,7 +19,7 @@ from typing import Any
 
 import structlog
 from prometheus_client import Counter, Gauge
-from sqlalchemy import CursorResult, Engine, delete, func, insert
+from sqlalchemy import CursorResult, Engine, delete, func, insert, text
 from sqlalchemy import select as sql_select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import SQLAlchemyError
@@ -52,6 +52,21 @@ _MAX_UNIT_CHARS = 16
 _METRIC = re.compile(METRIC_PATTERN)
 
 ReadingListener = Callable[[str, str, float, datetime], None]
+
+# PostgreSQL: the latest value per (device, metric) of a whole batch, never replacing a newer one.
+_LATEST_FROM_ARRAYS = text(
+    """
+    INSERT INTO telemetry_latest (device_id, metric, value, unit, at, rejected_count)
+    SELECT device_id, metric, value, unit, to_timestamp(at_ms / 1000.0), 0
+    FROM unnest(
+        CAST(:devices AS text[]), CAST(:metrics AS text[]), CAST(:values AS float8[]),
+        CAST(:units AS text[]), CAST(:ats AS bigint[])
+    ) AS batch(device_id, metric, value, unit, at_ms)
+    ON CONFLICT (device_id, metric) DO UPDATE
+    SET value = excluded.value, unit = excluded.unit, at = excluded.at
+    WHERE telemetry_latest.at IS NULL OR telemetry_latest.at <= excluded.at
+    """
+)
 
 
 class TelemetryQueryError(ServiceError):
@@ -224,6 +239,23 @@ class TelemetryStore:
         return postgresql.insert if dialect == "postgresql" else sqlite.insert
 
     def _upsert_latest(self, session: Session, readings: Iterable[Reading]) -> None:
+        ordered = sorted(readings, key=lambda r: (r.device_id, r.metric))  # one lock order for every writer
+        if not ordered:
+            return
+        if session.get_bind().dialect.name == "postgresql":
+            # One set-based statement over arrays: an executemany upsert costs a server round of
+            # planning and locking per row, which kept a writer at ~50 µs a reading.
+            session.execute(
+                _LATEST_FROM_ARRAYS,
+                {
+                    "devices": [r.device_id for r in ordered],
+                    "metrics": [r.metric for r in ordered],
+                    "values": [r.value for r in ordered],
+                    "units": [r.unit for r in ordered],
+                    "ats": [r.at_ms for r in ordered],
+                },
+            )
+            return
         rows = [
             {
                 "device_id": r.device_id,
@@ -233,11 +265,9 @@ class TelemetryStore:
                 "at": from_epoch_ms(r.at_ms),
                 "rejected_count": 0,
             }
-            for r in sorted(readings, key=lambda r: (r.device_id, r.metric))
+            for r in ordered
         ]
-        if not rows:
-            return
-        statement = self._insert(session)(TelemetryLatestRow)
+        statement = sqlite.insert(TelemetryLatestRow)
         excluded = statement.excluded
         table = TelemetryLatestRow.__table__  # type: ignore[attr-defined]
         newer = (table.c.at.is_(None)) | (table.c.at <= excluded.at)
