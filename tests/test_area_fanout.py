@@ -165,7 +165,9 @@ def test_an_alert_preempts_an_area_broadcast_which_resumes_on_each_speaker(
 ):
     seed(controller)
     wait_for_followers(controller, everyone_follows_their_path())
-    long_media = upload(controller, 6.0)
+    # Long enough that the alert (its speech made by espeak-ng first) still finds the notice playing
+    # on a loaded machine.
+    long_media = upload(controller, 12.0)
     with EventWatcher(controller) as watcher:
         notice = send(controller, long_media, targets={"areas": ["hn.b"]}, on_preempted="resume")
         notice_id = str(notice["id"])
