@@ -602,6 +602,8 @@ class DatabaseRun:
             host=HOST,
             accounts=[self.controller_account, self.device_account],
             controller_username=self.controller_account.username,
+            # The simulated fleet shares one simulation-only account (docs/protocol.md §1.7).
+            simulator_username=self.device_account.username,
             persistence=False,
         )
         self.broker.start()

@@ -13,8 +13,9 @@ import structlog
 from sqlalchemy import text
 from sqlmodel import Session, col, select
 
-from controller.broker import BrokerAccount, ManagedMosquitto
+from controller.broker import RELOAD_PROBE_USERNAME, BrokerAccount, ManagedMosquitto, write_private
 from controller.domain.areas import AreaTree
+from controller.domain.broker_access import ServiceAccounts
 from controller.domain.clock import Clock, SystemClock
 from controller.services.alerts import AlertService
 from controller.services.area_fanout import AreaFollowers
@@ -29,6 +30,13 @@ from controller.services.field_sensors import COAP, MODBUS, CoapAdapter, FieldSe
 from controller.services.inbound import DeviceDirectory, InboundProcessor
 from controller.services.ingest import IngestWorkers
 from controller.services.media import MediaStore
+from controller.services.provisioning import (
+    BrokerAccess,
+    BrokerEndpoint,
+    ClaimListener,
+    ExternalBrokerFiles,
+    ProvisioningService,
+)
 from controller.services.rate_limit import RateLimiter
 from controller.services.rules import RuleEngine
 from controller.services.schedule_runner import ScheduleRunner
@@ -40,33 +48,39 @@ from controller.services.telemetry import TelemetryPipeline
 from controller.services.tracker import DeliveryTracker, TrackedDelivery
 from controller.services.webhooks import AlertWebhooks
 from controller.services.wired_zones import WiredZoneRouter
-from controller.settings import Settings
+from controller.settings import MqttSettings, Settings
 from controller.store.db import create_db_engine, migrate
 from controller.store.models import DeviceRow
 from drivers.coap import CoapDriver
 from drivers.modbus_field import ModbusDriver
-from drivers.mqtt import MqttDriver
+from drivers.mqtt import MqttDriver, parse_broker_url
 from drivers.mqtt_codec import CONTROLLER_SUBSCRIPTIONS, schedule_topic
 
 log = structlog.get_logger(__name__)
 
 CONTROLLER_ACCOUNT = "controller"
-DEVICE_ACCOUNT = "device"
 
 
-def managed_broker_accounts(state_dir: Path) -> dict[str, BrokerAccount]:
-    """The managed broker's accounts, generated once and kept (mode 0600) under its state dir."""
+def service_account_names(mqtt: MqttSettings) -> list[str]:
+    """The broker's non-device accounts this configuration uses: the controller's, then the simulator's
+    and the claim account's when they are enabled."""
+    names = [CONTROLLER_ACCOUNT if mqtt.mode == "managed" else str(mqtt.username)]
+    names += [account.username for account in (mqtt.simulator, mqtt.claim) if account.enabled]
+    return names
+
+
+def managed_broker_accounts(state_dir: Path, names: list[str] | None = None) -> dict[str, BrokerAccount]:
+    """The managed broker's service accounts, generated once and kept (mode 0600) under its state dir;
+    an account named later is added to the file."""
     path = state_dir / "credentials.json"
-    if path.exists():
-        stored = json.loads(path.read_text())
-        return {name: BrokerAccount(name, password) for name, password in stored.items()}
-    state_dir.mkdir(parents=True, exist_ok=True)
-    accounts = {
-        name: BrokerAccount(name, secrets.token_urlsafe(24)) for name in (CONTROLLER_ACCOUNT, DEVICE_ACCOUNT)
-    }
-    path.write_text(json.dumps({name: a.password for name, a in accounts.items()}))
-    path.chmod(0o600)
-    return accounts
+    stored: dict[str, str] = json.loads(path.read_text()) if path.exists() else {}
+    wanted = names if names is not None else list(stored) or [CONTROLLER_ACCOUNT]
+    missing = [name for name in wanted if name not in stored]
+    if missing:
+        stored.update({name: secrets.token_urlsafe(24) for name in missing})
+        state_dir.mkdir(parents=True, exist_ok=True)
+        write_private(path, json.dumps(stored))
+    return {name: BrokerAccount(name, stored[name]) for name in wanted}
 
 
 class Runtime:
@@ -82,6 +96,9 @@ class Runtime:
             self.engine, self.bus, self.clock, completion_grace_s=settings.dispatch.completion_grace_s
         )
         self.broker: ManagedMosquitto | None = None
+        self.broker_access = BrokerAccess(self.engine, None)
+        self._provisioning: ProvisioningService | None = None
+        self.claims: ClaimListener | None = None
         self.driver: MqttDriver | None = None
         self._dispatcher: Dispatcher | None = None
         self._broadcasts: BroadcastService | None = None
@@ -130,6 +147,23 @@ class Runtime:
             ],
         )
         await self.driver.__aenter__()
+        self._provisioning = ProvisioningService(
+            self.engine,
+            self.clock,
+            broker=self._bundle_endpoint(url),
+            reserved_usernames=[*service_account_names(self.settings.mqtt), RELOAD_PROBE_USERNAME],
+            claim_window_s=self.settings.provisioning.claim_window_s,
+            claim_clock_skew_s=self.settings.provisioning.claim_clock_skew_s,
+        )
+        if self.settings.mqtt.claim.enabled:
+            host, port = parse_broker_url(url)
+            self.claims = ClaimListener(
+                self._provisioning,
+                host=host,
+                port=port,
+                account=BrokerAccount(username, password),
+                client_id=f"{self.settings.mqtt.client_id}-claims",
+            )
         router = self.wired_zones = WiredZoneRouter(self.driver, self.modbus_driver, signs=self.serial_signs)
         self._dispatcher = Dispatcher(
             self.engine,
@@ -241,6 +275,8 @@ class Runtime:
             asyncio.create_task(self.telemetry.run(), name="telemetry"),
             asyncio.create_task(rules.run(), name="rules"),
         ]
+        if self.claims is not None:
+            self._tasks.append(asyncio.create_task(self.claims.run(), name="claims"))
         log.info("controller started", broker=url, database=self.engine.url.render_as_string())
 
     def _enabled_devices(self) -> list[tuple[str, str, str, str, dict[str, Any]]]:
@@ -254,23 +290,73 @@ class Runtime:
             ).all()
         return [(row.id, row.kind, row.transport, row.address, dict(row.config)) for row in rows]
 
+    def _service_passwords(self) -> dict[str, str]:
+        """Each service account's password: configured, or (managed mode) generated and kept."""
+        mqtt = self.settings.mqtt
+        names = service_account_names(mqtt)
+        generated = (
+            {n: a.password for n, a in managed_broker_accounts(mqtt.managed.state_dir, names).items()}
+            if mqtt.mode == "managed"
+            else {}
+        )
+        configured = {
+            account.username: account.password.get_secret_value()
+            for account in (mqtt.simulator, mqtt.claim)
+            if account.enabled and account.password is not None
+        }
+        if mqtt.mode == "external" and mqtt.password is not None:
+            configured[str(mqtt.username)] = mqtt.password.get_secret_value()
+        return {name: configured.get(name) or generated[name] for name in names}
+
     def _broker_endpoint(self) -> tuple[str, str, str]:
         mqtt = self.settings.mqtt
+        passwords = self._service_passwords()
+        accounts = ServiceAccounts(
+            controller=service_account_names(mqtt)[0],
+            simulator=mqtt.simulator.username if mqtt.simulator.enabled else None,
+            claim=mqtt.claim.username if mqtt.claim.enabled else None,
+        )
         if mqtt.mode == "external":
             if mqtt.url is None or mqtt.username is None or mqtt.password is None:
                 raise RuntimeError("mqtt.url, mqtt.username and mqtt.password are required in external mode")
+            host, port = parse_broker_url(mqtt.url)
+            access = mqtt.external_access
+            if access.password_file is not None and access.acl_file is not None:
+                files = ExternalBrokerFiles(
+                    password_file=access.password_file,
+                    acl_file=access.acl_file,
+                    reload_command=access.reload_command,
+                    accounts=accounts,
+                    service_passwords=passwords,
+                    host=host,
+                    port=port,
+                )
+                self.broker_access = BrokerAccess(self.engine, files.apply)
+                self.broker_access.apply_now()
+            else:
+                log.warning(
+                    "device broker accounts are not pushed to the external broker "
+                    "(set mqtt.external_access to have the controller write its password and ACL files)"
+                )
             return mqtt.url, mqtt.username, mqtt.password.get_secret_value()
-        accounts = managed_broker_accounts(mqtt.managed.state_dir)
         self.broker = ManagedMosquitto(
             mqtt.managed.state_dir,
             host=mqtt.managed.host,
             port=mqtt.managed.port,
-            accounts=list(accounts.values()),
-            controller_username=CONTROLLER_ACCOUNT,
+            accounts=[BrokerAccount(name, password) for name, password in passwords.items()],
+            controller_username=accounts.controller,
+            simulator_username=accounts.simulator,
+            claim_username=accounts.claim,
         )
+        self.broker_access = BrokerAccess(self.engine, self.broker.set_device_credentials)
+        self.broker_access.apply_now()  # before the start: the broker starts with every device's account
         self.broker.start()
-        controller = accounts[CONTROLLER_ACCOUNT]
-        return self.broker.url, controller.username, controller.password
+        return self.broker.url, accounts.controller, passwords[accounts.controller]
+
+    def _bundle_endpoint(self, url: str) -> BrokerEndpoint:
+        provisioning = self.settings.provisioning
+        host, port = parse_broker_url(url)
+        return BrokerEndpoint(provisioning.broker_host or host, provisioning.broker_port or port)
 
     async def stop(self) -> None:
         if self.schedule_runner is not None:
@@ -302,6 +388,12 @@ class Runtime:
         if self._broadcasts is None:
             raise RuntimeError("the controller is not started")
         return self._broadcasts
+
+    @property
+    def provisioning(self) -> ProvisioningService:
+        if self._provisioning is None:
+            raise RuntimeError("the controller is not started")
+        return self._provisioning
 
     @property
     def alerts(self) -> AlertService:

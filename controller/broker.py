@@ -7,8 +7,10 @@ confines every device to its own topics (docs/protocol.md §1.7).
 from __future__ import annotations
 
 import base64
+import contextlib
 import getpass
 import hashlib
+import hmac
 import os
 import secrets
 import shutil
@@ -16,9 +18,15 @@ import signal
 import socket
 import subprocess
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Self
+from typing import Any, Self
+
+import paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion
+
+from controller.domain.broker_access import ServiceAccounts, acl_text, password_file_text
 
 MOSQUITTO_INSTALL_HINT = "apt-get install -y mosquitto"
 _PBKDF2_ITERATIONS = 101  # what mosquitto_passwd writes for its $7$ (PBKDF2-SHA512) format
@@ -34,33 +42,94 @@ class BrokerAccount:
     password: str
 
 
-def mosquitto_password_line(account: BrokerAccount) -> str:
-    """One `password_file` line in Mosquitto 2's `$7$` format (PBKDF2-SHA512, base64 salt and hash)."""
+def mosquitto_password_hash(password: str) -> str:
+    """A password in Mosquitto 2's `$7$` format (PBKDF2-SHA512, base64 salt and hash)."""
     salt = secrets.token_bytes(12)
-    digest = hashlib.pbkdf2_hmac("sha512", account.password.encode(), salt, _PBKDF2_ITERATIONS)
+    digest = hashlib.pbkdf2_hmac("sha512", password.encode(), salt, _PBKDF2_ITERATIONS)
     salt_b64 = base64.b64encode(salt).decode()
     hash_b64 = base64.b64encode(digest).decode()
-    return f"{account.username}:$7${_PBKDF2_ITERATIONS}${salt_b64}${hash_b64}"
+    return f"$7${_PBKDF2_ITERATIONS}${salt_b64}${hash_b64}"
 
 
-def acl_text(controller_username: str, topic_root: str = "wardcast/v1") -> str:
-    """The ACL of docs/protocol.md §1.7: the controller everywhere, each device only on its own topics."""
-    return "\n".join(
-        [
-            f"user {controller_username}",
-            "topic readwrite wardcast/#",
-            "",
-            "# Every other account is a device, confined by its client id (= its address).",
-            f"pattern write {topic_root}/dev/%c/ack",
-            f"pattern write {topic_root}/dev/%c/state",
-            f"pattern write {topic_root}/dev/%c/telemetry",
-            f"pattern read {topic_root}/dev/%c/cmd",
-            f"pattern read {topic_root}/dev/%c/schedule",
-            "# Area command topics (§1.12): any device may follow them, none may publish on them.",
-            f"pattern read {topic_root}/area/+/cmd",
-            "",
-        ]
+def mosquitto_password_matches(password: str, password_hash: str) -> bool:
+    """Whether `password` is the one `password_hash` (`$7$…`) was made from."""
+    try:
+        _, kind, iterations, salt_b64, hash_b64 = password_hash.split("$")
+        salt, expected = base64.b64decode(salt_b64), base64.b64decode(hash_b64)
+    except ValueError:
+        return False
+    if kind != "7":
+        return False
+    digest = hashlib.pbkdf2_hmac("sha512", password.encode(), salt, int(iterations))
+    return hmac.compare_digest(digest, expected)
+
+
+def mosquitto_password_line(account: BrokerAccount) -> str:
+    """One `password_file` line for `account`."""
+    return f"{account.username}:{mosquitto_password_hash(account.password)}"
+
+
+# A service account whose password changes at every reload: once the broker accepts the new one, it
+# has read the new files (and disconnected every client they no longer admit). Its username cannot be
+# a device address (a dot), and the ACL denies it every topic.
+RELOAD_PROBE_USERNAME = "wardcast.reload-probe"
+
+
+def access_files(
+    accounts: ServiceAccounts, service_hashes: Mapping[str, str], device_hashes: Mapping[str, str]
+) -> tuple[str, str, BrokerAccount]:
+    """(password file, ACL file, the reload probe's fresh account) for the broker to load."""
+    clash = sorted(accounts.names() & device_hashes.keys())
+    if clash:
+        raise BrokerError(f"device accounts may not take a service account's name: {', '.join(clash)}")
+    probe = BrokerAccount(RELOAD_PROBE_USERNAME, secrets.token_urlsafe(18))
+    passwords = password_file_text(
+        {**device_hashes, **service_hashes, probe.username: mosquitto_password_hash(probe.password)}
     )
+    acl = acl_text(accounts) + f"user {RELOAD_PROBE_USERNAME}\ntopic deny #\n"
+    return passwords, acl, probe
+
+
+def write_private(path: Path, text: str) -> None:
+    """Replace `path` at once (a broker reading it mid-write would see half a file), mode 0600."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    temporary.write_text(text)
+    temporary.chmod(0o600)
+    temporary.replace(path)
+
+
+def wait_until_accepted(host: str, port: int, account: BrokerAccount, timeout: float = 10.0) -> None:
+    """Return once the broker accepts `account`; BrokerError if it still refuses it after `timeout`."""
+    deadline = time.monotonic() + timeout
+    last = "no answer"
+    while time.monotonic() < deadline:
+        client = paho.Client(CallbackAPIVersion.VERSION2, client_id="", clean_session=True)
+        client.username_pw_set(account.username, account.password)
+        answers: list[str] = []
+
+        def on_connect(*arguments: Any, answers: list[str] = answers) -> None:
+            answers.append(str(arguments[3]))  # (client, userdata, flags, reason code, properties)
+
+        client.on_connect = on_connect
+        try:
+            client.connect(host, port, keepalive=10)
+            while not answers and time.monotonic() < deadline:
+                client.loop(timeout=0.05)
+        except OSError as error:
+            last = str(error)
+        finally:
+            client.disconnect()
+            with contextlib.suppress(OSError):
+                client.loop(timeout=0.01)
+            socket_ = client.socket()
+            if isinstance(socket_, socket.socket):
+                socket_.close()
+        if answers and answers[0] == "Success":
+            return
+        last = answers[0] if answers else last
+        time.sleep(0.02)  # the broker has not reloaded yet; it signals nothing we could wait on
+    raise BrokerError(f"the broker did not take its new password file within {timeout} s ({last})")
 
 
 def free_tcp_port(host: str = "127.0.0.1") -> int:
@@ -95,13 +164,23 @@ class ManagedMosquitto:
         port: int = 0,
         accounts: list[BrokerAccount],
         controller_username: str,
+        simulator_username: str | None = None,
+        claim_username: str | None = None,
         persistence: bool = True,
     ) -> None:
+        """`accounts` are the service accounts (the controller's, and the simulator's and the claim
+        account's when those are on); devices' accounts come from `set_device_credentials`."""
         self.state_dir = state_dir
         self.host = host
         self.port = port or free_tcp_port(host)
-        self._accounts = accounts
-        self._controller_username = controller_username
+        self.service_accounts = ServiceAccounts(
+            controller=controller_username, simulator=simulator_username, claim=claim_username
+        )
+        missing = self.service_accounts.names() - {a.username for a in accounts}
+        if missing:
+            raise BrokerError(f"no password given for the account(s) {', '.join(sorted(missing))}")
+        self._service_hashes = {a.username: mosquitto_password_hash(a.password) for a in accounts}
+        self._device_hashes: dict[str, str] = {}
         self._persistence = persistence
         self._process: subprocess.Popen[bytes] | None = None
 
@@ -117,14 +196,24 @@ class ManagedMosquitto:
     def log_path(self) -> Path:
         return self.state_dir / "mosquitto.log"
 
+    @property
+    def password_path(self) -> Path:
+        return self.state_dir / "passwords"
+
+    @property
+    def acl_path(self) -> Path:
+        return self.state_dir / "acl"
+
+    def _write_access_files(self) -> BrokerAccount:
+        passwords, acl, probe = access_files(self.service_accounts, self._service_hashes, self._device_hashes)
+        write_private(self.password_path, passwords)
+        write_private(self.acl_path, acl)
+        return probe
+
     def write_files(self) -> None:
         self.state_dir.mkdir(parents=True, exist_ok=True)
-        password_path = self.state_dir / "passwords"
-        acl_path = self.state_dir / "acl"
-        password_path.write_text("\n".join(mosquitto_password_line(a) for a in self._accounts) + "\n")
-        acl_path.write_text(acl_text(self._controller_username))
-        for path in (password_path, acl_path):
-            path.chmod(0o600)
+        password_path, acl_path = self.password_path, self.acl_path
+        self._write_access_files()
         persistence_dir = self.state_dir / "data"
         persistence_dir.mkdir(exist_ok=True)
         lines = [
@@ -172,13 +261,16 @@ class ManagedMosquitto:
         raise BrokerError(f"mosquitto did not listen on {self.host}:{self.port} within {timeout} s")
 
     def reload(self) -> None:
-        """Re-read the password and ACL files without dropping connections (SIGHUP)."""
+        """Re-read the password and ACL files without dropping connections (SIGHUP), and return once
+        Mosquitto has taken them: a client they no longer admit is disconnected by then."""
         if self._process is not None and self._process.poll() is None:
-            self.write_files()
+            probe = self._write_access_files()
             self._process.send_signal(signal.SIGHUP)
+            wait_until_accepted(self.host, self.port, probe)
 
-    def set_accounts(self, accounts: list[BrokerAccount]) -> None:
-        self._accounts = accounts
+    def set_device_credentials(self, hashes: Mapping[str, str]) -> None:
+        """Every device account (username → `$7$` hash), replacing the previous set, then reload."""
+        self._device_hashes = dict(hashes)
         self.reload()
 
     def stop(self, timeout: float = 10.0) -> None:
@@ -198,6 +290,10 @@ class ManagedMosquitto:
             os.kill(self._process.pid, signal.SIGKILL)
             self._process.wait()
         self._process = None
+
+    @property
+    def pid(self) -> int | None:
+        return self._process.pid if self._process is not None and self._process.poll() is None else None
 
     @property
     def running(self) -> bool:

@@ -104,7 +104,10 @@ def demo(
 def apikey_create(
     name: Annotated[str, typer.Option(help="who or what uses the key")],
     role: Annotated[str, typer.Option(help="admin | operator | ward_staff | technician | ioc")],
-    ward: Annotated[str | None, typer.Option(help="area code a ward_staff key is confined to")] = None,
+    ward: Annotated[
+        list[str] | None,
+        typer.Option(help="a ward_staff key's ward; a technician's assigned ward (repeatable)"),
+    ] = None,
     config: ConfigOption = None,
 ) -> None:
     """Create an API key; the token is printed once, as the last line of stdout."""
@@ -115,13 +118,17 @@ def apikey_create(
     engine = create_db_engine(settings.database.url)
     try:
         migrate(engine)
-        row, token = create_api_key(engine, name=name, role=role, ward_code=ward)
+        wards = ward or []
+        row, token = create_api_key(
+            engine, name=name, role=role, ward_code=wards[0] if wards else None, wards=wards[1:]
+        )
     except ApiKeyError as error:
         err.print(f"[red]{error.field}: {error.detail}[/red]")
         raise typer.Exit(2) from error
     finally:
         engine.dispose()
-    err.print(f"created key {row.id} ({row.role}{', ward ' + row.ward_code if row.ward_code else ''})")
+    scope = row.ward_code or ", ".join(row.wards)
+    err.print(f"created key {row.id} ({row.role}{', ward ' + scope if scope else ''})")
     typer.echo(token)
 
 
@@ -219,6 +226,201 @@ def device_list(
             device["address"],
         )
     out.print(table)
+
+
+# -- provisioning (docs/protocol.md §1.13) --------------------------------------------------------
+BundleOut = Annotated[
+    Path | None, typer.Option("--bundle-out", help="write the provisioning bundle (JSON, mode 0600) here")
+]
+QrOut = Annotated[Path | None, typer.Option("--qr-out", help="write the bundle as a QR code PNG here")]
+
+
+def _save_bundle(bundle: dict[str, Any] | None, bundle_out: Path | None, qr_out: Path | None) -> None:
+    """The bundle holds the only copy of the device's password: files are private, never printed."""
+    from controller.broker import write_private
+    from controller.domain.provisioning import bundle_qr_png
+
+    if bundle is None:
+        return
+    if bundle_out is not None:
+        write_private(bundle_out, json.dumps(bundle, indent=2))
+        err.print(f"bundle written to {bundle_out}")
+    if qr_out is not None:
+        qr_out.write_bytes(bundle_qr_png(bundle))
+        qr_out.chmod(0o600)
+        err.print(f"QR code written to {qr_out}")
+    if bundle_out is None and qr_out is None:
+        err.print(
+            "[yellow]the password is shown only now: pass --bundle-out and/or --qr-out to keep it[/yellow]"
+        )
+
+
+@device_app.command("provision")
+def device_provision(
+    kind: Annotated[str, typer.Option(help="speaker | led_screen | sensor")],
+    area: Annotated[str, typer.Option(help="area code")],
+    device_id: Annotated[str | None, typer.Option("--id", help="device id (generated when omitted)")] = None,
+    serial: Annotated[str | None, typer.Option(help="the maker's serial number")] = None,
+    name: Annotated[str | None, typer.Option()] = None,
+    lat: Annotated[float | None, typer.Option()] = None,
+    lon: Annotated[float | None, typer.Option()] = None,
+    bundle_out: BundleOut = None,
+    qr_out: QrOut = None,
+    api: ApiOption = None,
+    token: TokenOption = None,
+) -> None:
+    """Register an MQTT device with its own broker account; save its bundle (JSON and/or QR PNG)."""
+    body = {
+        "id": device_id,
+        "kind": kind,
+        "area": area,
+        "serial": serial,
+        "name": name,
+        "lat": lat,
+        "lon": lon,
+    }
+    with _client(api, token) as client:
+        device = _checked(
+            client.post("/api/v1/devices", json={k: v for k, v in body.items() if v is not None})
+        )
+    _save_bundle(device.get("bundle"), bundle_out, qr_out)
+    typer.echo(device["id"])
+
+
+@device_app.command("import")
+def device_import(
+    file: Annotated[
+        Path,
+        typer.Argument(exists=True, dir_okay=False, help="CSV: kind,area[,id,address,serial,name,lat,lon]"),
+    ],
+    atomic: Annotated[bool, typer.Option("--atomic", help="any refused row imports nothing")] = False,
+    bundles_dir: Annotated[
+        Path | None, typer.Option("--bundles-dir", help="write {id}.json and {id}.png per device here")
+    ] = None,
+    api: ApiOption = None,
+    token: TokenOption = None,
+) -> None:
+    """Import devices from a CSV, row by row; refused rows are listed with their row and column."""
+    with _client(api, token) as client:
+        response = client.post(
+            "/api/v1/devices/import",
+            params={"atomic": atomic},
+            content=file.read_bytes(),
+            headers={"Content-Type": "text/csv"},
+        )
+    rejected = (
+        response.json().get("rejected", [])
+        if response.headers.get("content-type", "").startswith("application/json")
+        else []
+    )
+    if rejected:
+        table = Table("row", "column", "why", title="rows refused")
+        for problem in rejected:
+            table.add_row(str(problem["row"]), problem["field"], problem["detail"])
+        err.print(table)
+    report = _checked(response)
+    if bundles_dir is not None:
+        bundles_dir.mkdir(parents=True, exist_ok=True)
+        for bundle in report["bundles"]:
+            _save_bundle(
+                bundle,
+                bundles_dir / f"{bundle['device_id']}.json",
+                bundles_dir / f"{bundle['device_id']}.png",
+            )
+    out.print(f"created {report['created']}, refused {len(report['rejected'])}")
+    if report["rejected"]:
+        raise typer.Exit(1)
+
+
+@device_app.command("credentials")
+def device_credentials(
+    device_id: Annotated[str, typer.Argument(help="device id")],
+    bundle_out: BundleOut = None,
+    qr_out: QrOut = None,
+    api: ApiOption = None,
+    token: TokenOption = None,
+) -> None:
+    """Issue the device a new broker password (the old one is refused from now on); save its bundle."""
+    with _client(api, token) as client:
+        bundle = _checked(client.post(f"/api/v1/devices/{device_id}/credentials"))
+    _save_bundle(bundle, bundle_out, qr_out)
+
+
+@device_app.command("decommission")
+def device_decommission(
+    device_id: Annotated[str, typer.Argument(help="device id")],
+    api: ApiOption = None,
+    token: TokenOption = None,
+) -> None:
+    """Take a device out of service: the broker refuses it at once; its history is kept."""
+    with _client(api, token) as client:
+        device = _checked(client.post(f"/api/v1/devices/{device_id}/decommission"))
+    out.print(f"decommissioned {device['id']} at {device['decommissioned_at']}")
+
+
+@device_app.command("factory-secrets")
+def device_factory_secrets(
+    file: Annotated[
+        Path, typer.Argument(exists=True, dir_okay=False, help="CSV: serial,factory_secret (hex)")
+    ],
+    atomic: Annotated[bool, typer.Option("--atomic")] = False,
+    api: ApiOption = None,
+    token: TokenOption = None,
+) -> None:
+    """Register devices' factory secrets so that they can claim themselves (admin keys)."""
+    with _client(api, token) as client:
+        report = _checked(
+            client.post(
+                "/api/v1/factory-secrets",
+                params={"atomic": atomic},
+                content=file.read_bytes(),
+                headers={"Content-Type": "text/csv"},
+            )
+        )
+    for problem in report["rejected"]:
+        err.print(f"row {problem['row']}: {problem['field']}: {problem['detail']}")
+    out.print(f"registered {report['registered']}, refused {len(report['rejected'])}")
+
+
+@device_app.command("claims")
+def device_claims(api: ApiOption = None, token: TokenOption = None) -> None:
+    """Devices asking to be claimed, within their claim window."""
+    with _client(api, token) as client:
+        claims = _checked(client.get("/api/v1/claims"))
+    table = Table("claim", "serial", "kind", "firmware", "asked at", "expires at")
+    for claim in claims:
+        table.add_row(
+            claim["id"],
+            claim["serial"],
+            claim["kind"],
+            claim["firmware"] or "-",
+            claim["requested_at"],
+            claim["expires_at"],
+        )
+    out.print(table)
+
+
+@device_app.command("approve")
+def device_approve(
+    claim_id: Annotated[str, typer.Argument(help="the claim's id (wardcast device claims)")],
+    area: Annotated[str, typer.Option(help="area code the device goes into")],
+    device_id: Annotated[
+        str | None, typer.Option("--id", help="device id (default: kind prefix + serial)")
+    ] = None,
+    name: Annotated[str | None, typer.Option()] = None,
+    api: ApiOption = None,
+    token: TokenOption = None,
+) -> None:
+    """Approve a claim: the device is registered and receives its bundle, encrypted to it."""
+    body = {"area": area, "device_id": device_id, "name": name}
+    with _client(api, token) as client:
+        result = _checked(
+            client.post(
+                f"/api/v1/claims/{claim_id}/approve", json={k: v for k, v in body.items() if v is not None}
+            )
+        )
+    sent = "sent to the device" if result["answered"] else "NOT sent (the broker was unreachable)"
+    out.print(f"approved {result['device']['id']} in {result['device']['area']}; bundle {sent}")
 
 
 # -- broadcasts --------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 from rich.console import Console
 
-from controller.app import DEVICE_ACCOUNT, managed_broker_accounts
+from controller.broker import write_private
 from controller.domain.demo import load_demo_fleet
 from controller.server import ControllerServer
 from controller.services.auth import create_api_key
@@ -121,15 +121,15 @@ async def run_demo(settings: Settings, *, speed: float, state_file: Path) -> Non
         base_url=base_url, headers={"Authorization": f"Bearer {token}"}, timeout=60
     ) as client:
         media_id = await _seed(client)
-    field_devices = await _start_process(
-        "simulated field devices",
-        "field-devices",
-        "--from-api",
-        base_url,
-        "--token",
-        token,
-    )
-    fleet = await _start_fleet(settings, base_url, token, speed)
+        field_devices = await _start_process(
+            "simulated field devices",
+            "field-devices",
+            "--from-api",
+            base_url,
+            "--token",
+            token,
+        )
+        fleet = await _start_fleet(settings, client, speed)
     await asyncio.to_thread(_save_cli_state, state_file, base_url, token)
     console.print(
         f"\n[bold]Wardcast demo is running[/bold] — Bắc Kạn city, simulated speakers online\n"
@@ -161,10 +161,21 @@ def _save_cli_state(state_file: Path, base_url: str, token: str) -> None:
     state_file.chmod(0o600)
 
 
+async def _fleet_credentials(client: httpx.AsyncClient, path: Path) -> None:
+    """Every simulated MQTT device's own broker account: fresh passwords for all of them in one call
+    (the demo keeps no passwords between runs), saved as bundles for the fleet's `--credentials`."""
+    devices = (await client.get("/api/v1/devices")).json()
+    mqtt_devices = [d["id"] for d in devices if d["transport"] == "mqtt" and d["decommissioned_at"] is None]
+    response = await client.post("/api/v1/devices/credentials", json={"devices": mqtt_devices})
+    response.raise_for_status()
+    await asyncio.to_thread(write_private, path, json.dumps(response.json()))
+
+
 async def _start_fleet(
-    settings: Settings, base_url: str, token: str, speed: float
+    settings: Settings, client: httpx.AsyncClient, speed: float
 ) -> asyncio.subprocess.Process:
-    accounts = managed_broker_accounts(settings.mqtt.managed.state_dir)
+    credentials = settings.data_dir / "demo-fleet-credentials.json"
+    await _fleet_credentials(client, credentials)
     broker_url = (
         f"mqtt://{settings.mqtt.managed.host}:{settings.mqtt.managed.port}"
         if settings.mqtt.mode == "managed"
@@ -175,14 +186,9 @@ async def _start_fleet(
         "fleet",
         "--mqtt-url",
         broker_url,
-        "--username",
-        DEVICE_ACCOUNT,
-        # `--password=…`: a generated password may start with "-", which argparse would take for an option.
-        f"--password={accounts[DEVICE_ACCOUNT].password}",
-        "--from-api",
-        base_url,
-        "--token",
-        token,
+        # Each device connects with its own account, confined to its own topics by the broker's ACL.
+        "--credentials",
+        str(credentials),
         "--speed",
         str(speed),
         # Speakers (and the receivers of wired zones), networked LED screens (protocol §1.11) and the

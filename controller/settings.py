@@ -6,6 +6,7 @@ Everything is validated before anything starts; an error names the key (e.g. `mq
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Annotated, Literal, Self
 from urllib.parse import urlsplit
@@ -72,6 +73,53 @@ class ManagedBrokerSettings(_Section):
     state_dir: Path = Path("var/mosquitto")
 
 
+def _broker_username(value: str) -> str:
+    # A device's username is its address ([a-z0-9][a-z0-9_-]*); a dot keeps service accounts apart.
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", value):
+        raise ValueError("use 1-64 letters, digits, '.', '-' or '_'")
+    return value
+
+
+class SimulatorAccountSettings(_Section):
+    """SIMULATION ONLY, unfit for production: one broker account with rights on every device's topics,
+    for simulated fleets that do not connect each device with its own credentials."""
+
+    enabled: bool = False
+    username: str = "wardcast.simulator"
+    # Managed mode generates one (var/mosquitto/credentials.json); external mode needs it when enabled.
+    password: SecretStr | None = None
+
+    _check_username = field_validator("username")(_broker_username)
+
+
+class ClaimAccountSettings(_Section):
+    """The one broker account unprovisioned devices share to ask to be claimed (docs/protocol.md §1.13):
+    write to claim requests, read claim answers, nothing else. Its password is set at the factory."""
+
+    enabled: bool = True
+    username: str = "wardcast.claim"
+    password: SecretStr | None = None
+
+    _check_username = field_validator("username")(_broker_username)
+
+
+class ExternalAccessSettings(_Section):
+    """`mqtt.mode: external`: where the controller writes the broker's password and ACL files it
+    generates from the database, and the command that makes the broker reload them without a restart
+    (e.g. `["systemctl", "reload", "mosquitto"]`). None: device accounts stay the broker admin's job."""
+
+    password_file: Path | None = None
+    acl_file: Path | None = None
+    reload_command: tuple[str, ...] = ()
+
+    @model_validator(mode="after")
+    def _all_or_nothing(self) -> Self:
+        given = [self.password_file is not None, self.acl_file is not None, bool(self.reload_command)]
+        if any(given) and not all(given):
+            raise ValueError("password_file, acl_file and reload_command go together: set all three or none")
+        return self
+
+
 class MqttSettings(_Section):
     mode: Literal["managed", "external"] = "managed"
     url: str | None = None
@@ -81,6 +129,9 @@ class MqttSettings(_Section):
     protocol: Literal["3.1.1", "5"] = "5"
     keepalive_s: Annotated[int, Field(ge=5, le=3600)] = 30
     managed: ManagedBrokerSettings = ManagedBrokerSettings()
+    simulator: SimulatorAccountSettings = SimulatorAccountSettings()
+    claim: ClaimAccountSettings = ClaimAccountSettings()
+    external_access: ExternalAccessSettings = ExternalAccessSettings()
 
     @field_validator("url")
     @classmethod
@@ -101,6 +152,21 @@ class MqttSettings(_Section):
                 raise ValueError("mqtt.username and mqtt.password are required when mqtt.mode is external")
         if self.password is not None and self.password.get_secret_value().lower() in _PLACEHOLDER_SECRETS:
             raise ValueError("mqtt.password is a placeholder; set a real secret")
+        for name, account in (("simulator", self.simulator), ("claim", self.claim)):
+            secret = account.password.get_secret_value() if account.password is not None else None
+            if secret is not None and secret.lower() in _PLACEHOLDER_SECRETS:
+                raise ValueError(f"mqtt.{name}.password is a placeholder; set a real secret")
+            writes_files = self.mode == "external" and self.external_access.password_file is not None
+            if writes_files and account.enabled and secret is None:
+                raise ValueError(
+                    f"mqtt.{name}.password is required when the controller writes an external broker's "
+                    "files (mqtt.external_access) and the account is enabled"
+                )
+        names = [self.username or "controller", self.simulator.username, self.claim.username]
+        if len(set(names)) != len(names):
+            raise ValueError("mqtt.username, mqtt.simulator.username and mqtt.claim.username must differ")
+        if self.mode == "managed" and (self.external_access.password_file is not None):
+            raise ValueError("mqtt.external_access is for mqtt.mode external (managed writes its own)")
         return self
 
 
@@ -216,6 +282,19 @@ class TelemetrySettings(_Section):
         return self
 
 
+class ProvisioningSettings(_Section):
+    """Device provisioning (docs/protocol.md §1.13): bundles and the zero-touch claim."""
+
+    # How long a technician has to approve a device's claim request.
+    claim_window_s: Annotated[int, Field(ge=30, le=7 * 86_400)] = 600
+    # A claim request's `at` may differ this much from the controller's clock (devices without RTC
+    # battery boot with a rough clock until NTP answers).
+    claim_clock_skew_s: Annotated[int, Field(ge=5, le=86_400)] = 300
+    # Where devices reach the broker, as written into their bundles (default: the broker's own address).
+    broker_host: str | None = Field(default=None, min_length=1, max_length=253)
+    broker_port: Annotated[int, Field(ge=1, le=65535)] | None = None
+
+
 class LoggingSettings(_Section):
     level: Literal["debug", "info", "warning", "error"] = "info"
     format: Literal["console", "json"] = "console"
@@ -239,6 +318,7 @@ class Settings(BaseSettings):
     schedules: SchedulesSettings = SchedulesSettings()
     tts: TtsSettings = TtsSettings()
     telemetry: TelemetrySettings = TelemetrySettings()
+    provisioning: ProvisioningSettings = ProvisioningSettings()
     logging: LoggingSettings = LoggingSettings()
     data_dir: Path = Path("var")
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 
-from firmware_sim import alpha_sign, coap_sensor, field_devices, fleet, modbus_box
+from firmware_sim import alpha_sign, claim, coap_sensor, field_devices, fleet, modbus_box
 
 MODBUS_BOX_COMMAND = "modbus-box"
 ALPHA_SIGN_COMMAND = "alpha-sign"
@@ -19,6 +19,7 @@ commands:
   modbus-box  run a simulated Modbus amplifier I/O box with sensors (python -m firmware_sim modbus-box --help)
   alpha-sign  run a simulated serial LED sign (Alpha protocol) on a pty and/or TCP (… alpha-sign --help)
   coap-sensor run a simulated CoAP sensor (water level, rainfall, air quality) (… coap-sensor --help)
+  claim       a device with only a factory secret claims itself (python -m firmware_sim claim --help)
 """
 
 
@@ -35,6 +36,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return alpha_sign.main(options)
     if command == COAP_SENSOR_COMMAND:
         return coap_sensor.main(options)
+    if command == "claim":
+        return claim.main(options)
     if command == FIELD_DEVICES_COMMAND:
         return field_devices.main(options)
     sys.stderr.write(_USAGE)

@@ -104,10 +104,14 @@ class DeviceRuntime:
         shared_media_cache: bool = False,
         http_connections: int = DEFAULT_HTTP_CONNECTIONS,
         media_timeout_s: float = 30.0,
+        credentials: Mapping[str, tuple[str, str]] | None = None,
     ) -> None:
         if speed <= 0:
             raise ValueError("speed must be greater than 0")
         self.broker = broker
+        # address → (username, password): each device's own broker account, from its provisioning
+        # bundle (docs/protocol.md §1.13); a device not listed uses the broker settings' account.
+        self.credentials: Mapping[str, tuple[str, str]] = credentials or {}
         self.speed = speed
         self.clock = clock
         # Every device of the runtime, whatever its kind, by address.
@@ -444,7 +448,10 @@ class MqttDevice(ABC, Generic[CommandT, ContentT]):
                 protocol=mqtt.MQTTv311,
                 reconnect_on_failure=False,
             )
-        if broker.username is not None:
+        own = self.runtime.credentials.get(self.address)
+        if own is not None:
+            client.username_pw_set(*own)
+        elif broker.username is not None:
             client.username_pw_set(broker.username, broker.password)
         client.will_set(self._state_topic, wire.OFFLINE_WILL, qos=1, retain=True)
         client.on_connect = self._on_connect

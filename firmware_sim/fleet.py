@@ -1,7 +1,12 @@
 """Thousands of simulated speakers (and LED screens, and MQTT sensors), in one process or split over several.
 
-    python -m firmware_sim fleet --mqtt-url mqtt://127.0.0.1:1883 --username device --password … \\
-        --count 5000 --prefix sim- --speed 20
+    python -m firmware_sim fleet --mqtt-url mqtt://127.0.0.1:1883 --credentials bundles.json --speed 20
+    python -m firmware_sim fleet --mqtt-url mqtt://127.0.0.1:1883 --username wardcast.simulator \\
+        --password … --count 5000 --prefix sim- --speed 20
+
+`--credentials` connects each device with the broker account of its provisioning bundle (as the
+controller issues them, docs/protocol.md §1.13); `--username`/`--password` is the simulation-only shared
+account (§1.7) for the devices without one.
 
 prints `READY <n>` on stdout once every device is connected and subscribed, and shuts every device
 down cleanly (retained `offline`, reason `shutdown`) on SIGTERM or SIGINT, then exits 0.
@@ -120,6 +125,9 @@ class FleetConfig:
     control: Path | None = None
     stats: Path | None = None
     stats_interval_s: float = DEFAULT_STATS_INTERVAL_S
+    # address → (username, password): devices that connect with their own broker account
+    # (`--credentials`); the others use `broker`'s.
+    credentials: Mapping[str, tuple[str, str]] = dataclasses.field(default_factory=dict)
 
     def devices(self) -> list[tuple[str, DeviceKind]]:
         """Every device of the fleet with its kind: speakers, then LED screens, then sensors."""
@@ -153,6 +161,10 @@ class FleetConfig:
             play_log=path("play_log"),
             control=path("control"),
             stats=path("stats"),
+            credentials={
+                address: (username, password)
+                for address, (username, password) in document.pop("credentials", {}).items()
+            },
             **document,
         )
 
@@ -182,6 +194,7 @@ class Fleet:
             play_log=config.play_log,
             shared_media_cache=config.shared_media_cache,
             http_connections=config.http_connections,
+            credentials=config.credentials,
         )
         # What this process's sensors did, for the stats file (and tests).
         self.counters = TelemetryCounters()
@@ -430,6 +443,45 @@ def devices_from_api(
     return devices
 
 
+def devices_from_credentials(
+    path: Path, kinds: Iterable[DeviceKind] = SPEAKERS_ONLY
+) -> tuple[list[tuple[str, DeviceKind]], dict[str, tuple[str, str]]]:
+    """The devices of a file of provisioning bundles (docs/protocol.md §1.13: a JSON list of bundles, as
+    the controller's POST /api/v1/devices/credentials answers, or one bundle per line) whose kind is one
+    of `kinds`, and each one's own broker account (address → (username, password)). Every bundle's
+    account is returned, whatever its kind, so that devices listed elsewhere can use it too."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as error:
+        raise FleetError(f"cannot read {path}: {error}") from error
+    try:
+        stripped = text.strip()
+        bundles: Any = (
+            json.loads(stripped)
+            if stripped.startswith("[")
+            else [json.loads(line) for line in stripped.splitlines() if line.strip()]
+        )
+    except ValueError as error:
+        raise FleetError(f"{path}: not a JSON list of bundles nor one bundle per line: {error}") from error
+    wanted = frozenset(kinds)
+    devices: list[tuple[str, DeviceKind]] = []
+    credentials: dict[str, tuple[str, str]] = {}
+    for index, bundle in enumerate(bundles if isinstance(bundles, list) else []):
+        fields = {name: bundle.get(name) if isinstance(bundle, dict) else None for name in _BUNDLE_FIELDS}
+        missing = [name for name, value in fields.items() if not isinstance(value, str)]
+        if missing:
+            raise FleetError(f"{path}: bundle {index} has no string {', '.join(missing)}")
+        address, kind = str(fields["address"]), str(fields["kind"])
+        credentials[address] = (str(fields["username"]), str(fields["password"]))
+        simulated_as = next((k for k, listed in _REGISTERED_AS.items() if kind in listed), kind)
+        if simulated_as in wanted:
+            devices.append((address, simulated_as))
+    return devices, credentials
+
+
+_BUNDLE_FIELDS: Final = ("address", "kind", "username", "password")
+
+
 def generated_addresses(count: int, prefix: str, start: int = 1) -> list[str]:
     """`{prefix}{index:05d}` for index = start … start + count - 1, e.g. sim-00001."""
     return [f"{prefix}{index:05d}" for index in range(start, start + count)]
@@ -476,9 +528,12 @@ def build_parser(prog: str = "python -m firmware_sim fleet") -> argparse.Argumen
     )
     broker = parser.add_argument_group("broker")
     broker.add_argument("--mqtt-url", default="mqtt://127.0.0.1:1883", help="mqtt://host:port")
-    broker.add_argument("--username", help="the device account's user name")
     broker.add_argument(
-        "--password", help=f"the device account's password (default: ${PASSWORD_ENVIRONMENT_VARIABLE})"
+        "--username",
+        help="a shared account for the devices without their own in --credentials (simulation only)",
+    )
+    broker.add_argument(
+        "--password", help=f"the shared account's password (default: ${PASSWORD_ENVIRONMENT_VARIABLE})"
     )
     broker.add_argument("--protocol", choices=get_args(MqttProtocol), default="3.1.1")
     broker.add_argument("--keepalive", type=int, default=30, metavar="SECONDS")
@@ -497,6 +552,13 @@ def build_parser(prog: str = "python -m firmware_sim fleet") -> argparse.Argumen
         "--from-api", metavar="URL", help="the controller's base URL, to list its MQTT devices of --kinds"
     )
     devices.add_argument("--token", help="the API bearer token for --from-api")
+    devices.add_argument(
+        "--credentials",
+        type=Path,
+        metavar="FILE",
+        help="provisioning bundles (a JSON list, or one per line): each device of --kinds in it is simulated "
+        "and connects with its own username and password (docs/protocol.md §1.13)",
+    )
     devices.add_argument(
         "--kinds",
         default="speaker",
@@ -600,6 +662,9 @@ def config_from_arguments(arguments: argparse.Namespace) -> FleetConfig:
         raise FleetError(str(error)) from error
     kinds = _kinds(arguments.kinds)
     devices: list[tuple[str, DeviceKind]] = []
+    credentials: dict[str, tuple[str, str]] = {}
+    if arguments.credentials is not None:
+        devices, credentials = devices_from_credentials(arguments.credentials, kinds)
     if arguments.csv is not None:
         try:
             devices += devices_from_csv(arguments.csv, kinds)
@@ -621,7 +686,9 @@ def config_from_arguments(arguments: argparse.Namespace) -> FleetConfig:
     unique = _unique(devices)
     if not unique:
         noun = "speakers" if kinds == SPEAKERS_ONLY else "devices"
-        raise FleetError(f"no {noun} to simulate: give --csv, --from-api, --addresses or --count")
+        raise FleetError(
+            f"no {noun} to simulate: give --credentials, --csv, --from-api, --addresses or --count"
+        )
     invalid = [address for address, _ in unique if not wire.is_valid_address(address)]
     speakers, screens, sensors = _by_kind(unique)
     if invalid:
@@ -654,6 +721,7 @@ def config_from_arguments(arguments: argparse.Namespace) -> FleetConfig:
         shared_media_cache=arguments.shared_media_cache,
         connect_concurrency=arguments.connect_concurrency,
         http_connections=arguments.http_connections,
+        credentials={address: credentials[address] for address, _ in unique if address in credentials},
     )
 
 
@@ -739,7 +807,10 @@ async def _supervise(config: FleetConfig, processes: int, log_level: str) -> int
         try:
             for chunk in split_evenly(config.devices(), processes):
                 speakers, screens, sensors = _by_kind(chunk)
-                part = dataclasses.replace(config, addresses=speakers, screens=screens, sensors=sensors)
+                own = {a: config.credentials[a] for a, _ in chunk if a in config.credentials}
+                part = dataclasses.replace(
+                    config, addresses=speakers, screens=screens, sensors=sensors, credentials=own
+                )
                 # One at a time, so that a failed spawn still leaves the started ones to stop.
                 worker = await _spawn_worker(part, log_level)
                 workers.append(worker)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, Final
@@ -92,6 +93,7 @@ class SpeakerRuntime(DeviceRuntime):
         shared_media_cache: bool = False,
         http_connections: int = DEFAULT_HTTP_CONNECTIONS,
         media_timeout_s: float = 30.0,
+        credentials: Mapping[str, tuple[str, str]] | None = None,
     ) -> None:
         super().__init__(
             broker,
@@ -101,6 +103,7 @@ class SpeakerRuntime(DeviceRuntime):
             shared_media_cache=shared_media_cache,
             http_connections=http_connections,
             media_timeout_s=media_timeout_s,
+            credentials=credentials,
         )
         self.speakers: dict[str, SimulatedSpeaker] = {}
         self.screens: dict[str, SimulatedLedScreen] = {}

@@ -433,8 +433,8 @@ async def start_fleet_cli(broker: TestBroker, *options: str) -> asyncio.subproce
         "--mqtt-url",
         broker.url,
         "--username",
-        broker.device.username,
-        f"--password={broker.device.password}",  # it may start with "-"
+        broker.simulator.username,
+        f"--password={broker.simulator.password}",  # it may start with "-"
         *options,
         cwd=REPO_ROOT,
         stdout=asyncio.subprocess.PIPE,

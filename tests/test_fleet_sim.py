@@ -33,8 +33,8 @@ def device_broker(mosquitto: TestBroker) -> BrokerSettings:
     return BrokerSettings(
         host=mosquitto.host,
         port=mosquitto.port,
-        username=mosquitto.device.username,
-        password=mosquitto.device.password,
+        username=mosquitto.simulator.username,
+        password=mosquitto.simulator.password,
     )
 
 
@@ -106,8 +106,8 @@ async def _start_cli(mosquitto: TestBroker, *options: str) -> asyncio.subprocess
         "--mqtt-url",
         mosquitto.url,
         "--username",
-        mosquitto.device.username,
-        f"--password={mosquitto.device.password}",  # it may start with "-"
+        mosquitto.simulator.username,
+        f"--password={mosquitto.simulator.password}",  # it may start with "-"
         *options,
         cwd=REPO_ROOT,
         stdout=asyncio.subprocess.PIPE,

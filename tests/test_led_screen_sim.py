@@ -49,8 +49,8 @@ def device_broker(mosquitto: TestBroker, protocol: MqttProtocol = "3.1.1") -> Br
     return BrokerSettings(
         host=mosquitto.host,
         port=mosquitto.port,
-        username=mosquitto.device.username,
-        password=mosquitto.device.password,
+        username=mosquitto.simulator.username,
+        password=mosquitto.simulator.password,
         protocol=protocol,
     )
 

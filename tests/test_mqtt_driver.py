@@ -72,7 +72,7 @@ def play_command(address: str, *, expires_in: timedelta = timedelta(minutes=10))
 
 
 class Devices:
-    """Device-side MQTT clients on the `device` account, each with its address as client id."""
+    """Device-side MQTT clients on the simulation-only shared account, each with its address as client id."""
 
     def __init__(self, broker: TestBroker) -> None:
         self._broker = broker
@@ -82,8 +82,8 @@ class Devices:
         client = aiomqtt.Client(
             self._broker.host,
             self._broker.port,
-            username=self._broker.device.username,
-            password=self._broker.device.password,
+            username=self._broker.simulator.username,
+            password=self._broker.simulator.password,
             identifier=address,
             protocol=aiomqtt.ProtocolVersion.V5 if mqtt5 else aiomqtt.ProtocolVersion.V311,
         )
@@ -148,8 +148,10 @@ class BrokerRestarts:
             old.state_dir,
             host=old.host,
             port=old.port,
-            accounts=[self._broker.controller, self._broker.device],
+            accounts=[self._broker.controller, self._broker.simulator, self._broker.claim],
             controller_username=self._broker.controller.username,
+            simulator_username=self._broker.simulator.username,
+            claim_username=self._broker.claim.username,
         )
         self._started.append(self.current)
         self.current.start()

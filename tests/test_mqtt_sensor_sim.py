@@ -7,6 +7,7 @@ import asyncio
 import itertools
 import json
 import re
+import secrets
 import signal
 import statistics
 import uuid
@@ -19,6 +20,7 @@ from typing import Any, Self, TypeVar
 import aiomqtt
 import pytest
 
+from controller.broker import mosquitto_password_hash
 from firmware_sim import fleet
 from firmware_sim.device import BrokerSettings, DeviceRuntime
 from firmware_sim.fleet import FleetConfig, devices_from_csv
@@ -120,8 +122,8 @@ async def runtime(mosquitto: TestBroker) -> AsyncIterator[DeviceRuntime]:
     broker = BrokerSettings(
         host=mosquitto.host,
         port=mosquitto.port,
-        username=mosquitto.device.username,
-        password=mosquitto.device.password,
+        username=mosquitto.simulator.username,
+        password=mosquitto.simulator.password,
     )
     async with DeviceRuntime(broker) as device_runtime:
         yield device_runtime
@@ -214,19 +216,23 @@ async def test_a_forced_value_shows_up_until_the_walk_resumes(
 async def test_the_acl_lets_a_sensor_publish_only_on_its_own_topics(
     mosquitto: TestBroker, runtime: DeviceRuntime, telemetry_probe: TelemetryProbe
 ) -> None:
-    # The sensor's documents arrive at all only because it connected with its address as client id.
     sensor = await started_sensor(runtime, "sen-a", interval_s=3600)
     assert sensor.publish_now()
     await telemetry_probe.documents("sen-a", 1)
 
-    # Another device under the same account tries to speak for sen-a, then publishes on its own topic.
+    # Another device, on its own account (username = its address, docs/protocol.md §1.7), tries to speak
+    # for sen-a, then publishes on its own topic.
+    impostor_password = secrets.token_urlsafe(18)
+    await asyncio.to_thread(
+        mosquitto.broker.set_device_credentials, {"sen-c": mosquitto_password_hash(impostor_password)}
+    )
     marker = {"v": 1, "at": "2026-01-01T00:00:00Z", "readings": [{"metric": "water_level", "value": 42.0}]}
     async with aiomqtt.Client(
         mosquitto.host,
         mosquitto.port,
-        username=mosquitto.device.username,
-        password=mosquitto.device.password,
-        identifier="sen-c",
+        username="sen-c",
+        password=impostor_password,
+        identifier="sen-a-impostor",
     ) as impostor:
         await impostor.publish("wardcast/v1/dev/sen-a/telemetry", json.dumps(marker).encode(), qos=1)
         await impostor.publish("wardcast/v1/dev/sen-a/state", b'{"v":1,"online":false}', qos=1, retain=True)

@@ -69,8 +69,8 @@ def broker_settings(broker: TestBroker, host: str, port: int, **options: Any) ->
     return BrokerSettings(
         host=host,
         port=port,
-        username=broker.device.username,
-        password=broker.device.password,
+        username=broker.simulator.username,
+        password=broker.simulator.password,
         # A restored link is found again within a fraction of a second.
         reconnect_first_delay_s=0.05,
         reconnect_max_delay_s=0.2,

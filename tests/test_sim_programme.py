@@ -55,8 +55,8 @@ async def runtime(
     settings = BrokerSettings(
         host=proxy.host,
         port=proxy.port,
-        username=mosquitto.device.username,
-        password=mosquitto.device.password,
+        username=mosquitto.simulator.username,
+        password=mosquitto.simulator.password,
         # A restored link is found again within a fraction of a second.
         reconnect_first_delay_s=0.05,
         reconnect_max_delay_s=0.2,

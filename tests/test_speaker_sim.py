@@ -47,8 +47,8 @@ async def open_runtime(
             settings = BrokerSettings(
                 host=mosquitto.host,
                 port=mosquitto.port,
-                username=mosquitto.device.username,
-                password=mosquitto.device.password,
+                username=mosquitto.simulator.username,
+                password=mosquitto.simulator.password,
                 protocol=protocol,
             )
             runtime = SpeakerRuntime(settings, speed=SPEED, clock=clock, play_log=play_log_path)

@@ -153,7 +153,7 @@ def test_a_preempted_broadcast_with_policy_missed_is_not_played_again(
 
 def _publish_as(broker: TestBroker, client_id: str, messages: list[tuple[str, bytes]]) -> None:
     client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id)
-    client.username_pw_set(broker.device.username, broker.device.password)
+    client.username_pw_set(broker.simulator.username, broker.simulator.password)
     client.connect(broker.host, broker.port)
     client.loop_start()
     try:

@@ -17,6 +17,7 @@ from controller.api.routes import (
     calendar,
     devices,
     media,
+    provisioning,
     reports,
     schedules,
     system,
@@ -72,6 +73,7 @@ def create_app(runtime: Runtime, *, manage_runtime: bool = True) -> FastAPI:
 
     for module in (
         areas,
+        provisioning,
         devices,
         telemetry,
         media,

@@ -5,12 +5,13 @@ from __future__ import annotations
 import hashlib
 import secrets
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
 
 from sqlalchemy import Engine
-from sqlmodel import Session, select
+from sqlmodel import Session, col, select
 
 from controller.store.models import ApiKeyRow, AreaRow
 
@@ -34,13 +35,17 @@ class Action(StrEnum):
     BROADCAST_EMERGENCY = "broadcast_emergency"
     CANCEL = "cancel"
     MANAGE_RULES = "manage_rules"
+    # Register, import, claim, re-issue credentials of and decommission devices (issue 6).
+    PROVISION = "provision"
+    # API keys and factory secrets: who may reach the controller, and which devices may claim themselves.
+    MANAGE_KEYS = "manage_keys"
 
 
 _ALLOWED: dict[Role, frozenset[Action]] = {
     Role.ADMIN: frozenset(Action),
-    Role.OPERATOR: frozenset(Action) - {Action.MANAGE_DEVICES},
+    Role.OPERATOR: frozenset(Action) - {Action.MANAGE_DEVICES, Action.PROVISION, Action.MANAGE_KEYS},
     Role.WARD_STAFF: frozenset({Action.READ, Action.UPLOAD_MEDIA, Action.BROADCAST, Action.CANCEL}),
-    Role.TECHNICIAN: frozenset({Action.READ, Action.MANAGE_DEVICES}),
+    Role.TECHNICIAN: frozenset({Action.READ, Action.MANAGE_DEVICES, Action.PROVISION}),
     Role.IOC: frozenset(
         {Action.READ, Action.UPLOAD_MEDIA, Action.BROADCAST, Action.BROADCAST_EMERGENCY, Action.CANCEL}
     ),
@@ -53,9 +58,17 @@ class Principal:
     name: str
     role: Role
     ward_code: str | None
+    # A technician's assigned wards; empty: the key is not confined to wards this way.
+    wards: frozenset[str] = frozenset()
 
     def may(self, action: Action) -> bool:
         return action in _ALLOWED[self.role]
+
+    def device_wards(self) -> frozenset[str] | None:
+        """The wards whose devices this key may see and manage; None: the whole city."""
+        if self.ward_code is not None:
+            return frozenset({self.ward_code})
+        return self.wards or None
 
 
 class ApiKeyError(ValueError):
@@ -70,8 +83,11 @@ def hash_token(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
 
-def create_api_key(engine: Engine, *, name: str, role: str, ward_code: str | None) -> tuple[ApiKeyRow, str]:
-    """Store a new key (hashed) and return it with the only copy of its token."""
+def create_api_key(
+    engine: Engine, *, name: str, role: str, ward_code: str | None, wards: Sequence[str] = ()
+) -> tuple[ApiKeyRow, str]:
+    """Store a new key (hashed) and return it with the only copy of its token. A ward_staff key names
+    its one ward (`ward_code`); a technician key may name the wards it is assigned to (`wards`)."""
     try:
         parsed_role = Role(role)
     except ValueError as error:
@@ -80,18 +96,27 @@ def create_api_key(engine: Engine, *, name: str, role: str, ward_code: str | Non
         raise ApiKeyError("name", "must not be empty")
     if parsed_role is Role.WARD_STAFF and ward_code is None:
         raise ApiKeyError("ward", "a ward_staff key must name its ward")
+    if parsed_role is Role.TECHNICIAN and ward_code is not None:
+        # One way to say it: a technician's wards are its assignment, however many.
+        wards, ward_code = [ward_code, *wards], None
+    if wards and parsed_role is not Role.TECHNICIAN:
+        raise ApiKeyError("wards", "only technician keys are assigned wards")
     token = TOKEN_PREFIX + secrets.token_urlsafe(32)
     row = ApiKeyRow(
         id=str(uuid.uuid4()),
         name=name.strip(),
         role=parsed_role.value,
         ward_code=ward_code,
+        wards=list(dict.fromkeys(wards)),
         token_hash=hash_token(token),
         created_at=datetime.now(UTC),
     )
     with Session(engine) as session:
         if ward_code is not None and session.get(AreaRow, ward_code) is None:
             raise ApiKeyError("ward", f"unknown area {ward_code!r}")
+        for index, code in enumerate(row.wards):
+            if session.get(AreaRow, code) is None:
+                raise ApiKeyError(f"wards[{index}]", f"unknown area {code!r}")
         session.add(row)
         session.commit()
         session.refresh(row)
@@ -103,4 +128,28 @@ def authenticate(engine: Engine, token: str) -> Principal | None:
         row = session.exec(select(ApiKeyRow).where(ApiKeyRow.token_hash == hash_token(token))).first()
     if row is None or row.revoked_at is not None:
         return None
-    return Principal(key_id=row.id, name=row.name, role=Role(row.role), ward_code=row.ward_code)
+    return Principal(
+        key_id=row.id,
+        name=row.name,
+        role=Role(row.role),
+        ward_code=row.ward_code,
+        wards=frozenset(row.wards or ()),
+    )
+
+
+def list_api_keys(engine: Engine) -> list[ApiKeyRow]:
+    with Session(engine) as session:
+        return list(session.exec(select(ApiKeyRow).order_by(col(ApiKeyRow.created_at))).all())
+
+
+def revoke_api_key(engine: Engine, key_id: str, now: datetime) -> ApiKeyRow:
+    with Session(engine) as session:
+        row = session.get(ApiKeyRow, key_id)
+        if row is None:
+            raise ApiKeyError("id", f"unknown key {key_id!r}")
+        if row.revoked_at is None:
+            row.revoked_at = now
+            session.add(row)
+            session.commit()
+            session.refresh(row)
+        return row

@@ -80,6 +80,46 @@ class DeviceRow(SQLModel, table=True):
     config: dict[str, Any] = Field(
         default_factory=dict, sa_column=Column(JSON, nullable=False, server_default="{}")
     )
+    # Provisioning (issue 6): the maker's serial number, the device's broker password (a Mosquitto `$7$`
+    # hash; its username is the address; none: no broker account), and when it was taken out of service
+    # (credentials revoked, history kept).
+    serial: str | None = Field(default=None, unique=True, max_length=64)
+    broker_password_hash: str | None = Field(default=None, max_length=200)
+    credentials_issued_at: datetime | None = _utc_column()
+    decommissioned_at: datetime | None = _utc_column()
+
+
+class FactorySecretRow(SQLModel, table=True):
+    """A device's factory secret, registered before it boots, as the two keys derived from it (the
+    secret itself is not kept): one checks its claim requests, one encrypts its bundle."""
+
+    __tablename__ = "factory_secrets"
+
+    serial: str = Field(primary_key=True, max_length=64)
+    auth_key: str = Field(max_length=64)  # hex
+    encryption_key: str = Field(max_length=64)  # hex
+    registered_at: datetime = _utc_column(nullable=False)
+    # Once a claim was approved the keys are spent: a second claim with the same secret is refused.
+    claimed_at: datetime | None = _utc_column()
+
+
+class ClaimRow(SQLModel, table=True):
+    """A device's request to be provisioned (docs/protocol.md §1.13), pending until a technician
+    approves it into an area or its window ends."""
+
+    __tablename__ = "claims"
+
+    id: str = Field(primary_key=True, max_length=36)
+    serial: str = Field(foreign_key="factory_secrets.serial", index=True, max_length=64)
+    nonce: str = Field(unique=True, max_length=64)
+    kind: str = Field(max_length=16)
+    firmware: str | None = Field(default=None, max_length=64)
+    requested_at: datetime = _utc_column(nullable=False)
+    expires_at: datetime = _utc_column(nullable=False)
+    state: str = Field(max_length=16)  # pending | approved | superseded
+    device_id: str | None = Field(default=None, foreign_key="devices.id", max_length=64)
+    decided_by: str | None = Field(default=None, max_length=36)
+    decided_at: datetime | None = _utc_column()
 
 
 class MediaRow(SQLModel, table=True):
@@ -183,6 +223,10 @@ class ApiKeyRow(SQLModel, table=True):
     token_hash: str = Field(unique=True, max_length=64)
     created_at: datetime = _utc_column(nullable=False)
     revoked_at: datetime | None = _utc_column()
+    # A technician's assigned wards (issue 6): where it may provision and decommission. Empty: city-wide.
+    wards: list[str] = Field(
+        default_factory=list, sa_column=Column(JSON, nullable=False, server_default="[]")
+    )
 
 
 class ScheduleRow(SQLModel, table=True):

@@ -17,7 +17,7 @@ class SensorClient:
     def __init__(self, broker: TestBroker, address: str) -> None:
         self._address = address
         self._client = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id=address)
-        self._client.username_pw_set(broker.device.username, broker.device.password)
+        self._client.username_pw_set(broker.simulator.username, broker.simulator.password)
         connected = threading.Event()
         self._client.on_connect = lambda *_args: connected.set()
         self._client.connect(broker.host, broker.port)

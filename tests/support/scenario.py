@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import secrets
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -13,8 +12,7 @@ import numpy as np
 import pytest
 import soundfile
 
-from controller.broker import BrokerAccount, ManagedMosquitto
-from tests.support.broker import TestBroker
+from tests.support.broker import TestBroker, start_test_broker
 from tests.support.system import ControllerHandle, FleetHandle, create_postgres_database
 
 TERMINAL = {"completed", "interrupted", "failed", "expired", "cancelled"}
@@ -199,26 +197,19 @@ def api(  # a seeded controller shared by a module's API tests
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[ControllerHandle]:
     workdir = tmp_path_factory.mktemp("api")
-    controller_account = BrokerAccount("controller", secrets.token_urlsafe(16))
-    device_account = BrokerAccount("device", secrets.token_urlsafe(16))
-    broker = ManagedMosquitto(
-        workdir / "mosquitto", accounts=[controller_account, device_account], controller_username="controller"
-    )
-    broker.start()
+    broker = start_test_broker(workdir / "mosquitto")
     drop = None
     if request.param == "sqlite":
         url = f"sqlite:///{workdir / 'api.db'}"
     else:
         url, drop = create_postgres_database()
-    handle = ControllerHandle(
-        workdir=workdir, database_url=url, broker=TestBroker(broker, controller_account, device_account)
-    )
+    handle = ControllerHandle(workdir=workdir, database_url=url, broker=broker)
     handle.start()
     seed(handle)
     try:
         yield handle
     finally:
         handle.stop()
-        broker.stop()
+        broker.broker.stop()
         if drop is not None:
             drop()

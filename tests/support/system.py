@@ -147,6 +147,14 @@ class ControllerHandle(_Supervised):
                 "WARDCAST_MQTT__USERNAME": self.broker.controller.username,
                 "WARDCAST_MQTT__PASSWORD": self.broker.controller.password,
                 "WARDCAST_MQTT__CLIENT_ID": "wardcast-test-controller",
+                # The test broker's simulation-only account (fleets without their own credentials) and
+                # claim account; the controller writes them into the broker's files when a test has it
+                # manage the broker's accounts (`manage_broker_accounts`).
+                "WARDCAST_MQTT__SIMULATOR__ENABLED": "true",
+                "WARDCAST_MQTT__SIMULATOR__USERNAME": self.broker.simulator.username,
+                "WARDCAST_MQTT__SIMULATOR__PASSWORD": self.broker.simulator.password,
+                "WARDCAST_MQTT__CLAIM__USERNAME": self.broker.claim.username,
+                "WARDCAST_MQTT__CLAIM__PASSWORD": self.broker.claim.password,
                 "WARDCAST_MEDIA__DIR": str(self.workdir / "media"),
                 "WARDCAST_DATA_DIR": str(self.workdir),
                 "WARDCAST_DISPATCH__COMPLETION_GRACE_S": "5",
@@ -155,6 +163,20 @@ class ControllerHandle(_Supervised):
         )
         env.update(self.extra_env)
         return env
+
+    def manage_broker_accounts(self) -> None:
+        """Have the controller write the test broker's password and ACL files from its database and
+        reload it (`mqtt.external_access`): devices then connect with their own credentials."""
+        broker = self.broker.broker
+        self.extra_env.update(
+            {
+                "WARDCAST_MQTT__EXTERNAL_ACCESS__PASSWORD_FILE": str(broker.password_path),
+                "WARDCAST_MQTT__EXTERNAL_ACCESS__ACL_FILE": str(broker.acl_path),
+                "WARDCAST_MQTT__EXTERNAL_ACCESS__RELOAD_COMMAND": json.dumps(
+                    ["kill", "-HUP", str(broker.pid)]
+                ),
+            }
+        )
 
     def start(self) -> None:
         # The free port was picked by binding and releasing it; another process (an outgoing
@@ -187,6 +209,14 @@ class ControllerHandle(_Supervised):
     def api_key(self, role: str = "admin", ward: str | None = None) -> str:
         args = ["apikey", "create", "--name", f"test-{role}", "--role", role]
         if ward:
+            args += ["--ward", ward]
+        result = self.cli(*args)
+        assert result.returncode == 0, result.stderr
+        return result.stdout.strip().splitlines()[-1]
+
+    def api_key_with_wards(self, role: str, wards: list[str]) -> str:
+        args = ["apikey", "create", "--name", f"test-{role}", "--role", role]
+        for ward in wards:
             args += ["--ward", ward]
         result = self.cli(*args)
         assert result.returncode == 0, result.stderr
@@ -234,8 +264,8 @@ class FleetHandle(_Supervised):
                 "--mqtt-url",
                 self.mqtt_url or self.broker.url,
                 "--username",
-                self.broker.device.username,
-                f"--password={self.broker.device.password}",  # it may start with "-"
+                self.broker.simulator.username,
+                f"--password={self.broker.simulator.password}",  # it may start with "-"
                 "--csv",
                 str(csv_path),
                 "--speed",

@@ -21,6 +21,7 @@ from sqlmodel import Session, col, select
 from controller.api.deps import DeviceManager, Reader, RuntimeDep
 from controller.api.errors import ApiError
 from controller.domain.clock import rfc3339
+from controller.domain.provisioning import SERIAL
 from controller.domain.telemetry import METRIC_PATTERN
 from controller.services.auth import Principal
 from controller.store.models import DeliveryRow, DeviceRow, RuleRow
@@ -202,6 +203,7 @@ class DeviceIn(BaseModel):
     transport: Transport = "mqtt"
     address: str | None = None
     enabled: bool = True
+    serial: str | None = Field(default=None, pattern=SERIAL.pattern, description="the maker's serial number")
     comm_loss: CommLossIn = Field(default_factory=CommLossIn)
     config: DeviceConfigIn = Field(default_factory=DeviceConfigIn)
 
@@ -239,6 +241,16 @@ class DeviceOut(BaseModel):
     status: dict[str, Any]
     comm_loss: dict[str, Any]
     config: dict[str, Any]
+    serial: str | None = None
+    credentials_issued_at: str | None = None
+    decommissioned_at: str | None = None
+
+
+class ProvisionedDeviceOut(DeviceOut):
+    bundle: dict[str, Any] | None = Field(
+        description="the provisioning bundle of an MQTT device (docs/protocol.md §1.13); its password is "
+        "shown here once and stored only hashed"
+    )
 
 
 def _out(row: DeviceRow) -> DeviceOut:
@@ -257,6 +269,9 @@ def _out(row: DeviceRow) -> DeviceOut:
         status=row.status,
         comm_loss={"policy": row.comm_loss_policy, "after_s": row.comm_loss_after_s},
         config=row.config,
+        serial=row.serial,
+        credentials_issued_at=rfc3339(row.credentials_issued_at) if row.credentials_issued_at else None,
+        decommissioned_at=rfc3339(row.decommissioned_at) if row.decommissioned_at else None,
     )
 
 
@@ -295,18 +310,23 @@ def _check_transport(kind: str, transport: str, config: DeviceConfigIn | None) -
 
 
 def _visible_areas(runtime: Any, principal: Principal) -> frozenset[str] | None:
-    if principal.ward_code is None:
+    """The areas whose devices the key may see and manage (its ward or assigned wards); None: all."""
+    wards = principal.device_wards()
+    if wards is None:
         return None
-    subtree: frozenset[str] = runtime.area_tree().subtree_codes(principal.ward_code)
-    return subtree
+    tree = runtime.area_tree()
+    return frozenset(code for ward in wards if ward in tree for code in tree.subtree_codes(ward))
 
 
 def _check_area(runtime: Any, principal: Principal, code: str, field: str) -> None:
     tree = runtime.area_tree()
     if code not in tree:
         raise ApiError(422, "invalid", field, f"unknown area {code!r}")
-    if principal.ward_code is not None and not tree.is_within(code, principal.ward_code):
-        raise ApiError(403, "forbidden", field, f"area {code!r} is outside ward {principal.ward_code!r}")
+    wards = principal.device_wards()
+    if wards is not None and not any(ward in tree and tree.is_within(code, ward) for ward in wards):
+        named = ", ".join(repr(ward) for ward in sorted(wards))
+        noun = "ward" if len(wards) == 1 else "wards"
+        raise ApiError(403, "forbidden", field, f"area {code!r} is outside {noun} {named} of this key")
 
 
 def _get_visible(session: Session, runtime: Any, principal: Principal, device_id: str) -> DeviceRow:
@@ -359,9 +379,15 @@ async def list_devices(
     return await asyncio.to_thread(query)
 
 
-@router.post("", status_code=status.HTTP_201_CREATED, response_model=DeviceOut)
-async def create_device(body: DeviceIn, runtime: RuntimeDep, principal: DeviceManager) -> DeviceOut:
-    def create() -> DeviceOut:
+@router.post("", status_code=status.HTTP_201_CREATED, response_model=ProvisionedDeviceOut)
+async def create_device(
+    body: DeviceIn, runtime: RuntimeDep, principal: DeviceManager
+) -> ProvisionedDeviceOut:
+    """Register a device. An MQTT device gets its own broker account at once (username = its address)
+    and its provisioning bundle in the answer, the only time its password is shown."""
+    provisioning = runtime.provisioning
+
+    def create() -> ProvisionedDeviceOut:
         _check_area(runtime, principal, body.area, "area")
         _check_transport(body.kind, body.transport, body.config)
         device_id = body.id or f"{_KIND_PREFIX[body.kind]}-{secrets.token_hex(4)}"
@@ -370,10 +396,17 @@ async def create_device(body: DeviceIn, runtime: RuntimeDep, principal: DeviceMa
                 422, "invalid", "address", "a CoAP sensor's address is where it answers: coap://host:port"
             )
         address = body.address or device_id
+        if body.transport == "mqtt":
+            provisioning.check_address(address, "address" if body.address else "id")
         with Session(runtime.engine) as session:
             if session.get(DeviceRow, device_id) is not None:
                 raise ApiError(409, "conflict", "id", f"device {device_id!r} already exists")
             _refuse_address_clash(session, body.transport, address)
+            if (
+                body.serial is not None
+                and session.exec(select(DeviceRow.id).where(DeviceRow.serial == body.serial)).first()
+            ):
+                raise ApiError(409, "conflict", "serial", f"serial {body.serial!r} is already registered")
             row = DeviceRow(
                 id=device_id,
                 kind=body.kind,
@@ -384,17 +417,22 @@ async def create_device(body: DeviceIn, runtime: RuntimeDep, principal: DeviceMa
                 transport=body.transport,
                 address=address,
                 enabled=body.enabled,
+                serial=body.serial,
                 comm_loss_policy=body.comm_loss.policy,
                 comm_loss_after_s=body.comm_loss.after_s,
                 config=body.config.model_dump(exclude_none=True),
                 created_at=datetime.now(UTC),
             )
+            password = provisioning.issue_credentials(row) if body.transport == "mqtt" else None
             session.add(row)
             session.commit()
             session.refresh(row)
-            return _out(row)
+            bundle = provisioning.bundle(row, password) if password is not None else None
+            return ProvisionedDeviceOut(**_out(row).model_dump(), bundle=bundle)
 
     device = await asyncio.to_thread(create)
+    if device.bundle is not None:
+        await runtime.broker_access.sync()
     runtime.device_registered(
         device.transport,
         device.address,
@@ -450,11 +488,18 @@ async def patch_device(
         changes = body.model_dump(exclude_unset=True)
         with Session(runtime.engine) as session:
             row = _get_visible(session, runtime, principal, device_id)
+            if row.decommissioned_at is not None:
+                raise ApiError(
+                    409, "conflict", "id", f"device {device_id!r} is decommissioned; its record is history"
+                )
             if "area" in changes:
                 _check_area(runtime, principal, changes["area"], "area")
                 row.area_code = changes.pop("area")
             if "address" in changes and changes["address"] != row.address:
                 _refuse_address_clash(session, row.transport, changes["address"])
+                if row.transport == "mqtt":
+                    # The broker username follows the address (the password stays the same).
+                    runtime.provisioning.check_address(changes["address"])
             if "comm_loss" in changes:
                 comm_loss = changes.pop("comm_loss")
                 if comm_loss is None:
@@ -475,6 +520,8 @@ async def patch_device(
             return _out(row)
 
     device = await asyncio.to_thread(patch)
+    if device.transport == "mqtt" and "address" in body.model_fields_set:
+        await runtime.broker_access.sync()
     runtime.device_registered(
         device.transport,
         device.address,
@@ -506,6 +553,7 @@ async def delete_device(device_id: str, runtime: RuntimeDep, principal: DeviceMa
             session.commit()
 
     await asyncio.to_thread(delete)
+    await runtime.broker_access.sync()
     runtime.device_removed(device_id)
     runtime.device_programmes_changed()
     return Response(status_code=status.HTTP_204_NO_CONTENT)
