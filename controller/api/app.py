@@ -17,6 +17,7 @@ from controller.api.routes import (
     calendar,
     devices,
     media,
+    operations,
     reports,
     schedules,
     system,
@@ -73,6 +74,7 @@ def create_app(runtime: Runtime, *, manage_runtime: bool = True) -> FastAPI:
     for module in (
         areas,
         devices,
+        operations,
         telemetry,
         media,
         broadcasts,
