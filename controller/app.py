@@ -6,8 +6,10 @@ import asyncio
 import json
 import secrets
 from collections.abc import Coroutine, Mapping
+from datetime import datetime
 from pathlib import Path
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import structlog
 from sqlalchemy import text
@@ -21,6 +23,7 @@ from controller.services.alerts import AlertService
 from controller.services.area_fanout import AreaFollowers
 from controller.services.audit import AuditLog
 from controller.services.auth import Principal, authenticate
+from controller.services.availability import AvailabilityService
 from controller.services.broadcasts import WIRED_ZONE_KIND, BroadcastService
 from controller.services.cap_intake import CapIntake
 from controller.services.device_programmes import DeviceProgrammes
@@ -30,6 +33,7 @@ from controller.services.field_sensors import COAP, MODBUS, CoapAdapter, FieldSe
 from controller.services.inbound import DeviceDirectory, InboundProcessor
 from controller.services.ingest import IngestWorkers
 from controller.services.media import MediaStore
+from controller.services.operations import OperationService
 from controller.services.provisioning import (
     BrokerAccess,
     BrokerEndpoint,
@@ -113,12 +117,24 @@ class Runtime:
         self._alerts: AlertService | None = None
         self._cap_intake: CapIntake | None = None
         self.telemetry = TelemetryPipeline(self.engine, self.clock, settings.telemetry)
-        self.serial_signs = SerialSigns(self.directory, self.tracker, self.clock, self.telemetry)
+        self.availability = AvailabilityService(
+            self.engine, self.bus, self.audit, self.clock, settings.availability
+        )
+        self.serial_signs = SerialSigns(
+            self.directory, self.tracker, self.clock, self.telemetry, availability=self.availability
+        )
         # One Modbus driver for sensors and wired zones alike: a link's lock holds across both.
         self.modbus_driver = ModbusDriver()
         self.field_sensors = {
             transport: FieldSensors(
-                transport, adapter, self.engine, self.directory, self.tracker, self.clock, self.telemetry
+                transport,
+                adapter,
+                self.engine,
+                self.directory,
+                self.tracker,
+                self.clock,
+                self.telemetry,
+                availability=self.availability,
             )
             for transport, adapter in (
                 (MODBUS, ModbusAdapter(self.modbus_driver)),
@@ -128,11 +144,14 @@ class Runtime:
         self._background: set[asyncio.Task[None]] = set()
         self.wired_zones: WiredZoneRouter | None = None
         self._rules: RuleEngine | None = None
+        self._operations: OperationService | None = None
         self.ingest: IngestWorkers | None = None
 
     # -- lifecycle -----------------------------------------------------------------------------
     async def start(self) -> None:
         await asyncio.to_thread(migrate, self.engine)
+        # Before any message from a device: availability judges each against what was recorded.
+        await asyncio.to_thread(self.availability.load)
         url, username, password = await asyncio.to_thread(self._broker_endpoint)
         workers = self.settings.telemetry.ingest_workers
         self.driver = MqttDriver(
@@ -173,6 +192,18 @@ class Runtime:
             publish_timeout_s=self.settings.dispatch.publish_timeout_s,
         )
         dispatcher = self._dispatcher
+        operations = self._operations = OperationService(
+            self.engine,
+            dispatcher,
+            self.audit,
+            self.bus,
+            self.clock,
+            expiry_s=self.settings.operations.expiry_s,
+            result_grace_s=self.settings.dispatch.completion_grace_s,
+            utc_offset_min=_utc_offset_min(self.settings.timezone),
+            programmes_changed=self.device_programmes_changed,
+        )
+        await asyncio.to_thread(operations.load)
         self.driver.add_link_listener(lambda state: dispatcher.link_changed(up=state == "connected"))
         dispatcher.link_changed(up=self.driver.link_state == "connected")
         self._broadcasts = BroadcastService(
@@ -265,6 +296,8 @@ class Runtime:
             self.clock,
             followers=self.area_followers,
             telemetry=self.telemetry,
+            availability=self.availability,
+            operations=operations,
         )
         await self.schedule_runner.start()
         self._tasks = [
@@ -274,6 +307,8 @@ class Runtime:
             asyncio.create_task(webhooks.run(), name="alert-webhooks"),
             asyncio.create_task(self.telemetry.run(), name="telemetry"),
             asyncio.create_task(rules.run(), name="rules"),
+            asyncio.create_task(self.availability.run(), name="availability"),
+            asyncio.create_task(operations.run(), name="operations"),
         ]
         if self.claims is not None:
             self._tasks.append(asyncio.create_task(self.claims.run(), name="claims"))
@@ -374,6 +409,9 @@ class Runtime:
             await self._dispatcher.close()
         await self.tracker.flush()
         await self.telemetry.flush()
+        await self.availability.flush()
+        if self._operations is not None:
+            await self._operations.flush()
         if self.driver is not None:
             await self.driver.__aexit__(None, None, None)
             self.driver = None
@@ -408,6 +446,12 @@ class Runtime:
         return self._rules
 
     @property
+    def operations(self) -> OperationService:
+        if self._operations is None:
+            raise RuntimeError("the controller is not started")
+        return self._operations
+
+    @property
     def cap_intake(self) -> CapIntake:
         if self._cap_intake is None:
             raise RuntimeError("the controller is not started")
@@ -434,6 +478,8 @@ class Runtime:
         created: bool = False,
     ) -> None:
         self.directory.put(transport, address, device_id)
+        if kind is not None:
+            self.availability.register(device_id, kind)
         self.telemetry.device_changed(device_id, config or {})
         if self.ingest is not None:
             self.ingest.devices_changed()
@@ -453,6 +499,7 @@ class Runtime:
 
     def device_removed(self, device_id: str) -> None:
         self.directory.remove(device_id)
+        self.availability.forget(device_id)
         self.telemetry.device_changed(device_id, None)
         if self.ingest is not None:
             self.ingest.devices_changed()
@@ -498,3 +545,9 @@ class Runtime:
 
         broker = "ok" if self.driver is not None and await self.driver.ping() else "disconnected"
         return {"database": await asyncio.to_thread(database), "broker": broker}
+
+
+def _utc_offset_min(timezone: str) -> int:
+    """The city's offset from UTC now, in minutes (sent with quiet hours, docs/protocol.md §1.14)."""
+    offset = datetime.now(ZoneInfo(timezone)).utcoffset()
+    return int(offset.total_seconds() // 60) if offset is not None else 0

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import time
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -215,7 +217,7 @@ def device_list(
     params = {k: v for k, v in {"area": area, "kind": kind, "online": online}.items() if v is not None}
     with _client(api, token) as client:
         devices = _checked(client.get("/api/v1/devices", params=params))
-    table = Table("id", "kind", "area", "online", "last seen", "address")
+    table = Table("id", "kind", "area", "online", "last seen", "signal", "firmware", "volume", "self-test")
     for device in devices:
         table.add_row(
             device["id"],
@@ -223,7 +225,10 @@ def device_list(
             device["area"],
             "yes" if device["online"] else "no",
             device["last_seen"] or "-",
-            device["address"],
+            _or_dash(device.get("rssi_dbm"), " dBm"),
+            device.get("firmware") or "-",
+            _or_dash(device.get("volume")),
+            _self_test(device.get("self_test")),
         )
     out.print(table)
 
@@ -421,6 +426,201 @@ def device_approve(
         )
     sent = "sent to the device" if result["answered"] else "NOT sent (the broker was unreachable)"
     out.print(f"approved {result['device']['id']} in {result['device']['area']}; bundle {sent}")
+
+
+def _or_dash(value: object, unit: str = "") -> str:
+    return "-" if value is None else f"{value}{unit}"
+
+
+def _self_test(self_test: object) -> str:
+    if not isinstance(self_test, dict):
+        return "-"
+    text = f"{self_test.get('result')} {self_test.get('at', '')}".strip()
+    return f"{text} ({self_test['fault']})" if self_test.get("fault") else text
+
+
+@device_app.command("show")
+def device_show(
+    device_id: Annotated[str, typer.Argument(help="device id")],
+    history_days: Annotated[float, typer.Option(help="availability history this far back")] = 7,
+    api: ApiOption = None,
+    token: TokenOption = None,
+) -> None:
+    """A device: availability, signal, firmware, volume, last self-test, and its online/offline history."""
+    with _client(api, token) as client:
+        device = _checked(client.get(f"/api/v1/devices/{device_id}"))
+        history = _checked(
+            client.get(
+                f"/api/v1/devices/{device_id}/availability",
+                params={"from": _ago(history_days)},
+            )
+        )
+    status = device.get("status") or {}
+    rows = [
+        ("id", device["id"]),
+        ("kind", device["kind"]),
+        ("area", device["area"]),
+        ("address", f"{device['transport']} {device['address']}"),
+        ("online", "yes" if device["online"] else "no"),
+        ("last seen", device["last_seen"] or "-"),
+        ("signal", _or_dash(device.get("rssi_dbm"), " dBm")),
+        ("firmware", device.get("firmware") or "-"),
+        ("volume", _or_dash(device.get("volume"))),
+        ("self-test", _self_test(device.get("self_test"))),
+        ("config", json.dumps(status.get("config")) if status.get("config") is not None else "-"),
+        ("comm loss", json.dumps(device["comm_loss"])),
+    ]
+    table = Table("", "", show_header=False)
+    for name, value in rows:
+        table.add_row(name, str(value))
+    out.print(table)
+    transitions = Table("at", "online", "reason", "detected at", "detail", title="availability")
+    for transition in history["transitions"]:
+        transitions.add_row(
+            transition["at"],
+            "online" if transition["online"] else "offline",
+            transition["reason"],
+            transition["detected_at"],
+            transition["detail"] or "",
+        )
+    out.print(transitions)
+
+
+def _ago(days: float) -> str:
+    return (datetime.now(UTC) - timedelta(days=days)).isoformat().replace("+00:00", "Z")
+
+
+DeviceTargets = Annotated[list[str] | None, typer.Option("--device", help="device id (repeatable)")]
+AreaTargets = Annotated[
+    list[str] | None, typer.Option("--area", help="area code, its whole subtree (repeatable)")
+]
+WaitOption = Annotated[bool, typer.Option(help="wait for every device's result and show them")]
+WaitTimeout = Annotated[float, typer.Option(help="seconds to wait for the results")]
+
+
+def _operation(
+    kind: str,
+    params: dict[str, Any],
+    devices: list[str] | None,
+    areas: list[str] | None,
+    *,
+    wait: bool,
+    timeout_s: float,
+    api: str | None,
+    token: str | None,
+) -> None:
+    """Sends one remote operation and, with --wait, shows each device's result once all have ended."""
+    body = {"type": kind, "targets": {"devices": devices or [], "areas": areas or []}, "params": params}
+    with _client(api, token) as client:
+        accepted = _checked(client.post("/api/v1/operations", json=body))
+        out.print(f"operation {accepted['id']}: {kind} on {accepted['device_count']} device(s)")
+        if not wait:
+            return
+        # A person at a terminal: polling twice a second is the simple way to follow a few results.
+        deadline = time.monotonic() + timeout_s
+        operation = _checked(client.get(f"/api/v1/operations/{accepted['id']}"))
+        while operation["status"] == "pending" and time.monotonic() < deadline:
+            time.sleep(0.5)
+            operation = _checked(client.get(f"/api/v1/operations/{accepted['id']}"))
+    table = Table("device", "state", "sent", "delivered", "ended", "result", "detail")
+    for result in operation["results"]:
+        table.add_row(
+            result["device_id"],
+            result["state"],
+            result["sent_at"] or "-",
+            result["delivered_at"] or "-",
+            result["ended_at"] or "-",
+            json.dumps(result["result"]) if result["result"] is not None else "-",
+            result["detail"] or "",
+        )
+    out.print(table)
+    out.print(f"status: {operation['status']} {operation['counts']}")
+    if operation["status"] != "completed":
+        raise typer.Exit(1)
+
+
+@device_app.command("volume")
+def device_volume(
+    volume: Annotated[int, typer.Argument(help="0-100")],
+    device: DeviceTargets = None,
+    area: AreaTargets = None,
+    wait: WaitOption = True,
+    timeout: WaitTimeout = 120,
+    api: ApiOption = None,
+    token: TokenOption = None,
+) -> None:
+    """Set the volume of speakers (one device, or every speaker of an area)."""
+    _operation(
+        "set_volume", {"volume": volume}, device, area, wait=wait, timeout_s=timeout, api=api, token=token
+    )
+
+
+@device_app.command("reboot")
+def device_reboot(
+    device: DeviceTargets = None,
+    area: AreaTargets = None,
+    wait: WaitOption = True,
+    timeout: WaitTimeout = 120,
+    api: ApiOption = None,
+    token: TokenOption = None,
+) -> None:
+    """Reboot devices; each goes offline and comes back (both recorded in its availability)."""
+    _operation("reboot", {}, device, area, wait=wait, timeout_s=timeout, api=api, token=token)
+
+
+@device_app.command("test-tone")
+def device_test_tone(
+    device: DeviceTargets = None,
+    area: AreaTargets = None,
+    duration: Annotated[float, typer.Option(help="seconds of tone (at most 30)")] = 3.0,
+    wait: WaitOption = True,
+    timeout: WaitTimeout = 120,
+    api: ApiOption = None,
+    token: TokenOption = None,
+) -> None:
+    """Loa thử: a short tone on each speaker, and its self-test result (pass or fail)."""
+    _operation(
+        "test_tone",
+        {"duration_s": duration},
+        device,
+        area,
+        wait=wait,
+        timeout_s=timeout,
+        api=api,
+        token=token,
+    )
+
+
+@device_app.command("configure")
+def device_configure(
+    device: DeviceTargets = None,
+    area: AreaTargets = None,
+    quiet_hours: Annotated[
+        str | None, typer.Option(help="HH:MM-HH:MM local time (normal plays refused), or 'off'")
+    ] = None,
+    comm_loss: Annotated[str | None, typer.Option(help="keep, or stop_after:SECONDS")] = None,
+    heartbeat: Annotated[int | None, typer.Option(help="seconds between state heartbeats")] = None,
+    wait: WaitOption = True,
+    timeout: WaitTimeout = 120,
+    api: ApiOption = None,
+    token: TokenOption = None,
+) -> None:
+    """Push configuration to devices: quiet hours, comm-loss policy, heartbeat."""
+    params: dict[str, Any] = {}
+    if quiet_hours is not None:
+        if quiet_hours.lower() == "off":
+            params["quiet_hours"] = None
+        else:
+            start, _, end = quiet_hours.partition("-")
+            params["quiet_hours"] = {"start": start.strip(), "end": end.strip()}
+    if comm_loss is not None:
+        policy, _, after = comm_loss.partition(":")
+        params["comm_loss"] = (
+            {"policy": policy, "after_s": int(after)} if after.strip().isdigit() else {"policy": policy}
+        )
+    if heartbeat is not None:
+        params["heartbeat_s"] = heartbeat
+    _operation("configure", params, device, area, wait=wait, timeout_s=timeout, api=api, token=token)
 
 
 # -- broadcasts --------------------------------------------------------------------------------

@@ -295,6 +295,45 @@ class ProvisioningSettings(_Section):
     broker_port: Annotated[int, Field(ge=1, le=65535)] | None = None
 
 
+class KindAvailabilitySettings(_Section):
+    """How one kind of device shows it is alive (issue 6, docs/protocol.md §1.5)."""
+
+    # How often the device republishes its state; sent to devices in a `configure` operation.
+    heartbeat_s: Annotated[float, Field(gt=0, le=3600)] = 60
+    # Nothing heard for this long: offline. At least two heartbeats, so that one lost message never
+    # flips a device, and well above the broker's own detection of a dead connection (1.5 × keep-alive).
+    timeout_s: Annotated[float, Field(gt=0, le=86_400)] = 150
+    # Offline for this long: an alarm (cleared when the device returns).
+    alarm_after_s: Annotated[float, Field(gt=0, le=30 * 86_400)] = 600
+
+    @model_validator(mode="after")
+    def _timeout_spans_two_heartbeats(self) -> Self:
+        if self.timeout_s < 2 * self.heartbeat_s:
+            raise ValueError(
+                f"timeout_s ({self.timeout_s:g}) must be at least twice heartbeat_s ({self.heartbeat_s:g}), "
+                "so that one lost heartbeat never makes a device offline"
+            )
+        return self
+
+
+class AvailabilitySettings(_Section):
+    """Heartbeat, timeout and alarm threshold per device kind (issue 6)."""
+
+    speaker: KindAvailabilitySettings = KindAvailabilitySettings()
+    wired_zone: KindAvailabilitySettings = KindAvailabilitySettings()
+    led_screen: KindAvailabilitySettings = KindAvailabilitySettings()
+    # A sensor silent during a flood matters sooner than a silent loudspeaker.
+    sensor: KindAvailabilitySettings = KindAvailabilitySettings(alarm_after_s=300)
+
+
+class OperationsSettings(_Section):
+    """Remote operations on devices (issue 6): volume, reboot, test tone, configuration."""
+
+    # A command not delivered within this long is not carried out any more (a reboot an hour late
+    # would surprise the ward); the device's result is awaited this long plus dispatch.completion_grace_s.
+    expiry_s: Annotated[int, Field(ge=10, le=86_400)] = 600
+
+
 class LoggingSettings(_Section):
     level: Literal["debug", "info", "warning", "error"] = "info"
     format: Literal["console", "json"] = "console"
@@ -319,6 +358,8 @@ class Settings(BaseSettings):
     tts: TtsSettings = TtsSettings()
     telemetry: TelemetrySettings = TelemetrySettings()
     provisioning: ProvisioningSettings = ProvisioningSettings()
+    availability: AvailabilitySettings = AvailabilitySettings()
+    operations: OperationsSettings = OperationsSettings()
     logging: LoggingSettings = LoggingSettings()
     data_dir: Path = Path("var")
 

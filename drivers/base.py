@@ -72,6 +72,8 @@ class CommandReport:
     """On `completed`: playback was cut at the command's `max_duration_s` (proof of play needs it)."""
     offline: bool = False
     """The device started the command from its cached programme while it had no link (protocol §1.10)."""
+    result: Mapping[str, Any] | None = None
+    """What a remote operation did (protocol §1.14): the volume set, a self-test's verdict, …"""
 
 
 @dataclass(frozen=True, slots=True)

@@ -192,6 +192,9 @@ def _decode_report(address: str, document: dict[str, Any]) -> CommandReport:
     offline = document.get("offline", False)
     if type(offline) is not bool:
         raise _invalid(document, "offline", "a boolean")
+    result = document.get("result")
+    if result is not None and not isinstance(result, dict):
+        raise _invalid(document, "result", "an object")
     return CommandReport(
         address=address,
         command_id=_required_text(document, "command_id"),
@@ -202,6 +205,7 @@ def _decode_report(address: str, document: dict[str, Any]) -> CommandReport:
         played_s=played_s,
         truncated=truncated,
         offline=offline,
+        result=result,
     )
 
 

@@ -55,6 +55,15 @@ _RECONNECT_FIRST_DELAY_S: Final = 0.5
 _RECONNECT_MAX_DELAY_S: Final = 30.0
 # §1.10 asks for at least the latest 10,000 reports made while the link is down.
 OFFLINE_REPORTS_KEPT: Final = 10_000
+# §1.5: the state is published again every heartbeat (the controller's timeouts count on it).
+DEFAULT_HEARTBEAT_S: Final = 60.0
+# A reboot (§1.14) keeps the device off the broker this long (divided by the runtime's speed).
+REBOOT_S: Final = 2.0
+_REBOOT_MIN_S: Final = 0.3
+# Faults a test or an operator can inject (the fleet's control file, `set_faults`):
+# silent: connected (keep-alive answered) but publishes no state, as a hung firmware;
+# amplifier, speaker: a test tone's self-test fails, naming the part.
+FAULTS: Final = frozenset({"silent", "amplifier", "speaker"})
 
 MqttProtocol = Literal["3.1.1", "5"]
 MqttDeviceT = TypeVar("MqttDeviceT", bound="MqttDevice[Any, Any]")
@@ -105,14 +114,19 @@ class DeviceRuntime:
         http_connections: int = DEFAULT_HTTP_CONNECTIONS,
         media_timeout_s: float = 30.0,
         credentials: Mapping[str, tuple[str, str]] | None = None,
+        heartbeat_s: float = DEFAULT_HEARTBEAT_S,
     ) -> None:
         if speed <= 0:
             raise ValueError("speed must be greater than 0")
+        if heartbeat_s <= 0:
+            raise ValueError("heartbeat_s must be greater than 0")
         self.broker = broker
         # address → (username, password): each device's own broker account, from its provisioning
         # bundle (docs/protocol.md §1.13); a device not listed uses the broker settings' account.
         self.credentials: Mapping[str, tuple[str, str]] = credentials or {}
         self.speed = speed
+        # Every device's heartbeat until a `configure` operation sets its own.
+        self.heartbeat_s = heartbeat_s
         self.clock = clock
         # Every device of the runtime, whatever its kind, by address.
         self.devices: dict[str, MqttDevice[Any, Any]] = {}
@@ -280,6 +294,8 @@ class MqttDevice(ABC, Generic[CommandT, ContentT]):
     _logger: ClassVar[logging.Logger] = logger
     # What the device is called in report details ("… while it waited for the speaker").
     _noun: ClassVar[str] = "device"
+    # The remote operations (§1.14) it takes; a speaker adds set_volume and test_tone.
+    _operations: ClassVar[frozenset[str]] = frozenset({"reboot", "configure"})
 
     def __init__(
         self,
@@ -330,6 +346,16 @@ class MqttDevice(ABC, Generic[CommandT, ContentT]):
         self._dropped_logged = 0
         # Futures of `wait_until` callers, woken on every change they might be waiting for.
         self._watchers: list[asyncio.Future[None]] | None = None
+        # Availability and remote operations (§1.5, §1.14). The settings a `configure` pushed survive
+        # a reboot, as in flash; the heartbeat timer runs only while connected.
+        self.heartbeat_s = runtime.heartbeat_s
+        self.faults: frozenset[str] = frozenset()
+        self.quiet_hours: wire.QuietHours | None = None
+        self.comm_loss: Mapping[str, Any] | None = None
+        self.booted_at: datetime | None = None
+        self.reboots = 0
+        self._heartbeat_timer: asyncio.TimerHandle | None = None
+        self._reboot_task: asyncio.Task[None] | None = None
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.address!r})"
@@ -462,6 +488,7 @@ class MqttDevice(ABC, Generic[CommandT, ContentT]):
         self.runtime.services.driver.attach(client)
         self._client = client
         self._ready = loop.create_future()
+        self.booted_at = self.runtime.clock()
         # Powered up but not connected yet (a speaker's programme may play if an item falls due
         # before the broker answers: a receiver that boots without a link).
         self._link_down()
@@ -476,6 +503,10 @@ class MqttDevice(ABC, Generic[CommandT, ContentT]):
 
     async def stop(self, timeout: float = 5.0) -> None:
         """Clean shutdown: retained `offline` with reason `shutdown`, then DISCONNECT (no Last Will)."""
+        reboot = self._reboot_task
+        if reboot is not None and not reboot.done() and reboot is not asyncio.current_task():
+            reboot.cancel()
+            await asyncio.gather(reboot, return_exceptions=True)
         client = self._client
         if client is None:
             return
@@ -528,16 +559,19 @@ class MqttDevice(ABC, Generic[CommandT, ContentT]):
             return  # a failed reconnect attempt: the link went down earlier
         now = self.runtime.clock()
         self._link_lost_at = now
+        self._cancel_heartbeat()
         self._on_link_lost(now)
         self._notify_watchers()
 
     def _link_up(self) -> None:
         self._link_lost_at = None
+        self._arm_heartbeat()
         self._on_link_restored()
         self._notify_watchers()
 
     def _power_off(self) -> None:
         self._link_lost_at = None
+        self._cancel_heartbeat()
         self._on_power_off()
 
     async def _first_connect(self, client: NonBlockingConnectClient) -> None:
@@ -732,6 +766,9 @@ class MqttDevice(ABC, Generic[CommandT, ContentT]):
         if self._seen(envelope.command_id):
             self._repeat_latest_report(envelope.command_id)
             return
+        if envelope.document.get("type") in wire.OPERATION_TYPES:
+            self._handle_operation(envelope)
+            return
         try:
             command = self._parse_command(envelope)
         except wire.CommandRejectedError as rejection:
@@ -746,6 +783,127 @@ class MqttDevice(ABC, Generic[CommandT, ContentT]):
             self._apply_stop(command)
         else:
             self._accept(command)
+
+    # Remote operations (§1.14)
+
+    def _handle_operation(self, envelope: wire.Envelope) -> None:
+        try:
+            operation = wire.parse_operation(envelope, self.address, self._operations)
+        except wire.CommandRejectedError as rejection:
+            self._logger.info(
+                "%s: rejected operation %s: %s", self.address, envelope.command_id, rejection.detail
+            )
+            self._report(
+                envelope.command_id, envelope.correlation_id, "rejected", None, detail=rejection.detail
+            )
+            return
+        if self.runtime.clock() > operation.expires_at:
+            self._report_operation(operation, "expired", detail="arrived after expires_at")
+            return
+        self._logger.info("%s: operation %s (%s)", self.address, operation.type, operation.id)
+        if operation.type == "reboot":
+            self._start_reboot(operation)
+            return
+        self._report_operation(operation, "delivered")
+        if operation.type == "configure":
+            self._configure(operation)
+        else:
+            self._apply_operation(operation)
+
+    def _apply_operation(self, operation: wire.OperationCommand) -> None:
+        """An operation of the kind's own (a speaker's volume and test tone), after `delivered`."""
+        self._report_operation(operation, "rejected", detail=f"type: {operation.type!r} is not taken here")
+
+    def _report_operation(
+        self,
+        operation: wire.OperationCommand,
+        state: ReportState,
+        *,
+        detail: str | None = None,
+        result: Mapping[str, object] | None = None,
+    ) -> mqtt.MQTTMessageInfo | None:
+        return self._report(operation.id, operation.correlation_id, state, None, detail=detail, result=result)
+
+    def _configure(self, operation: wire.OperationCommand) -> None:
+        config = operation.config or {}
+        if "quiet_hours" in config:
+            self.quiet_hours = config["quiet_hours"]
+        if "comm_loss" in config:
+            self.comm_loss = config["comm_loss"]
+        if "heartbeat_s" in config:
+            self.heartbeat_s = float(config["heartbeat_s"])
+            if self._heartbeat_timer is not None:
+                self._arm_heartbeat()
+        self._publish_state()
+        self._report_operation(operation, "completed", result={"config": self._config_document()})
+
+    def _config_document(self) -> dict[str, object]:
+        return {
+            "quiet_hours": wire.quiet_hours_document(self.quiet_hours),
+            "comm_loss": dict(self.comm_loss) if self.comm_loss is not None else None,
+            "heartbeat_s": self.heartbeat_s,
+        }
+
+    def _start_reboot(self, operation: wire.OperationCommand) -> None:
+        if self._reboot_task is not None and not self._reboot_task.done():
+            self._report_operation(operation, "failed", detail="a reboot is already under way")
+            return
+        self._reboot_task = self.runtime.services.loop.create_task(
+            self._reboot(operation), name=f"reboot-{self.address}"
+        )
+
+    async def _reboot(self, operation: wire.OperationCommand) -> None:
+        """`delivered` (confirmed by the broker), then the connection drops without DISCONNECT, as
+        at power loss, so the broker publishes the Last Will; the device comes back a moment later
+        with what it keeps in flash (dedupe memory, outbox, programme, settings) and reports
+        `completed` with its boot time."""
+        info = self._report_operation(operation, "delivered")
+        if info is not None:
+            acknowledged = self.runtime.services.loop.create_future()
+            self._puback_waiters[info.mid] = acknowledged
+            # Bounded: a broker that does not answer does not stop the reboot.
+            await asyncio.wait({acknowledged}, timeout=5.0)
+        self.crash()
+        await asyncio.sleep(max(REBOOT_S / self.runtime.speed, _REBOOT_MIN_S))
+        try:
+            await self.start(timeout=60.0)
+        except (DeviceConnectError, TimeoutError, OSError) as error:
+            self._logger.error("%s: did not come back from its reboot: %s", self.address, error)  # noqa: TRY400
+            return
+        self.reboots += 1
+        self._report_operation(
+            operation,
+            "completed",
+            result={"booted_at": wire.format_timestamp(self.booted_at or self.runtime.clock())},
+        )
+
+    def set_faults(self, faults: frozenset[str]) -> None:
+        """Injects faults (see `FAULTS`); a device no longer silent publishes its state at once."""
+        unknown = faults - FAULTS
+        if unknown:
+            raise ValueError(f"unknown faults {sorted(unknown)}; known: {sorted(FAULTS)}")
+        was_silent = "silent" in self.faults
+        self.faults = faults
+        if was_silent and "silent" not in faults:
+            self._publish_state()
+
+    # Heartbeat (§1.5)
+
+    def _arm_heartbeat(self) -> None:
+        self._cancel_heartbeat()
+        self._heartbeat_timer = self.runtime.services.loop.call_later(self.heartbeat_s, self._on_heartbeat)
+
+    def _cancel_heartbeat(self) -> None:
+        timer, self._heartbeat_timer = self._heartbeat_timer, None
+        if timer is not None:
+            timer.cancel()
+
+    def _on_heartbeat(self) -> None:
+        self._heartbeat_timer = None
+        if not self.connected:
+            return
+        self._publish_state()
+        self._arm_heartbeat()
 
     def _seen(self, command_id: str) -> bool:
         """§1.4.2: the command is being handled or was handled (within the dedupe memory)."""
@@ -919,7 +1077,8 @@ class MqttDevice(ABC, Generic[CommandT, ContentT]):
         played_s: float | None = None,
         truncated: bool | None = None,
         offline: bool = False,
-    ) -> None:
+        result: Mapping[str, object] | None = None,
+    ) -> mqtt.MQTTMessageInfo | None:
         document = wire.report_document(
             command_id,
             correlation_id,
@@ -929,13 +1088,14 @@ class MqttDevice(ABC, Generic[CommandT, ContentT]):
             played_s=played_s,
             truncated=truncated,
             offline=offline,
+            result=result,
         )
         payload = wire.encode(document)
         self._latest_reports[command_id] = payload
         self._latest_reports.move_to_end(command_id)
         if len(self._latest_reports) > self._dedupe_memory:
             self._latest_reports.popitem(last=False)
-        self._publish_report(payload)
+        info = self._publish_report(payload)
         play_log = self.runtime.services.play_log
         if play_log is not None and (command is not None or state == "rejected"):
             entry: dict[str, object] = {
@@ -955,8 +1115,20 @@ class MqttDevice(ABC, Generic[CommandT, ContentT]):
             if command is not None:
                 entry.update(self._log_details(command, state))
             play_log.record(entry)
+        elif play_log is not None and result is not None:
+            play_log.record(
+                {
+                    "address": self.address,
+                    "command_id": command_id,
+                    "event": state,
+                    "at": document["at"],
+                    "result": dict(result),
+                    **({"detail": detail} if detail is not None else {}),
+                }
+            )
         if self._watchers:
             self._notify_watchers()
+        return info
 
     def _publish_state_if_changed(self) -> None:
         if self.playing != self._published_playing:
@@ -966,18 +1138,25 @@ class MqttDevice(ABC, Generic[CommandT, ContentT]):
         client = self._client
         if client is None or not client.is_connected():
             return  # the state goes out with the next connect anyway
+        if "silent" in self.faults:
+            return  # a hung firmware: the connection lives on, nothing is said
         playing = self.playing
         payload = wire.online_state(
             self.runtime.clock(),
             kind=self.kind,
             firmware=FIRMWARE,
             rssi_dbm=self.rssi_dbm,
-            status=self._status(),
+            status={
+                **self._status(),
+                "heartbeat_s": self.heartbeat_s,
+                "booted_at": wire.format_timestamp(self.booted_at) if self.booted_at else None,
+                "config": self._config_document(),
+            },
         )
         client.publish(self._state_topic, payload, qos=1, retain=True)
         self._published_playing = playing
 
-    def _publish_report(self, payload: bytes) -> None:
+    def _publish_report(self, payload: bytes) -> mqtt.MQTTMessageInfo | None:
         """Publishes a report now, or keeps it in the outbox while the link is down (§1.10).
 
         paho alone would keep a publish made while disconnected as well, but without bound, failing
@@ -990,13 +1169,13 @@ class MqttDevice(ABC, Generic[CommandT, ContentT]):
         outbox = self._outbox
         if outbox is None:
             if client is not None and client.is_connected():
-                client.publish(self._ack_topic, payload, qos=1)
-                return
+                return client.publish(self._ack_topic, payload, qos=1)
             outbox = self._outbox = deque()
         if len(outbox) >= self._outbox_limit:
             outbox.popleft()
             self.offline_reports_dropped += 1
         outbox.append(payload)
+        return None
 
     def _flush_outbox(self, client: NonBlockingConnectClient) -> None:
         """Hands every kept report to paho in order; paho sends them as its in-flight window allows

@@ -26,6 +26,9 @@ worker process reads and writes them itself, so they work the same with `--proce
   `{"sensor_interval_s": 0.5, "forced": {"sen-00001": {"water_level": 3.4}}}`: every sensor's interval
   (absent: `--sensor-interval`), and metrics held at a value (a metric no longer listed walks again).
   A missing file is an empty document; a malformed one is logged and the previous one stays in force.
+  `"faults": {"sim-00002": ["silent"], "sim-00003": ["amplifier"]}` injects faults into any device
+  (firmware_sim/device.py `FAULTS`: `silent` stays connected but publishes no state, `amplifier` and
+  `speaker` fail a test tone's self-test); a device not listed has none.
 - `--stats FILE`: every `--stats-interval` seconds each process appends one JSON line of its sensors'
   counters: `{"pid", "at" (Unix time), "sensors", "published", "acknowledged", "skipped", "late"}`
   (totals since the process started; see `TelemetryCounters`), and a last line when it stops.
@@ -54,7 +57,9 @@ import httpx
 
 from firmware_sim import wire
 from firmware_sim.device import (
+    DEFAULT_HEARTBEAT_S,
     DEFAULT_HTTP_CONNECTIONS,
+    FAULTS,
     BrokerSettings,
     MqttDevice,
     MqttProtocol,
@@ -128,6 +133,8 @@ class FleetConfig:
     # address → (username, password): devices that connect with their own broker account
     # (`--credentials`); the others use `broker`'s.
     credentials: Mapping[str, tuple[str, str]] = dataclasses.field(default_factory=dict)
+    # Every device republishes its state this often (docs/protocol.md §1.5).
+    heartbeat_s: float = DEFAULT_HEARTBEAT_S
 
     def devices(self) -> list[tuple[str, DeviceKind]]:
         """Every device of the fleet with its kind: speakers, then LED screens, then sensors."""
@@ -195,6 +202,7 @@ class Fleet:
             shared_media_cache=config.shared_media_cache,
             http_connections=config.http_connections,
             credentials=config.credentials,
+            heartbeat_s=config.heartbeat_s,
         )
         # What this process's sensors did, for the stats file (and tests).
         self.counters = TelemetryCounters()
@@ -327,8 +335,18 @@ class Fleet:
             logger.warning("the control file %s was not applied: %s", path, error)
             self._control_key = key  # said once; the next change is looked at again
             return
+        try:
+            faults = parse_faults(text)
+        except ValueError as error:
+            logger.warning("the control file %s was not applied: %s", path, error)
+            self._control_key = key
+            return
         self._control_key = key
         control.apply(self._sensors.values(), self.config.sensor_interval_s)
+        for address, device in self.runtime.devices.items():
+            wanted = faults.get(address, frozenset())
+            if device.faults != wanted:
+                device.set_faults(wanted)
         logger.info(
             "control file applied: interval %s s, %d sensors forced",
             control.interval_s or self.config.sensor_interval_s,
@@ -363,6 +381,31 @@ class Fleet:
                 os.close(descriptor)
         except OSError as error:
             logger.warning("cannot append to the stats file %s: %s", path, error)
+
+
+class ControlFileError(ValueError):
+    """The control file says something the fleet cannot apply."""
+
+
+def parse_faults(text: str) -> dict[str, frozenset[str]]:
+    """The control file's `faults`: `{"address": ["silent", "amplifier", ...]}` (the whole truth: a
+    device not listed has none); raises `ControlFileError` (or `ValueError`: not JSON) naming what is
+    wrong."""
+    document = json.loads(text) if text.strip() else {}
+    if not isinstance(document, dict):
+        raise ControlFileError("the control file must hold a JSON object")
+    listed = document.get("faults") or {}
+    if not isinstance(listed, dict):
+        raise ControlFileError("faults must map device addresses to lists of faults")
+    faults: dict[str, frozenset[str]] = {}
+    for address, names in listed.items():
+        if not isinstance(names, list) or not all(isinstance(name, str) for name in names):
+            raise ControlFileError(f"faults.{address} must be a list of fault names")
+        unknown = set(names) - FAULTS
+        if unknown:
+            raise ControlFileError(f"faults.{address}: unknown {sorted(unknown)}; known: {sorted(FAULTS)}")
+        faults[str(address)] = frozenset(names)
+    return faults
 
 
 async def run_fleet(
@@ -592,6 +635,13 @@ def build_parser(prog: str = "python -m firmware_sim fleet") -> argparse.Argumen
         metavar="N",
         help="media download connections per process (default: %(default)s)",
     )
+    behaviour.add_argument(
+        "--heartbeat",
+        type=float,
+        default=DEFAULT_HEARTBEAT_S,
+        metavar="SECONDS",
+        help="every device republishes its state this often (default: %(default)s)",
+    )
     behaviour.add_argument("--log-level", default="WARNING", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     sensors = parser.add_argument_group("sensors (--kinds sensor)")
     sensors.add_argument(
@@ -649,6 +699,8 @@ def config_from_arguments(arguments: argparse.Namespace) -> FleetConfig:
         raise FleetError("--http-connections must be at least 1")
     if not arguments.stats_interval > 0:
         raise FleetError("--stats-interval must be greater than 0")
+    if not arguments.heartbeat > 0:
+        raise FleetError("--heartbeat must be greater than 0")
     try:
         sensor_interval_s = check_interval(arguments.sensor_interval)
         sensor_metrics = check_metrics(
@@ -716,6 +768,7 @@ def config_from_arguments(arguments: argparse.Namespace) -> FleetConfig:
         control=arguments.control,
         stats=arguments.stats,
         stats_interval_s=arguments.stats_interval,
+        heartbeat_s=arguments.heartbeat,
         speed=arguments.speed,
         play_log=arguments.play_log,
         shared_media_cache=arguments.shared_media_cache,

@@ -90,14 +90,15 @@ class Programme:
         end = bisect.bisect_right(self._starts, now, lo=index)
         return self.items[index:end], end
 
-    def allows(self, item: ProgrammeItem, link_lost_at: datetime) -> bool:
-        """Whether the item may start from the cache after a link lost at `link_lost_at`.
+    def allows(self, item: ProgrammeItem, link_lost_at: datetime, comm_loss: CommLoss | None = None) -> bool:
+        """Whether the item may start from the cache after a link lost at `link_lost_at`, under the
+        document's comm-loss policy or `comm_loss`, one a `configure` operation pushed since (§1.14).
 
         Both limits are upper bounds on `start_at`, so once an item is refused every later one is too.
         """
         if item.start_at >= self.valid_until:
             return False
-        after_s = self.comm_loss.after_s
+        after_s = (comm_loss or self.comm_loss).after_s
         return after_s is None or item.start_at < link_lost_at + timedelta(seconds=after_s)
 
     def media(self) -> tuple[MediaRef, ...]:

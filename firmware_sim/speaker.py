@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Final
 from firmware_sim import wire
 from firmware_sim.device import (
     DEDUPE_MEMORY,
+    DEFAULT_HEARTBEAT_S,
     DEFAULT_HTTP_CONNECTIONS,
     FIRMWARE,
     OFFLINE_REPORTS_KEPT,
@@ -37,7 +38,13 @@ from firmware_sim.device import (
     parse_mqtt_url,
 )
 from firmware_sim.media import MediaCache, MediaFetchError, VerifiedMedia
-from firmware_sim.programme import Programme, ProgrammeIgnoredError, ProgrammeItem, parse_programme
+from firmware_sim.programme import (
+    CommLoss,
+    Programme,
+    ProgrammeIgnoredError,
+    ProgrammeItem,
+    parse_programme,
+)
 from firmware_sim.screen import SimulatedLedScreen
 from firmware_sim.wire import MediaRef, PlayCommand, StopCommand
 
@@ -94,6 +101,7 @@ class SpeakerRuntime(DeviceRuntime):
         http_connections: int = DEFAULT_HTTP_CONNECTIONS,
         media_timeout_s: float = 30.0,
         credentials: Mapping[str, tuple[str, str]] | None = None,
+        heartbeat_s: float = DEFAULT_HEARTBEAT_S,
     ) -> None:
         super().__init__(
             broker,
@@ -104,6 +112,7 @@ class SpeakerRuntime(DeviceRuntime):
             http_connections=http_connections,
             media_timeout_s=media_timeout_s,
             credentials=credentials,
+            heartbeat_s=heartbeat_s,
         )
         self.speakers: dict[str, SimulatedSpeaker] = {}
         self.screens: dict[str, SimulatedLedScreen] = {}
@@ -160,6 +169,7 @@ class ProgrammeStatus:
 class SimulatedSpeaker(MqttDevice[PlayCommand, _Playlist]):
     _logger = logger
     _noun = "speaker"
+    _operations = frozenset({"reboot", "configure", "set_volume", "test_tone"})
 
     def __init__(
         self,
@@ -181,6 +191,9 @@ class SimulatedSpeaker(MqttDevice[PlayCommand, _Playlist]):
             offline_reports_kept=offline_reports_kept,
         )
         self.volume = volume
+        # The latest test tone's self-test (§1.14), as the state reports it; None before the first.
+        self.self_test: dict[str, object] | None = None
+        self._test_tone: asyncio.TimerHandle | None = None
         self._schedule_topic = wire.schedule_topic(address)
         self._media_cache = MediaCache()
         # Programme cache (§1.10). The programme, like the dedupe memory and the outbox, survives
@@ -258,7 +271,83 @@ class SimulatedSpeaker(MqttDevice[PlayCommand, _Playlist]):
         return min(total_s, command.max_duration_s), total_s > command.max_duration_s
 
     def _status(self) -> dict[str, object]:
-        return {"volume": self.volume, "playing": self.playing, "areas": list(self._accepted_areas)}
+        programme = self._programme
+        return {
+            "volume": self.volume,
+            "playing": self.playing,
+            "areas": list(self._accepted_areas),
+            "self_test": self.self_test,
+            # What it holds in flash (§1.10), so that an operator sees it survive a reboot.
+            "programme": {
+                "generated_at": wire.format_timestamp(programme.generated_at),
+                "items": len(programme.items),
+            }
+            if programme is not None
+            else None,
+        }
+
+    # Remote operations (§1.14)
+
+    def _apply_operation(self, operation: wire.OperationCommand) -> None:
+        if operation.type == "set_volume" and operation.volume is not None:
+            self.volume = operation.volume
+            self._publish_state()
+            self._report_operation(operation, "completed", result={"volume": self.volume})
+        elif operation.type == "test_tone" and operation.duration_s is not None:
+            self._play_test_tone(operation, operation.duration_s)
+        else:
+            super()._apply_operation(operation)
+
+    def _play_test_tone(self, operation: wire.OperationCommand, duration_s: float) -> None:
+        """A short tone through the amplifier and horns, then the self-test's verdict: never over a
+        broadcast (a test must not cut a live message)."""
+        if self._playing is not None:
+            self._report_operation(operation, "failed", detail="busy: a broadcast is playing")
+            return
+        if self._test_tone is not None:
+            self._report_operation(operation, "failed", detail="busy: a test tone is playing")
+            return
+        self._test_tone = self.runtime.services.loop.call_later(
+            duration_s / self.runtime.speed, self._test_tone_done, operation
+        )
+
+    def _test_tone_done(self, operation: wire.OperationCommand) -> None:
+        self._test_tone = None
+        faulty = sorted(self.faults & {"amplifier", "speaker"})
+        at = wire.format_timestamp(self.runtime.clock())
+        if faulty:
+            self.self_test = {"result": "fail", "at": at, "fault": faulty[0]}
+            self._publish_state()
+            self._report_operation(
+                operation,
+                "failed",
+                detail=f"self-test failed: {faulty[0]} gives no output",
+                result={"self_test": "fail", "fault": faulty[0]},
+            )
+            return
+        self.self_test = {"result": "pass", "at": at}
+        self._publish_state()
+        self._report_operation(operation, "completed", result={"self_test": "pass"})
+
+    def _accept(self, command: PlayCommand, *, offline: bool = False) -> None:
+        """Quiet hours (§1.14): a normal-class play that would start inside them is refused; priority
+        and emergency plays always go through."""
+        quiet = self.quiet_hours
+        if quiet is not None and command.priority.band == "normal" and quiet.contains(self.runtime.clock()):
+            self._report_command(
+                command, "rejected", detail="quiet hours: normal-class plays are refused now", offline=offline
+            )
+            return
+        super()._accept(command, offline=offline)
+
+    def _configured_comm_loss(self) -> CommLoss | None:
+        configured = self.comm_loss
+        if configured is None:
+            return None
+        after_s = configured.get("after_s")
+        if configured.get("policy") == "stop_after" and isinstance(after_s, int | float):
+            return CommLoss("stop_after", float(after_s))
+        return CommLoss("keep")
 
     def _subscriptions(self) -> list[str]:
         return [self._cmd_topic, self._schedule_topic]
@@ -319,9 +408,12 @@ class SimulatedSpeaker(MqttDevice[PlayCommand, _Playlist]):
         self._cancel_programme_timer()
 
     def _on_power_off(self) -> None:
-        """Nothing plays; the programme itself is kept."""
+        """Nothing plays (nor a test tone); the programme itself is kept."""
         self._cancel_programme_timer()
         self._cancel_prefetch()
+        tone, self._test_tone = self._test_tone, None
+        if tone is not None:
+            tone.cancel()
 
     # Media (§1.8)
 
@@ -515,7 +607,7 @@ class SimulatedSpeaker(MqttDevice[PlayCommand, _Playlist]):
         if self._programme_cursor >= len(programme.items):
             return
         item = programme.items[self._programme_cursor]
-        if not programme.allows(item, link_lost_at):
+        if not programme.allows(item, link_lost_at, self._configured_comm_loss()):
             return  # every later item is refused as well (both limits bound `start_at` from above)
         delay_s = (item.start_at - self.runtime.clock()).total_seconds()
         self._programme_timer = self.runtime.services.loop.call_later(
@@ -530,7 +622,7 @@ class SimulatedSpeaker(MqttDevice[PlayCommand, _Playlist]):
             return
         due, self._programme_cursor = programme.due(self._programme_cursor, self.runtime.clock())
         for item in due:
-            if programme.allows(item, link_lost_at):
+            if programme.allows(item, link_lost_at, self._configured_comm_loss()):
                 try:
                     self._start_from_programme(item)
                 except Exception:

@@ -14,7 +14,7 @@ import unicodedata
 import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, Final, Literal, TypeVar
 from urllib.parse import urlsplit
 
@@ -32,6 +32,14 @@ SCREEN_COLORS: Final = frozenset({"red", "amber", "green", "white"})
 HEADLINE_MAX_CHARS: Final = 200
 BODY_MAX_CHARS: Final = 2000
 DISPLAY_MAX_S: Final = 86_400.0
+
+# Remote operations (§1.14): every MQTT device takes `reboot` and `configure`, a speaker also
+# `set_volume` and `test_tone`.
+OPERATION_TYPES: Final = frozenset({"set_volume", "reboot", "test_tone", "configure"})
+TEST_TONE_MAX_S: Final = 30.0
+HEARTBEAT_MIN_S: Final = 5
+HEARTBEAT_MAX_S: Final = 3600
+_CLOCK_TIME: Final = re.compile(r"([01][0-9]|2[0-3]):([0-5][0-9])")
 
 ReportState = Literal[
     "delivered", "playing", "completed", "interrupted", "stopped", "failed", "expired", "rejected"
@@ -184,6 +192,39 @@ class ShowCommand:
     style: ScreenStyle
 
 
+@dataclass(frozen=True, slots=True)
+class QuietHours:
+    """A daily window in local time (`utc_offset_min` from UTC) in which normal-class plays are refused."""
+
+    start_min: int
+    end_min: int
+    utc_offset_min: int
+
+    def contains(self, instant: datetime) -> bool:
+        local = instant.astimezone(UTC) + timedelta(minutes=self.utc_offset_min)
+        minute = local.hour * 60 + local.minute
+        if self.start_min < self.end_min:
+            return self.start_min <= minute < self.end_min
+        return minute >= self.start_min or minute < self.end_min  # the window passes midnight
+
+
+@dataclass(frozen=True, slots=True)
+class OperationCommand:
+    """A remote operation (§1.14); `members` holds what its type carries, validated."""
+
+    id: str
+    correlation_id: str
+    device: str
+    issued_at: datetime
+    expires_at: datetime
+    seq: int
+    type: str
+    volume: int | None = None
+    duration_s: float | None = None
+    # `configure`: the members given, each validated (`quiet_hours` may be None: cleared).
+    config: Mapping[str, Any] | None = None
+
+
 Command = PlayCommand | StopCommand
 ScreenCommand = ShowCommand | StopCommand
 
@@ -305,6 +346,106 @@ def parse_screen_command(envelope: Envelope, address: str) -> ScreenCommand:
     """Validates an LED screen's command (§1.11): `show` or `stop`; a `play` is rejected naming `type`."""
     parsers: Mapping[str, _CommandParser[ScreenCommand]] = {"show": _show, "stop": _stop}
     return _parse(envelope, address, parsers)
+
+
+def parse_operation(envelope: Envelope, address: str, accepted: frozenset[str]) -> OperationCommand:
+    """Validates a remote operation (§1.14) this device takes (`accepted`); raises
+    `CommandRejectedError` naming the first bad member (`type` for an operation it does not take)."""
+    parsers: Mapping[str, _CommandParser[OperationCommand]] = {
+        name: parser for name, parser in _OPERATION_PARSERS.items() if name in accepted
+    }
+    return _parse(envelope, address, parsers)
+
+
+def _set_volume(document: Mapping[str, Any], header: _Header) -> OperationCommand:
+    volume = _member(document, "volume", int)
+    if not 0 <= volume <= 100:  # noqa: PLR2004 - a percentage
+        raise CommandRejectedError("volume", "must be within 0..100")
+    return OperationCommand(**header.members(), type="set_volume", volume=volume)
+
+
+def _reboot(_document: Mapping[str, Any], header: _Header) -> OperationCommand:
+    return OperationCommand(**header.members(), type="reboot")
+
+
+def _test_tone(document: Mapping[str, Any], header: _Header) -> OperationCommand:
+    duration_s = _positive_number(document, "duration_s")
+    if duration_s > TEST_TONE_MAX_S:
+        raise CommandRejectedError("duration_s", f"must be at most {TEST_TONE_MAX_S:g}")
+    return OperationCommand(**header.members(), type="test_tone", duration_s=duration_s)
+
+
+def _configure(document: Mapping[str, Any], header: _Header) -> OperationCommand:
+    config = _member(document, "config", dict)
+    taken: dict[str, Any] = {}
+    for name in config:
+        if name not in {"quiet_hours", "comm_loss", "heartbeat_s"}:
+            raise CommandRejectedError(f"config.{name}", "is not a setting this device knows")
+    if "quiet_hours" in config:
+        taken["quiet_hours"] = _quiet_hours(config["quiet_hours"])
+    if "comm_loss" in config:
+        taken["comm_loss"] = _config_comm_loss(config["comm_loss"])
+    if "heartbeat_s" in config:
+        heartbeat_s = _member(config, "heartbeat_s", int, "config.")
+        if not HEARTBEAT_MIN_S <= heartbeat_s <= HEARTBEAT_MAX_S:
+            raise CommandRejectedError(
+                "config.heartbeat_s", f"must be within {HEARTBEAT_MIN_S}..{HEARTBEAT_MAX_S}"
+            )
+        taken["heartbeat_s"] = heartbeat_s
+    if not taken:
+        raise CommandRejectedError("config", "must hold at least one setting")
+    return OperationCommand(**header.members(), type="configure", config=taken)
+
+
+def _quiet_hours(value: object) -> QuietHours | None:
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise CommandRejectedError("config.quiet_hours", "must be a JSON object or null")
+    minutes: list[int] = []
+    for name in ("start", "end"):
+        text = _member(value, name, str, "config.quiet_hours.")
+        match = _CLOCK_TIME.fullmatch(text)
+        if match is None:
+            raise CommandRejectedError(f"config.quiet_hours.{name}", f"{text!r} is not HH:MM")
+        minutes.append(int(match.group(1)) * 60 + int(match.group(2)))
+    if minutes[0] == minutes[1]:
+        raise CommandRejectedError("config.quiet_hours.end", "must differ from start")
+    offset = _member(value, "utc_offset_min", int, "config.quiet_hours.")
+    if not -14 * 60 <= offset <= 14 * 60:
+        raise CommandRejectedError("config.quiet_hours.utc_offset_min", "must be within -840..840")
+    return QuietHours(minutes[0], minutes[1], offset)
+
+
+def _config_comm_loss(value: object) -> Mapping[str, Any]:
+    if not isinstance(value, dict):
+        raise CommandRejectedError("config.comm_loss", "must be a JSON object")
+    policy = _choice(value, "policy", frozenset({"keep", "stop_after"}), "config.comm_loss.")
+    if policy == "keep":
+        return {"policy": "keep"}
+    after_s = _member(value, "after_s", int, "config.comm_loss.")
+    if after_s <= 0:
+        raise CommandRejectedError("config.comm_loss.after_s", "must be greater than 0")
+    return {"policy": "stop_after", "after_s": after_s}
+
+
+_OPERATION_PARSERS: Final[Mapping[str, _CommandParser[OperationCommand]]] = {
+    "set_volume": _set_volume,
+    "reboot": _reboot,
+    "test_tone": _test_tone,
+    "configure": _configure,
+}
+
+
+def quiet_hours_document(quiet: QuietHours | None) -> dict[str, object] | None:
+    """Quiet hours as the state echoes them (§1.5)."""
+    if quiet is None:
+        return None
+    return {
+        "start": f"{quiet.start_min // 60:02d}:{quiet.start_min % 60:02d}",
+        "end": f"{quiet.end_min // 60:02d}:{quiet.end_min % 60:02d}",
+        "utc_offset_min": quiet.utc_offset_min,
+    }
 
 
 def _parse(envelope: Envelope, address: str, parsers: Mapping[str, _CommandParser[_C]]) -> _C:
@@ -564,6 +705,7 @@ def report_document(
     played_s: float | None = None,
     truncated: bool | None = None,
     offline: bool = False,
+    result: Mapping[str, object] | None = None,
 ) -> dict[str, object]:
     document: dict[str, object] = {
         "v": WIRE_VERSION,
@@ -581,6 +723,9 @@ def report_document(
     if offline:
         # §1.4: only on reports about a command started from the programme cache; absent otherwise.
         document["offline"] = True
+    if result is not None:
+        # §1.14: what a remote operation did, on its final report.
+        document["result"] = dict(result)
     return document
 
 

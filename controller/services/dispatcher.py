@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import heapq
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -23,6 +23,7 @@ from sqlmodel import Session, col, select
 
 from controller.domain.clock import Clock
 from controller.domain.deliveries import DeliveryState
+from controller.domain.operations import OPERATION_TYPES
 from controller.services.tracker import DeliveryTracker
 from controller.store.models import DeviceRow, OutboxRow
 from drivers.base import DeviceCommand, DeviceTimeout, DeviceUnreachable, Driver, DriverError
@@ -36,6 +37,11 @@ PUBLISH_FAILURES = Counter("wardcast_publish_failures_total", "Failed publish at
 
 # Stops jump ahead of every play, whatever its priority.
 STOP_RANK = 1 << 20
+# Remote operations (volume, reboot, test tone, configure) are short: ahead of plays, behind stops.
+OPERATION_RANK = STOP_RANK - 1
+# Commands that must not go out once expired: a stop is applied even late (docs/protocol.md §1.9), and
+# a screen's `show` is left for the device to report `expired`.
+_EXPIRE_UNSENT = frozenset({"play", *OPERATION_TYPES})
 _RETRY_MIN_S = 0.2
 _RETRY_MAX_S = 5.0
 
@@ -139,6 +145,10 @@ class Dispatcher:
         self._lanes: dict[str, _Lane] = {}
         self._link_up = asyncio.Event()
         self._closed = False
+        # Hear what became of every command, whatever it carries (remote operations have no delivery).
+        self.on_published: Callable[[QueuedCommand, datetime], None] | None = None
+        # (command, when, expired: else refused by the transport, detail)
+        self.on_unsent: Callable[[QueuedCommand, datetime, bool, str], None] | None = None
 
     def load_outbox(self) -> list[QueuedCommand]:
         """Every command accepted but never acknowledged by the broker, oldest first."""
@@ -200,7 +210,7 @@ class Dispatcher:
         retry_s = _RETRY_MIN_S
         while lane.heap and not self._closed:
             command = heapq.heappop(lane.heap)
-            if command.kind == "play" and command.expires_at <= self._clock.now():
+            if command.kind in _EXPIRE_UNSENT and command.expires_at <= self._clock.now():
                 self._expire_unsent(command)
                 continue
             try:
@@ -238,6 +248,8 @@ class Dispatcher:
             # "sent" is dated when the command went on the wire: the PUBACK can be processed after
             # the device has already reported receiving it.
             self._tracker.mark_published(command.outbox_id, command.delivery_ids, ack.published_at)
+            if self.on_published is not None:
+                self.on_published(command, ack.published_at)
             log.debug("command published", command_id=command.command_id, lane=command.lane)
 
     def _expire_unsent(self, command: QueuedCommand) -> None:
@@ -249,6 +261,8 @@ class Dispatcher:
     def _end_unsent(self, command: QueuedCommand, state: DeliveryState, detail: str) -> None:
         now = self._clock.now()
         self._tracker.mark_published(command.outbox_id, (), now)
+        if self.on_unsent is not None:
+            self.on_unsent(command, now, state is DeliveryState.EXPIRED, detail)
         for delivery_id in command.delivery_ids:
             delivery = self._tracker.get(delivery_id)
             if delivery is not None:

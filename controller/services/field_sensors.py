@@ -17,6 +17,7 @@ from sqlalchemy import Engine
 from sqlmodel import Session, select
 
 from controller.domain.clock import Clock
+from controller.services.availability import AvailabilityService
 from controller.services.inbound import DeviceDirectory, InboundProcessor
 from controller.services.telemetry import TelemetryPipeline
 from controller.services.tracker import DeliveryTracker
@@ -126,11 +127,14 @@ class FieldSensors:
         tracker: DeliveryTracker,
         clock: Clock,
         telemetry: TelemetryPipeline,
+        availability: AvailabilityService | None = None,
     ) -> None:
         self.transport = transport
         self._adapter = adapter
         self._engine = engine
-        self._inbound = InboundProcessor(transport, directory, tracker, clock, telemetry=telemetry)
+        self._inbound = InboundProcessor(
+            transport, directory, tracker, clock, telemetry=telemetry, availability=availability
+        )
         # device id → (address, config) being read: to remove a device by its id, and to leave one alone
         # when nothing about its transport changed.
         self._reading: dict[str, tuple[str, dict[str, Any]]] = {}

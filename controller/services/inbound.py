@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from typing import Protocol
 
 import structlog
 from prometheus_client import Counter
@@ -14,6 +15,7 @@ from sqlmodel import Session, select
 from controller.domain.clock import Clock
 from controller.domain.deliveries import DeliveryState, state_from_report
 from controller.services.area_fanout import AreaFollowers
+from controller.services.availability import HEARTBEAT_TRANSPORT, AvailabilityService
 from controller.services.telemetry import TelemetryPipeline
 from controller.services.tracker import DeliveryTracker, TrackedDelivery
 from controller.store.models import DeviceRow
@@ -67,6 +69,14 @@ class DeviceDirectory:
             self._by_address.pop(key, None)
 
 
+class OperationReports(Protocol):
+    """Whoever sent remote operations (services/operations.py): takes the reports on them."""
+
+    def report(self, device_id: str, report: CommandReport) -> bool:
+        """True if the report is about an operation's command (and was taken)."""
+        ...
+
+
 class InboundProcessor:
     def __init__(
         self,
@@ -77,8 +87,12 @@ class InboundProcessor:
         *,
         followers: AreaFollowers | None = None,
         telemetry: TelemetryPipeline | None = None,
+        availability: AvailabilityService | None = None,
+        operations: OperationReports | None = None,
     ) -> None:
         self._transport = transport
+        self._availability = availability
+        self._operations = operations
         self._telemetry = telemetry
         self._followers = followers
         self._clock = clock
@@ -115,13 +129,14 @@ class InboundProcessor:
             return
         if isinstance(event, CommandReport):
             _REPORT_MESSAGES.inc()
+            if self._availability is not None:
+                self._availability.alive(device_id)
+            if self._operations is not None and self._operations.report(device_id, event):
+                return
             self._report(event)
         elif isinstance(event, DeviceState):
             INBOUND_MESSAGES.labels("state").inc()
-            at = event.at or self._clock.now()
-            self._tracker.device_seen(device_id, online=event.online, at=at, status=dict(event.attributes))
-            if self._followers is not None:
-                self._followers.update(device_id, event.attributes)
+            self._state(device_id, event)
         elif isinstance(event, TelemetryReading):
             _TELEMETRY_MESSAGES.inc()
             if self._telemetry is None:
@@ -130,6 +145,35 @@ class InboundProcessor:
                 self._telemetry.reject(device_id, event.metric, event.problem, event.at)
             else:
                 self._telemetry.accept(device_id, event.metric, event.value, event.unit, event.at)
+
+    def _state(self, device_id: str, event: DeviceState) -> None:
+        at = event.at or self._clock.now()
+        availability = self._availability
+        if availability is None:
+            self._tracker.device_seen(device_id, online=event.online, at=at, status=dict(event.attributes))
+        else:
+            reason = event.attributes.get("reason")
+            online = availability.heard(
+                device_id,
+                online=event.online,
+                said_at=event.at,
+                reason=reason if isinstance(reason, str) else None,
+                heartbeat=self._transport == HEARTBEAT_TRANSPORT,
+            )
+            if event.online or set(event.attributes) - {"reason"}:
+                # The status of a device that spoke (or a driver's verdict on a polled one, which says
+                # why: degraded, …). A bare Last Will or shutdown says nothing of firmware or volume,
+                # so the last known status stays for the device list; the availability service
+                # records the change itself.
+                self._tracker.device_seen(
+                    device_id,
+                    online=online is not False,
+                    at=at,
+                    status=dict(event.attributes),
+                    owns_online=False,
+                )
+        if self._followers is not None:
+            self._followers.update(device_id, event.attributes)
 
     def device_registered(self, address: str) -> None:
         """Apply the state an address announced before it was registered."""

@@ -33,6 +33,8 @@ log = structlog.get_logger(__name__)
 
 ACTIVE = "active"
 CLEARED = "cleared"
+# Where an alarm comes from: a threshold rule, or a device offline too long (services/availability.py).
+RULE_SOURCE = "rule"
 ACTIONS = ("none", "broadcast", "draft")
 _MAX_QUEUED_TRANSITIONS = 10_000
 
@@ -99,7 +101,9 @@ class RuleEngine:
             rules = session.exec(select(RuleRow).where(col(RuleRow.enabled))).all()
             active = {
                 alarm.rule_id: alarm.id
-                for alarm in session.exec(select(AlarmRow).where(AlarmRow.state == ACTIVE)).all()
+                for alarm in session.exec(
+                    select(AlarmRow).where(AlarmRow.state == ACTIVE, AlarmRow.source == RULE_SOURCE)
+                ).all()
             }
         self._index = _Index()
         for rule in rules:
@@ -295,9 +299,11 @@ class RuleEngine:
     def alarms(
         self, *, state: str | None = None, limit: int = 200, devices: frozenset[str] | None = None
     ) -> list[dict[str, Any]]:
-        """Newest first; `devices`: only alarms of these devices (a ward's)."""
+        """Newest first, of every source; `devices`: only alarms of these devices (a ward's)."""
         with Session(self._engine) as session:
-            query = select(AlarmRow, RuleRow).join(RuleRow, col(RuleRow.id) == col(AlarmRow.rule_id))
+            query = select(AlarmRow, RuleRow).join(
+                RuleRow, col(RuleRow.id) == col(AlarmRow.rule_id), isouter=True
+            )
             if state is not None:
                 query = query.where(AlarmRow.state == state)
             if devices is not None:
@@ -310,11 +316,12 @@ def _threshold(rule: RuleRow) -> Threshold:
     return Threshold(Direction(rule.direction), rule.raise_at, rule.clear_at, rule.for_s, rule.clear_for_s)
 
 
-def alarm_out(alarm: AlarmRow, rule: RuleRow) -> dict[str, Any]:
+def alarm_out(alarm: AlarmRow, rule: RuleRow | None) -> dict[str, Any]:
     return {
         "id": alarm.id,
-        "rule_id": rule.id,
-        "rule": rule.name,
+        "source": alarm.source,
+        "rule_id": alarm.rule_id,
+        "rule": rule.name if rule is not None else None,
         "device_id": alarm.device_id,
         "metric": alarm.metric,
         "state": alarm.state,
@@ -327,5 +334,5 @@ def alarm_out(alarm: AlarmRow, rule: RuleRow) -> dict[str, Any]:
     }
 
 
-def _event(alarm: AlarmRow, rule: RuleRow) -> dict[str, Any]:
+def _event(alarm: AlarmRow, rule: RuleRow | None) -> dict[str, Any]:
     return {"type": "alarm", **alarm_out(alarm, rule)}

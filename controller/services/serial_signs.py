@@ -18,6 +18,7 @@ from typing import Any
 import structlog
 
 from controller.domain.clock import Clock
+from controller.services.availability import AvailabilityService
 from controller.services.inbound import DeviceDirectory, InboundProcessor
 from controller.services.telemetry import TelemetryPipeline
 from controller.services.tracker import DeliveryTracker
@@ -69,8 +70,11 @@ class SerialSigns:
         tracker: DeliveryTracker,
         clock: Clock,
         telemetry: TelemetryPipeline,
+        availability: AvailabilityService | None = None,
     ) -> None:
-        self._inbound = InboundProcessor(TRANSPORT, directory, tracker, clock, telemetry=telemetry)
+        self._inbound = InboundProcessor(
+            TRANSPORT, directory, tracker, clock, telemetry=telemetry, availability=availability
+        )
         self._lines: dict[str, _Line] = {}
         self._signs: dict[str, SerialSign] = {}  # device id → sign
         self._line_of_address: dict[str, str] = {}

@@ -296,13 +296,16 @@ class DeliveryTracker:
             if delivery is not None:
                 self.advance(delivery, DeliveryState.SENT, at, source="broker")
 
-    def device_seen(self, device_id: str, *, online: bool, at: datetime, status: dict[str, Any]) -> None:
-        self._pending.devices[device_id] = {
-            "b_id": device_id,
-            "b_online": online,
-            "b_last_seen": at,
-            "b_status": status,
-        }
+    def device_seen(
+        self, device_id: str, *, online: bool, at: datetime, status: dict[str, Any], owns_online: bool = True
+    ) -> None:
+        """The device's latest status; `owns_online` false when the availability service records the
+        online flag itself (with its transitions): written here too, a batch flushed late could
+        overwrite a newer transition."""
+        row: dict[str, Any] = {"b_id": device_id, "b_last_seen": at, "b_status": status}
+        if owns_online:
+            row["b_online"] = online
+        self._pending.devices[device_id] = row
         self._pending.notifications.append(
             {"type": "device", "device_id": device_id, "online": online, "at": rfc3339(at), "status": status}
         )
@@ -390,10 +393,17 @@ class DeliveryTracker:
             if pending.events:
                 session.connection().execute(insert(DeliveryEventRow), pending.events)
             update_by_id(OutboxRow, pending.published, published_at="b_at")
+            devices = list(pending.devices.values())
             update_by_id(
                 DeviceRow,
-                list(pending.devices.values()),
+                [row for row in devices if "b_online" in row],
                 online="b_online",
+                last_seen="b_last_seen",
+                status="b_status",
+            )
+            update_by_id(
+                DeviceRow,
+                [row for row in devices if "b_online" not in row],
                 last_seen="b_last_seen",
                 status="b_status",
             )

@@ -205,7 +205,8 @@ class OutboxRow(SQLModel, table=True):
     broadcast_id: str | None = Field(default=None, max_length=36)
     command_id: str = Field(unique=True, max_length=36)
     delivery_id: str | None = Field(default=None, foreign_key="deliveries.id", max_length=36)
-    kind: str = Field(max_length=8)
+    # play | stop | show, or a remote operation's type (set_volume, reboot, test_tone, configure).
+    kind: str = Field(max_length=16)
     rank: int
     document: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
     created_at: datetime = _utc_column(nullable=False)
@@ -401,18 +402,79 @@ class RuleRow(SQLModel, table=True):
 
 
 class AlarmRow(SQLModel, table=True):
-    """One raising of a rule, until it clears."""
+    """One raising of an alarm, until it clears: a threshold rule's (source `rule`), or a device that
+    stayed offline too long (source `availability`, issue 6: no rule, metric or value)."""
 
     __tablename__ = "alarms"
 
     id: str = Field(primary_key=True, max_length=36)
-    rule_id: str = Field(foreign_key="rules.id", index=True, max_length=36)
+    source: str = Field(default="rule", max_length=16, sa_column_kwargs={"server_default": "rule"})
+    rule_id: str | None = Field(default=None, foreign_key="rules.id", index=True, max_length=36)
     device_id: str = Field(max_length=64)
-    metric: str = Field(max_length=64)
+    metric: str | None = Field(default=None, max_length=64)
     state: str = Field(max_length=8, index=True)  # active | cleared
     raised_at: datetime = _utc_column(nullable=False, index=True)
-    raised_value: float
+    raised_value: float | None = None
     cleared_at: datetime | None = _utc_column()
     cleared_value: float | None = None
     alert_id: str | None = Field(default=None, foreign_key="alerts.id", max_length=36)
     detail: str | None = Field(default=None, max_length=500)
+
+
+class DeviceAvailabilityRow(SQLModel, table=True):
+    """One online/offline transition of a device (issue 6), dated when it happened (the device's state
+    time, or the instant its timeout ran out) and when the controller noticed it."""
+
+    __tablename__ = "device_availability"
+    __table_args__ = (Index("ix_device_availability_device_at", "device_id", "at"),)
+
+    id: int | None = Field(
+        default=None,
+        sa_column=Column(
+            BigInteger().with_variant(Integer(), "sqlite"), primary_key=True, autoincrement=True
+        ),
+    )
+    # No foreign key, like telemetry: the history goes with the device when it is deleted.
+    device_id: str = Field(max_length=64)
+    online: bool
+    at: datetime = _utc_column(nullable=False)
+    detected_at: datetime = _utc_column(nullable=False)
+    # state | will | shutdown | timeout | … (the device's own reason when it gave one)
+    reason: str = Field(max_length=32)
+    detail: str | None = Field(default=None, max_length=200)
+
+
+class OperationRow(SQLModel, table=True):
+    """A remote operation on one device or a group (issue 6): what was asked, by whom, for how long."""
+
+    __tablename__ = "operations"
+
+    id: str = Field(primary_key=True, max_length=36)
+    type: str = Field(max_length=16)  # set_volume | reboot | test_tone | configure
+    # The wire members the command carries besides its header (volume, duration_s, config).
+    params: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    targets: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    device_count: int
+    created_by: str | None = Field(default=None, max_length=36)
+    created_at: datetime = _utc_column(nullable=False, index=True)
+    expires_at: datetime = _utc_column(nullable=False)
+    # When every device's result had ended (the operation is then audited as finished).
+    finished_at: datetime | None = _utc_column()
+
+
+class OperationResultRow(SQLModel, table=True):
+    """One operation's command on one device: each step a separate fact with its own time."""
+
+    __tablename__ = "operation_results"
+
+    command_id: str = Field(primary_key=True, max_length=36)
+    operation_id: str = Field(foreign_key="operations.id", index=True, max_length=36)
+    device_id: str = Field(foreign_key="devices.id", index=True, max_length=64)
+    state: str = Field(max_length=16)  # queued | sent | delivered | completed | failed | rejected | expired
+    state_at: datetime = _utc_column(nullable=False)
+    sent_at: datetime | None = _utc_column()
+    delivered_at: datetime | None = _utc_column()
+    ended_at: datetime | None = _utc_column()
+    detail: str | None = Field(default=None, max_length=500)
+    # What the device reported doing: {"volume": 40}, {"self_test": "fail", "fault": "amplifier"}, …
+    result: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON, nullable=True))

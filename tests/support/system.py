@@ -243,13 +243,16 @@ class FleetHandle(_Supervised):
     process: ManagedProcess | None = None
     mqtt_url: str | None = None  # another way to the broker (a relay a test can cut); default: direct
     screens: list[str] = field(default_factory=list)  # networked LED screens, besides the speakers
+    heartbeat_s: float | None = None  # every device republishes its state this often (default 60 s)
+    control: Path | None = None  # the fleet's control file (sensor values, injected faults)
+    csv_name: str = "fleet.csv"  # another name lets two fleets share a working directory
 
     @property
     def play_log(self) -> Path:
         return self.workdir / "plays.jsonl"
 
     def start(self) -> None:
-        csv_path = self.workdir / "fleet.csv"
+        csv_path = self.workdir / self.csv_name
         csv_path.write_text(
             "address,kind\n"
             + "".join(f"{a},speaker\n" for a in self.addresses)
@@ -274,11 +277,20 @@ class FleetHandle(_Supervised):
                 str(self.play_log),
                 "--kinds",
                 "speaker,led_screen" if self.screens else "speaker",
+                *(["--heartbeat", str(self.heartbeat_s)] if self.heartbeat_s is not None else []),
+                *(["--control", str(self.control)] if self.control is not None else []),
             ],
             {k: v for k, v in os.environ.items() if not k.startswith("WARDCAST_")},
-            self.workdir / "fleet.log",
+            self.workdir / f"{Path(self.csv_name).stem}.log",
             "the simulated fleet",
         )
+
+    def set_control(self, document: dict[str, Any]) -> None:
+        """Replaces the control file in one rename, so that the fleet never reads half of it."""
+        assert self.control is not None, "start the fleet with a control file"
+        staged = self.control.with_suffix(".tmp")
+        staged.write_text(json.dumps(document))
+        staged.replace(self.control)
 
     def _log(self) -> list[dict[str, Any]]:
         entries: list[dict[str, Any]] = []

@@ -3,11 +3,12 @@ from __future__ import annotations
 import asyncio
 import re
 import secrets
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Query, Response, status
 from pydantic import (
+    AwareDatetime,
     BaseModel,
     ConfigDict,
     Field,
@@ -24,7 +25,13 @@ from controller.domain.clock import rfc3339
 from controller.domain.provisioning import SERIAL
 from controller.domain.telemetry import METRIC_PATTERN
 from controller.services.auth import Principal
-from controller.store.models import DeliveryRow, DeviceRow, RuleRow
+from controller.store.models import (
+    DeliveryRow,
+    DeviceAvailabilityRow,
+    DeviceRow,
+    OperationResultRow,
+    RuleRow,
+)
 from drivers.coap import parse_address
 from drivers.modbus_field import LinkUrlError, link_endpoint
 
@@ -238,6 +245,11 @@ class DeviceOut(BaseModel):
     lat: float | None
     lon: float | None
     enabled: bool
+    # From the device's latest state (docs/protocol.md §1.5); null until it said so.
+    rssi_dbm: int | None
+    firmware: str | None
+    volume: int | None
+    self_test: dict[str, Any] | None
     status: dict[str, Any]
     comm_loss: dict[str, Any]
     config: dict[str, Any]
@@ -253,8 +265,18 @@ class ProvisionedDeviceOut(DeviceOut):
     )
 
 
+def _typed(status: dict[str, Any], name: str, kind: type) -> Any:
+    value = status.get(name)
+    return value if isinstance(value, kind) and not isinstance(value, bool) else None
+
+
 def _out(row: DeviceRow) -> DeviceOut:
+    status = row.status or {}
     return DeviceOut(
+        rssi_dbm=_typed(status, "rssi_dbm", int),
+        firmware=_typed(status, "firmware", str),
+        volume=_typed(status, "volume", int),
+        self_test=_typed(status, "self_test", dict),
         id=row.id,
         kind=row.kind,
         name=row.name,
@@ -455,6 +477,40 @@ async def get_device(device_id: str, runtime: RuntimeDep, principal: Reader) -> 
     return await asyncio.to_thread(get)
 
 
+@router.get("/{device_id}/availability")
+async def get_device_availability(
+    device_id: str,
+    runtime: RuntimeDep,
+    principal: Reader,
+    start: Annotated[
+        AwareDatetime | None, Query(alias="from", description="RFC 3339; default: to − 7 days")
+    ] = None,
+    end: Annotated[AwareDatetime | None, Query(alias="to", description="RFC 3339; default: now")] = None,
+    limit: Annotated[int, Query(ge=1, le=10_000)] = 1000,
+) -> dict[str, Any]:
+    """Every online/offline transition of the device in [from, to), oldest first, each dated when it
+    happened (`at`: the device's state time, or the instant its timeout ran out) and when the controller
+    noticed it (`detected_at`), with the reason: `state`, `will` (Last Will), `shutdown`, `timeout`."""
+    until = end or runtime.clock.now()
+    since = start or until - timedelta(days=7)
+    if since >= until:
+        raise ApiError(422, "invalid", "from", "must be before to")
+
+    def get() -> dict[str, Any]:
+        with Session(runtime.engine) as session:
+            row = _get_visible(session, runtime, principal, device_id)
+        return {
+            "device_id": row.id,
+            "online": row.online,
+            "last_seen": rfc3339(row.last_seen) if row.last_seen else None,
+            "from": rfc3339(since),
+            "to": rfc3339(until),
+            "transitions": runtime.availability.history(device_id, since, until, limit),
+        }
+
+    return await asyncio.to_thread(get)
+
+
 @router.get("/{device_id}/programme")
 async def get_device_programme(device_id: str, runtime: RuntimeDep, principal: Reader) -> dict[str, Any]:
     """The programme the speaker keeps for when its link drops (docs/protocol.md §1.10), as built now,
@@ -549,6 +605,19 @@ async def delete_device(device_id: str, runtime: RuntimeDep, principal: DeviceMa
                 )
             if session.exec(select(RuleRow.id).where(RuleRow.device_id == device_id)).first():
                 raise ApiError(409, "conflict", "id", "threshold rules watch this device; delete them first")
+            if session.exec(
+                select(OperationResultRow.command_id).where(OperationResultRow.device_id == device_id)
+            ).first():
+                raise ApiError(
+                    409,
+                    "conflict",
+                    "id",
+                    'the device has an operations log; disable it with PATCH {"enabled": false} to keep it',
+                )
+            for transition in session.exec(
+                select(DeviceAvailabilityRow).where(DeviceAvailabilityRow.device_id == device_id)
+            ).all():
+                session.delete(transition)
             session.delete(row)
             session.commit()
 
