@@ -22,6 +22,12 @@ from controller.services.audit import AuditLog
 from controller.services.auth import Principal, authenticate
 from controller.services.broadcasts import WIRED_ZONE_KIND, BroadcastService
 from controller.services.cap_intake import CapIntake
+from controller.services.command_signing import (
+    CommandSigner,
+    ReservedSequence,
+    load_or_create_signing_key,
+    reserve_sequence_block,
+)
 from controller.services.device_programmes import DeviceProgrammes
 from controller.services.dispatcher import Dispatcher
 from controller.services.events import EventBus
@@ -112,10 +118,17 @@ class Runtime:
         self.wired_zones: WiredZoneRouter | None = None
         self._rules: RuleEngine | None = None
         self.ingest: IngestWorkers | None = None
+        self._signer: CommandSigner | None = None
 
     # -- lifecycle -----------------------------------------------------------------------------
     async def start(self) -> None:
         await asyncio.to_thread(migrate, self.engine)
+        # Before the broker: a key that cannot be used stops the controller naming `signing.key_file`.
+        private_key = await asyncio.to_thread(load_or_create_signing_key, self.settings.signing_key_file)
+        engine = self.engine
+        signer = self._signer = CommandSigner(
+            private_key, ReservedSequence(lambda size: reserve_sequence_block(engine, size))
+        )
         url, username, password = await asyncio.to_thread(self._broker_endpoint)
         workers = self.settings.telemetry.ingest_workers
         self.driver = MqttDriver(
@@ -130,7 +143,9 @@ class Runtime:
             ],
         )
         await self.driver.__aenter__()
-        router = self.wired_zones = WiredZoneRouter(self.driver, self.modbus_driver, signs=self.serial_signs)
+        router = self.wired_zones = WiredZoneRouter(
+            self.driver, self.modbus_driver, signer=signer, signs=self.serial_signs
+        )
         self._dispatcher = Dispatcher(
             self.engine,
             router,
@@ -196,7 +211,10 @@ class Runtime:
         driver = self.driver
 
         async def publish_programme(address: str, document: Mapping[str, Any] | None) -> None:
-            await driver.publish_retained(schedule_topic(address), document, timeout=10.0)
+            # None only empties the broker's retained copy (a removed device): devices ignore an empty,
+            # unsigned payload; a disabled one gets a signed programme with nothing in it instead.
+            signed = None if document is None else await signer.sign_programme(document)
+            await driver.publish_retained(schedule_topic(address), signed, timeout=10.0)
 
         programmes = self.device_programmes = DeviceProgrammes(
             self.engine,
@@ -302,6 +320,12 @@ class Runtime:
         if self._broadcasts is None:
             raise RuntimeError("the controller is not started")
         return self._broadcasts
+
+    @property
+    def signer(self) -> CommandSigner:
+        if self._signer is None:
+            raise RuntimeError("the controller is not started")
+        return self._signer
 
     @property
     def alerts(self) -> AlertService:

@@ -129,7 +129,7 @@ async def run_demo(settings: Settings, *, speed: float, state_file: Path) -> Non
         "--token",
         token,
     )
-    fleet = await _start_fleet(settings, base_url, token, speed)
+    fleet = await _start_fleet(settings, base_url, token, speed, controller.runtime.signer.public_key)
     await asyncio.to_thread(_save_cli_state, state_file, base_url, token)
     console.print(
         f"\n[bold]Wardcast demo is running[/bold] — Bắc Kạn city, simulated speakers online\n"
@@ -162,7 +162,7 @@ def _save_cli_state(state_file: Path, base_url: str, token: str) -> None:
 
 
 async def _start_fleet(
-    settings: Settings, base_url: str, token: str, speed: float
+    settings: Settings, base_url: str, token: str, speed: float, command_key: str
 ) -> asyncio.subprocess.Process:
     accounts = managed_broker_accounts(settings.mqtt.managed.state_dir)
     broker_url = (
@@ -185,6 +185,10 @@ async def _start_fleet(
         token,
         "--speed",
         str(speed),
+        # The public half of the controller's signing key: the simulated devices, like real ones, play
+        # only what it signed (docs/protocol.md §1.13).
+        "--command-key",
+        command_key,
         # Speakers (and the receivers of wired zones), networked LED screens (protocol §1.11) and the
         # MQTT sensors, reporting every 30 s.
         "--kinds",

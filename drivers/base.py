@@ -72,6 +72,9 @@ class CommandReport:
     """On `completed`: playback was cut at the command's `max_duration_s` (proof of play needs it)."""
     offline: bool = False
     """The device started the command from its cached programme while it had no link (protocol §1.10)."""
+    reason: str | None = None
+    """On `rejected` and `expired`: the check that failed, a code of docs/protocol.md §1.13.5
+    (`bad_signature`, `replayed`, ...); `detail` says it in words."""
 
 
 @dataclass(frozen=True, slots=True)

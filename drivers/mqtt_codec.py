@@ -202,6 +202,7 @@ def _decode_report(address: str, document: dict[str, Any]) -> CommandReport:
         played_s=played_s,
         truncated=truncated,
         offline=offline,
+        reason=_optional_text(document, "reason"),
     )
 
 

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import contextlib
 import csv
 import dataclasses
@@ -47,7 +48,7 @@ from typing import Any, Final, Literal, Self, TypeVar, cast, get_args
 
 import httpx
 
-from firmware_sim import wire
+from firmware_sim import signature, wire
 from firmware_sim.device import (
     DEFAULT_HTTP_CONNECTIONS,
     BrokerSettings,
@@ -120,6 +121,9 @@ class FleetConfig:
     control: Path | None = None
     stats: Path | None = None
     stats_interval_s: float = DEFAULT_STATS_INTERVAL_S
+    # The controller's public key, base64 (docs/protocol.md §1.13): every command and programme is
+    # verified with it. None: the devices accept nothing (each message is refused `no_key`).
+    command_key: str | None = None
 
     def devices(self) -> list[tuple[str, DeviceKind]]:
         """Every device of the fleet with its kind: speakers, then LED screens, then sensors."""
@@ -182,6 +186,7 @@ class Fleet:
             play_log=config.play_log,
             shared_media_cache=config.shared_media_cache,
             http_connections=config.http_connections,
+            command_key=signature.CommandKey.from_text(config.command_key) if config.command_key else None,
         )
         # What this process's sensors did, for the stats file (and tests).
         self.counters = TelemetryCounters()
@@ -430,6 +435,21 @@ def devices_from_api(
     return devices
 
 
+def command_key_from_api(base_url: str, token: str, *, timeout_s: float = 30.0) -> str:
+    """The controller's public command key (base64): GET {base_url}/api/v1/command-key."""
+    url = f"{base_url.rstrip('/')}/api/v1/command-key"
+    try:
+        response = httpx.get(url, headers={"Authorization": f"Bearer {token}"}, timeout=timeout_s)
+        response.raise_for_status()
+        document = response.json()
+    except (httpx.HTTPError, ValueError) as error:
+        raise FleetError(f"cannot fetch the command key at {url}: {error}") from error
+    key = document.get("public_key") if isinstance(document, dict) else None
+    if not isinstance(key, str):
+        raise FleetError(f"{url} answered no string 'public_key'")
+    return key
+
+
 def generated_addresses(count: int, prefix: str, start: int = 1) -> list[str]:
     """`{prefix}{index:05d}` for index = start … start + count - 1, e.g. sim-00001."""
     return [f"{prefix}{index:05d}" for index in range(start, start + count)]
@@ -511,6 +531,18 @@ def build_parser(prog: str = "python -m firmware_sim fleet") -> argparse.Argumen
     )
     devices.add_argument(
         "--start", type=int, default=1, help="first index of generated addresses (default: 1)"
+    )
+    keys = parser.add_argument_group(
+        "command verification (docs/protocol.md §1.13; speakers and screens refuse what they cannot verify)"
+    )
+    keys.add_argument(
+        "--command-key",
+        metavar="BASE64",
+        help="the controller's public key, as `wardcast command-key show` prints it "
+        "(default with --from-api: fetched from the controller)",
+    )
+    keys.add_argument(
+        "--command-key-file", type=Path, metavar="FILE", help="a file holding that key (base64 or PEM)"
     )
     behaviour = parser.add_argument_group("behaviour")
     behaviour.add_argument("--speed", type=float, default=1.0, help="playback runs this many times faster")
@@ -626,6 +658,13 @@ def config_from_arguments(arguments: argparse.Namespace) -> FleetConfig:
     speakers, screens, sensors = _by_kind(unique)
     if invalid:
         raise FleetError(f"not device addresses ({wire.ADDRESS_PATTERN.pattern}): {', '.join(invalid[:5])}")
+    command_key = _command_key(arguments)
+    if command_key is None and (speakers or screens):
+        raise FleetError(
+            "speakers and screens verify every command with the controller's public key and refuse "
+            "what they cannot verify: give --command-key (print it with `wardcast command-key show`), "
+            "--command-key-file or --from-api"
+        )
     password = (
         arguments.password
         if arguments.password is not None
@@ -654,7 +693,28 @@ def config_from_arguments(arguments: argparse.Namespace) -> FleetConfig:
         shared_media_cache=arguments.shared_media_cache,
         connect_concurrency=arguments.connect_concurrency,
         http_connections=arguments.http_connections,
+        command_key=command_key,
     )
+
+
+def _command_key(arguments: argparse.Namespace) -> str | None:
+    """The key of --command-key or --command-key-file (checked here, so a typo stops the start), or
+    the controller's with --from-api; None when there is none."""
+    if arguments.command_key is not None and arguments.command_key_file is not None:
+        raise FleetError("give --command-key or --command-key-file, not both")
+    try:
+        if arguments.command_key is not None:
+            key = signature.CommandKey.from_text(arguments.command_key)
+        elif arguments.command_key_file is not None:
+            key = signature.CommandKey.from_file(arguments.command_key_file)
+        elif arguments.from_api is not None and arguments.token:
+            key = signature.CommandKey.from_text(command_key_from_api(arguments.from_api, arguments.token))
+        else:
+            return None
+    except signature.CommandKeyError as error:
+        option = "--command-key-file" if arguments.command_key_file is not None else "--command-key"
+        raise FleetError(f"{option}: {error}") from error
+    return base64.b64encode(key.raw).decode()
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -152,7 +152,7 @@ class DeliveryEventRow(SQLModel, table=True):
 
 
 class OutboxRow(SQLModel, table=True):
-    """Commands accepted but not yet acknowledged by the broker; `id` doubles as the wire `seq`."""
+    """Commands accepted but not yet acknowledged by the broker."""
 
     __tablename__ = "outbox"
 
@@ -372,3 +372,14 @@ class AlarmRow(SQLModel, table=True):
     cleared_value: float | None = None
     alert_id: str | None = Field(default=None, foreign_key="alerts.id", max_length=36)
     detail: str | None = Field(default=None, max_length=500)
+
+
+class CommandSequenceRow(SQLModel, table=True):
+    """The high-water mark of the signing sequence (docs/protocol.md §1.13.4): one row, id 1. Every seq
+    up to `reserved_through` may have been signed already; a controller takes them in blocks, so that
+    after a restart it goes on above anything it could have used, without a write per command."""
+
+    __tablename__ = "command_sequence"
+
+    id: int = Field(primary_key=True)
+    reserved_through: int = Field(sa_column=Column(BigInteger, nullable=False))
