@@ -573,6 +573,14 @@ class Stack:
             base_url=self.base_url, headers={"Authorization": f"Bearer {self.token}"}, timeout=120
         )
 
+    def command_key(self) -> str:
+        """The controller's public command key, which the simulated speakers verify with."""
+        with self.client() as client:
+            response = client.get("/api/v1/command-key")
+        response.raise_for_status()
+        key: str = response.json()["public_key"]
+        return key
+
     def async_client(self) -> httpx.AsyncClient:
         return httpx.AsyncClient(
             base_url=self.base_url, headers={"Authorization": f"Bearer {self.token}"}, timeout=120
@@ -705,6 +713,9 @@ class Stack:
                 "--processes",
                 str(self.options.processes),
                 "--shared-media-cache",
+                # The speakers play only what the controller signed (docs/protocol.md §1.15).
+                "--command-key",
+                self.command_key(),
             ],
             env=clean_env(),
             log_path=self.workdir / "fleet.log",

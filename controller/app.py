@@ -26,6 +26,12 @@ from controller.services.auth import Principal, authenticate
 from controller.services.availability import AvailabilityService
 from controller.services.broadcasts import WIRED_ZONE_KIND, BroadcastService
 from controller.services.cap_intake import CapIntake
+from controller.services.command_signing import (
+    CommandSigner,
+    ReservedSequence,
+    load_or_create_signing_key,
+    reserve_sequence_block,
+)
 from controller.services.device_programmes import DeviceProgrammes
 from controller.services.dispatcher import Dispatcher
 from controller.services.events import EventBus
@@ -146,12 +152,19 @@ class Runtime:
         self._rules: RuleEngine | None = None
         self._operations: OperationService | None = None
         self.ingest: IngestWorkers | None = None
+        self._signer: CommandSigner | None = None
 
     # -- lifecycle -----------------------------------------------------------------------------
     async def start(self) -> None:
         await asyncio.to_thread(migrate, self.engine)
         # Before any message from a device: availability judges each against what was recorded.
         await asyncio.to_thread(self.availability.load)
+        # Before the broker: a key that cannot be used stops the controller naming `signing.key_file`.
+        private_key = await asyncio.to_thread(load_or_create_signing_key, self.settings.signing_key_file)
+        engine = self.engine
+        signer = self._signer = CommandSigner(
+            private_key, ReservedSequence(lambda size: reserve_sequence_block(engine, size))
+        )
         url, username, password = await asyncio.to_thread(self._broker_endpoint)
         workers = self.settings.telemetry.ingest_workers
         self.driver = MqttDriver(
@@ -173,6 +186,8 @@ class Runtime:
             reserved_usernames=[*service_account_names(self.settings.mqtt), RELOAD_PROBE_USERNAME],
             claim_window_s=self.settings.provisioning.claim_window_s,
             claim_clock_skew_s=self.settings.provisioning.claim_clock_skew_s,
+            # Every bundle carries the key its device verifies commands with (docs/protocol.md §1.15).
+            command_public_key=signer.public_key,
         )
         if self.settings.mqtt.claim.enabled:
             host, port = parse_broker_url(url)
@@ -183,7 +198,9 @@ class Runtime:
                 account=BrokerAccount(username, password),
                 client_id=f"{self.settings.mqtt.client_id}-claims",
             )
-        router = self.wired_zones = WiredZoneRouter(self.driver, self.modbus_driver, signs=self.serial_signs)
+        router = self.wired_zones = WiredZoneRouter(
+            self.driver, self.modbus_driver, signer=signer, signs=self.serial_signs
+        )
         self._dispatcher = Dispatcher(
             self.engine,
             router,
@@ -261,7 +278,10 @@ class Runtime:
         driver = self.driver
 
         async def publish_programme(address: str, document: Mapping[str, Any] | None) -> None:
-            await driver.publish_retained(schedule_topic(address), document, timeout=10.0)
+            # None only empties the broker's retained copy (a removed device): devices ignore an empty,
+            # unsigned payload; a disabled one gets a signed programme with nothing in it instead.
+            signed = None if document is None else await signer.sign_programme(document)
+            await driver.publish_retained(schedule_topic(address), signed, timeout=10.0)
 
         programmes = self.device_programmes = DeviceProgrammes(
             self.engine,
@@ -432,6 +452,12 @@ class Runtime:
         if self._provisioning is None:
             raise RuntimeError("the controller is not started")
         return self._provisioning
+
+    @property
+    def signer(self) -> CommandSigner:
+        if self._signer is None:
+            raise RuntimeError("the controller is not started")
+        return self._signer
 
     @property
     def alerts(self) -> AlertService:

@@ -29,12 +29,17 @@ broadcast_app = typer.Typer(help="Send and follow broadcasts.", no_args_is_help=
 apikey_app = typer.Typer(help="API keys.", no_args_is_help=True)
 sim_app = typer.Typer(help="Simulated devices.", no_args_is_help=True)
 schedule_app = typer.Typer(help="Ward programmes: one-off and recurring schedules.", no_args_is_help=True)
+command_key_app = typer.Typer(
+    help="The key that signs what the controller sends devices (docs/protocol.md §1.15).",
+    no_args_is_help=True,
+)
 app.add_typer(area_app, name="area")
 app.add_typer(device_app, name="device")
 app.add_typer(broadcast_app, name="broadcast")
 app.add_typer(apikey_app, name="apikey")
 app.add_typer(sim_app, name="sim")
 app.add_typer(schedule_app, name="schedule")
+app.add_typer(command_key_app, name="command-key")
 
 err = Console(stderr=True)
 out = Console()
@@ -99,6 +104,41 @@ def demo(
 
     settings = _settings(config)
     asyncio.run(run_demo(settings, speed=speakers_speed, state_file=CLI_STATE_FILE))
+
+
+# -- the command-signing key -----------------------------------------------------------------
+@command_key_app.command("show")
+def command_key_show(
+    config: ConfigOption = None,
+    output: Annotated[
+        str, typer.Option("--format", help="base64 (the raw key, what simulators take) | pem | json")
+    ] = "base64",
+) -> None:
+    """Print the public key devices verify commands with (generating the key pair on first use)."""
+    from controller.services.command_signing import (
+        CommandSigner,
+        CountingSequence,
+        SigningKeyError,
+        load_or_create_signing_key,
+    )
+
+    if output not in {"base64", "pem", "json"}:
+        err.print(f"[red]--format: {output!r} is not one of base64, pem, json[/red]")
+        raise typer.Exit(2)
+    settings = _settings(config)
+    try:
+        private_key = load_or_create_signing_key(settings.signing_key_file)
+    except SigningKeyError as error:
+        err.print(f"[red]{error}[/red]")
+        raise typer.Exit(2) from error
+    signer = CommandSigner(private_key, CountingSequence())
+    if output == "pem":
+        typer.echo(signer.public_key_pem, nl=False)
+    elif output == "json":
+        document = {"alg": "ed25519", "key_id": signer.key_id, "public_key": signer.public_key}
+        typer.echo(json.dumps(document))
+    else:
+        typer.echo(signer.public_key)
 
 
 # -- API keys ----------------------------------------------------------------------------------

@@ -129,7 +129,7 @@ async def run_demo(settings: Settings, *, speed: float, state_file: Path) -> Non
             "--token",
             token,
         )
-        fleet = await _start_fleet(settings, client, speed)
+        fleet = await _start_fleet(settings, client, speed, controller.runtime.signer.public_key)
     await asyncio.to_thread(_save_cli_state, state_file, base_url, token)
     console.print(
         f"\n[bold]Wardcast demo is running[/bold] — Bắc Kạn city, simulated speakers online\n"
@@ -172,7 +172,7 @@ async def _fleet_credentials(client: httpx.AsyncClient, path: Path) -> None:
 
 
 async def _start_fleet(
-    settings: Settings, client: httpx.AsyncClient, speed: float
+    settings: Settings, client: httpx.AsyncClient, speed: float, command_key: str
 ) -> asyncio.subprocess.Process:
     credentials = settings.data_dir / "demo-fleet-credentials.json"
     await _fleet_credentials(client, credentials)
@@ -191,6 +191,10 @@ async def _start_fleet(
         str(credentials),
         "--speed",
         str(speed),
+        # The public half of the controller's signing key: the simulated devices, like real ones, play
+        # only what it signed (docs/protocol.md §1.15).
+        "--command-key",
+        command_key,
         # Speakers (and the receivers of wired zones), networked LED screens (protocol §1.11) and the
         # MQTT sensors, reporting every 30 s.
         "--kinds",

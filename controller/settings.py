@@ -334,6 +334,23 @@ class OperationsSettings(_Section):
     expiry_s: Annotated[int, Field(ge=10, le=86_400)] = 600
 
 
+SIGNING_KEY_FILE = "command-signing.key"
+
+
+class SigningSettings(_Section):
+    """The controller's Ed25519 key for signing what it sends devices (docs/protocol.md §1.15)."""
+
+    # PKCS #8 PEM, mode 0600; generated there on first use. None: `command-signing.key` in `data_dir`.
+    key_file: Path | None = None
+
+    @field_validator("key_file")
+    @classmethod
+    def _a_file_path(cls, value: Path | None) -> Path | None:
+        if value is not None and (value.is_dir() or not value.name):
+            raise ValueError(f"{value} is a directory; expected the path of the key file")
+        return value
+
+
 class LoggingSettings(_Section):
     level: Literal["debug", "info", "warning", "error"] = "info"
     format: Literal["console", "json"] = "console"
@@ -361,7 +378,15 @@ class Settings(BaseSettings):
     availability: AvailabilitySettings = AvailabilitySettings()
     operations: OperationsSettings = OperationsSettings()
     logging: LoggingSettings = LoggingSettings()
+    signing: SigningSettings = SigningSettings()
     data_dir: Path = Path("var")
+
+    @property
+    def signing_key_file(self) -> Path:
+        """Where the command-signing key is (or will be generated)."""
+        return (
+            self.signing.key_file if self.signing.key_file is not None else self.data_dir / SIGNING_KEY_FILE
+        )
 
     @field_validator("timezone")
     @classmethod

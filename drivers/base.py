@@ -74,6 +74,9 @@ class CommandReport:
     """The device started the command from its cached programme while it had no link (protocol §1.10)."""
     result: Mapping[str, Any] | None = None
     """What a remote operation did (protocol §1.14): the volume set, a self-test's verdict, …"""
+    reason: str | None = None
+    """On `rejected` and `expired`: the check that failed, a code of docs/protocol.md §1.15.5
+    (`bad_signature`, `replayed`, ...); `detail` says it in words."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -206,6 +206,7 @@ def _decode_report(address: str, document: dict[str, Any]) -> CommandReport:
         truncated=truncated,
         offline=offline,
         result=result,
+        reason=_optional_text(document, "reason"),
     )
 
 

@@ -18,7 +18,7 @@ import random
 import socket
 import zlib
 from abc import ABC, abstractmethod
-from collections import OrderedDict, deque
+from collections import Counter, OrderedDict, deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
@@ -33,7 +33,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
-from firmware_sim import wire
+from firmware_sim import signature, wire
 from firmware_sim.media import MediaFetcher
 from firmware_sim.mqtt_loop import NonBlockingConnectClient, PahoLoopDriver, open_tcp_connection
 from firmware_sim.playlog import PlayLog
@@ -100,7 +100,9 @@ class DeviceRuntime:
     """What the simulated devices of one process share: loop driver, HTTP pool, play log, clock.
 
     `speed` divides every playback duration (20 plays twenty times faster); expiry is always judged
-    on `clock`, the wall clock unless a test injects another.
+    on `clock`, the wall clock unless a test injects another. `command_key` is the controller's public
+    key its devices verify every command and programme with (docs/protocol.md §1.15); without one they
+    accept nothing (each message is refused `no_key`): a device that cannot check a command never plays it.
     """
 
     def __init__(
@@ -115,6 +117,7 @@ class DeviceRuntime:
         media_timeout_s: float = 30.0,
         credentials: Mapping[str, tuple[str, str]] | None = None,
         heartbeat_s: float = DEFAULT_HEARTBEAT_S,
+        command_key: signature.CommandKey | None = None,
     ) -> None:
         if speed <= 0:
             raise ValueError("speed must be greater than 0")
@@ -124,6 +127,7 @@ class DeviceRuntime:
         # address → (username, password): each device's own broker account, from its provisioning
         # bundle (docs/protocol.md §1.13); a device not listed uses the broker settings' account.
         self.credentials: Mapping[str, tuple[str, str]] = credentials or {}
+        self.command_key = command_key
         self.speed = speed
         # Every device's heartbeat until a `configure` operation sets its own.
         self.heartbeat_s = heartbeat_s
@@ -356,6 +360,11 @@ class MqttDevice(ABC, Generic[CommandT, ContentT]):
         self.reboots = 0
         self._heartbeat_timer: asyncio.TimerHandle | None = None
         self._reboot_task: asyncio.Task[None] | None = None
+        # §1.15.4: the seqs of live commands (own and area topics) accepted so far; like the dedupe
+        # memory it survives `crash()` and `stop()`, as a real device keeps it in flash.
+        self._replay_window = signature.ReplayWindow()
+        # Messages refused on a signature, replay or target check (§1.15.5), by reason.
+        self.refusals: Counter[str] = Counter()
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.address!r})"
@@ -758,7 +767,55 @@ class MqttDevice(ABC, Generic[CommandT, ContentT]):
         except wire.UnidentifiableCommandError as error:
             self._logger.warning("%s: ignored a command that no report could name: %s", self.address, error)
             return
+        try:
+            verified = signature.verify(envelope.document, self.runtime.command_key, document_kind="command")
+            signature.require_target(verified, "device", self.address)
+            self._replay_window.admit(verified.seq)
+        except signature.SignatureRejectedError as refusal:
+            self._refuse(envelope.command_id, envelope.correlation_id, refusal)
+            return
         self._handle_envelope(envelope)
+
+    def _refuse(
+        self,
+        command_id: str,
+        correlation_id: str,
+        refusal: signature.SignatureRejectedError,
+        *,
+        logged: bool = False,
+    ) -> None:
+        """§1.15.5: a message that failed a signature, replay or target check is reported `rejected`
+        with the check's `reason`, counted, and otherwise forgotten: it is not the controller's, so it
+        must not enter the dedupe memory, where it would shadow the authentic command with that id."""
+        self.refusals[refusal.reason] += 1
+        if not logged:
+            self._logger.warning(
+                "%s: refused %s (%s): %s", self.address, command_id, refusal.reason, refusal.detail
+            )
+        document = wire.report_document(
+            command_id,
+            correlation_id,
+            "rejected",
+            self.runtime.clock(),
+            detail=refusal.detail,
+            reason=refusal.reason,
+        )
+        self._publish_report(wire.encode(document))
+        play_log = self.runtime.services.play_log
+        if play_log is not None:
+            play_log.record(
+                {
+                    "address": self.address,
+                    "command_id": command_id,
+                    "correlation_id": correlation_id,
+                    "event": "rejected",
+                    "reason": refusal.reason,
+                    "detail": refusal.detail,
+                    "at": document["at"],
+                }
+            )
+        if self._watchers:
+            self._notify_watchers()
 
     def _handle_envelope(self, envelope: wire.Envelope) -> None:
         """A command as if it had just arrived on the `cmd` topic: duplicates, validation, then a
@@ -1089,6 +1146,8 @@ class MqttDevice(ABC, Generic[CommandT, ContentT]):
             truncated=truncated,
             offline=offline,
             result=result,
+            # §1.15.5: expiry is one of the checks a command must pass, named like the others.
+            reason=signature.EXPIRED if state == "expired" else None,
         )
         payload = wire.encode(document)
         self._latest_reports[command_id] = payload

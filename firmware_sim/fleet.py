@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import contextlib
 import csv
 import dataclasses
@@ -55,7 +56,7 @@ from typing import Any, Final, Literal, Self, TypeVar, cast, get_args
 
 import httpx
 
-from firmware_sim import wire
+from firmware_sim import signature, wire
 from firmware_sim.device import (
     DEFAULT_HEARTBEAT_S,
     DEFAULT_HTTP_CONNECTIONS,
@@ -135,6 +136,9 @@ class FleetConfig:
     credentials: Mapping[str, tuple[str, str]] = dataclasses.field(default_factory=dict)
     # Every device republishes its state this often (docs/protocol.md §1.5).
     heartbeat_s: float = DEFAULT_HEARTBEAT_S
+    # The controller's public key, base64 (docs/protocol.md §1.15): every command and programme is
+    # verified with it. None: the devices accept nothing (each message is refused `no_key`).
+    command_key: str | None = None
 
     def devices(self) -> list[tuple[str, DeviceKind]]:
         """Every device of the fleet with its kind: speakers, then LED screens, then sensors."""
@@ -203,6 +207,7 @@ class Fleet:
             http_connections=config.http_connections,
             credentials=config.credentials,
             heartbeat_s=config.heartbeat_s,
+            command_key=signature.CommandKey.from_text(config.command_key) if config.command_key else None,
         )
         # What this process's sensors did, for the stats file (and tests).
         self.counters = TelemetryCounters()
@@ -493,23 +498,10 @@ def devices_from_credentials(
     the controller's POST /api/v1/devices/credentials answers, or one bundle per line) whose kind is one
     of `kinds`, and each one's own broker account (address → (username, password)). Every bundle's
     account is returned, whatever its kind, so that devices listed elsewhere can use it too."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as error:
-        raise FleetError(f"cannot read {path}: {error}") from error
-    try:
-        stripped = text.strip()
-        bundles: Any = (
-            json.loads(stripped)
-            if stripped.startswith("[")
-            else [json.loads(line) for line in stripped.splitlines() if line.strip()]
-        )
-    except ValueError as error:
-        raise FleetError(f"{path}: not a JSON list of bundles nor one bundle per line: {error}") from error
     wanted = frozenset(kinds)
     devices: list[tuple[str, DeviceKind]] = []
     credentials: dict[str, tuple[str, str]] = {}
-    for index, bundle in enumerate(bundles if isinstance(bundles, list) else []):
+    for index, bundle in enumerate(_read_bundles(path)):
         fields = {name: bundle.get(name) if isinstance(bundle, dict) else None for name in _BUNDLE_FIELDS}
         missing = [name for name, value in fields.items() if not isinstance(value, str)]
         if missing:
@@ -523,6 +515,51 @@ def devices_from_credentials(
 
 
 _BUNDLE_FIELDS: Final = ("address", "kind", "username", "password")
+
+
+def _read_bundles(path: Path) -> list[Any]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as error:
+        raise FleetError(f"cannot read {path}: {error}") from error
+    try:
+        stripped = text.strip()
+        bundles: Any = (
+            json.loads(stripped)
+            if stripped.startswith("[")
+            else [json.loads(line) for line in stripped.splitlines() if line.strip()]
+        )
+    except ValueError as error:
+        raise FleetError(f"{path}: not a JSON list of bundles nor one bundle per line: {error}") from error
+    return bundles if isinstance(bundles, list) else []
+
+
+def command_key_from_bundles(path: Path) -> str | None:
+    """The controller's public key that provisioning bundles carry (`command_key`, §1.13): the one
+    every bundle of the file names, None when none does; bundles naming different keys are an error."""
+    keys = {
+        bundle["command_key"]
+        for bundle in _read_bundles(path)
+        if isinstance(bundle, dict) and isinstance(bundle.get("command_key"), str)
+    }
+    if len(keys) > 1:
+        raise FleetError(f"{path}: the bundles name {len(keys)} different command keys")
+    return next(iter(keys), None)
+
+
+def command_key_from_api(base_url: str, token: str, *, timeout_s: float = 30.0) -> str:
+    """The controller's public command key (base64): GET {base_url}/api/v1/command-key."""
+    url = f"{base_url.rstrip('/')}/api/v1/command-key"
+    try:
+        response = httpx.get(url, headers={"Authorization": f"Bearer {token}"}, timeout=timeout_s)
+        response.raise_for_status()
+        document = response.json()
+    except (httpx.HTTPError, ValueError) as error:
+        raise FleetError(f"cannot fetch the command key at {url}: {error}") from error
+    key = document.get("public_key") if isinstance(document, dict) else None
+    if not isinstance(key, str):
+        raise FleetError(f"{url} answered no string 'public_key'")
+    return key
 
 
 def generated_addresses(count: int, prefix: str, start: int = 1) -> list[str]:
@@ -616,6 +653,18 @@ def build_parser(prog: str = "python -m firmware_sim fleet") -> argparse.Argumen
     )
     devices.add_argument(
         "--start", type=int, default=1, help="first index of generated addresses (default: 1)"
+    )
+    keys = parser.add_argument_group(
+        "command verification (docs/protocol.md §1.15; speakers and screens refuse what they cannot verify)"
+    )
+    keys.add_argument(
+        "--command-key",
+        metavar="BASE64",
+        help="the controller's public key, as `wardcast command-key show` prints it "
+        "(default with --from-api: fetched from the controller)",
+    )
+    keys.add_argument(
+        "--command-key-file", type=Path, metavar="FILE", help="a file holding that key (base64 or PEM)"
     )
     behaviour = parser.add_argument_group("behaviour")
     behaviour.add_argument("--speed", type=float, default=1.0, help="playback runs this many times faster")
@@ -745,6 +794,13 @@ def config_from_arguments(arguments: argparse.Namespace) -> FleetConfig:
     speakers, screens, sensors = _by_kind(unique)
     if invalid:
         raise FleetError(f"not device addresses ({wire.ADDRESS_PATTERN.pattern}): {', '.join(invalid[:5])}")
+    command_key = _command_key(arguments)
+    if command_key is None and (speakers or screens):
+        raise FleetError(
+            "speakers and screens verify every command with the controller's public key and refuse "
+            "what they cannot verify: give --command-key (print it with `wardcast command-key show`), "
+            "--command-key-file, --from-api, or --credentials bundles that carry it"
+        )
     password = (
         arguments.password
         if arguments.password is not None
@@ -775,7 +831,33 @@ def config_from_arguments(arguments: argparse.Namespace) -> FleetConfig:
         connect_concurrency=arguments.connect_concurrency,
         http_connections=arguments.http_connections,
         credentials={address: credentials[address] for address, _ in unique if address in credentials},
+        command_key=command_key,
     )
+
+
+def _command_key(arguments: argparse.Namespace) -> str | None:
+    """The key of --command-key or --command-key-file (checked here, so a typo stops the start), or
+    the controller's with --from-api; None when there is none."""
+    if arguments.command_key is not None and arguments.command_key_file is not None:
+        raise FleetError("give --command-key or --command-key-file, not both")
+    try:
+        if arguments.command_key is not None:
+            key = signature.CommandKey.from_text(arguments.command_key)
+        elif arguments.command_key_file is not None:
+            key = signature.CommandKey.from_file(arguments.command_key_file)
+        elif arguments.from_api is not None and arguments.token:
+            key = signature.CommandKey.from_text(command_key_from_api(arguments.from_api, arguments.token))
+        elif arguments.credentials is not None and (
+            bundled := command_key_from_bundles(arguments.credentials)
+        ):
+            # A provisioned device learns the key from its bundle, as a real one would.
+            key = signature.CommandKey.from_text(bundled)
+        else:
+            return None
+    except signature.CommandKeyError as error:
+        option = "--command-key-file" if arguments.command_key_file is not None else "--command-key"
+        raise FleetError(f"{option}: {error}") from error
+    return base64.b64encode(key.raw).decode()
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import bisect
 import hashlib
-import json
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -72,6 +71,8 @@ class Programme:
     # SHA-256 of the payload: the retained copy the broker re-sends on every reconnect is recognised
     # without holding its bytes.
     digest: bytes
+    # The seq of its signature (§1.15.4): a programme must come with a higher one to replace it.
+    seq: int = 0
     _starts: tuple[datetime, ...] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -110,8 +111,9 @@ class Programme:
         return tuple(seen.values())
 
 
-def parse_programme(payload: bytes | bytearray, address: str) -> Programme | None:
-    """The programme in `payload`, or `None` for an empty payload (the programme is cleared).
+def parse_programme(payload: bytes | bytearray, address: str, *, seq: int = 0) -> Programme | None:
+    """The programme in `payload` (whose signature, with `seq`, the caller has checked), or `None` for
+    an empty payload.
 
     Raises `ForeignProgrammeError` for a document meant for another device and
     `MalformedProgrammeError` naming the first member at fault otherwise.
@@ -119,7 +121,7 @@ def parse_programme(payload: bytes | bytearray, address: str) -> Programme | Non
     if not payload:
         return None
     try:
-        document = json.loads(payload)
+        document = wire.load_json(payload)
     except ValueError as error:
         raise MalformedProgrammeError("(document)", f"payload is not JSON: {error}") from error
     if not isinstance(document, dict):
@@ -148,6 +150,7 @@ def parse_programme(payload: bytes | bytearray, address: str) -> Programme | Non
         areas=_areas(document["areas"]) if "areas" in document else (),
         items=_items(document.get("items"), address),
         digest=hashlib.sha256(payload).digest(),
+        seq=seq,
     )
 
 

@@ -15,13 +15,14 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import hashlib
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, Final
 
-from firmware_sim import wire
+from firmware_sim import signature, wire
 from firmware_sim.device import (
     DEDUPE_MEMORY,
     DEFAULT_HEARTBEAT_S,
@@ -86,6 +87,21 @@ SpeakerConnectError = DeviceConnectError
 _open_area_command = functools.lru_cache(maxsize=64)(wire.open_area_command)
 
 
+@functools.lru_cache(maxsize=64)
+def _verify_area_command(
+    payload: bytes, topic_area: str, key: signature.CommandKey | None
+) -> signature.Verified | signature.SignatureRejectedError:
+    """The signature check of an area command (§1.15.5 steps 1-6), once per process rather than once
+    per speaker: it depends only on the bytes and the key. The target and window checks stay per
+    speaker. Real speakers each verify on their own CPU; a simulated fleet shares two cores."""
+    try:
+        return signature.verify(
+            _open_area_command(payload, topic_area).received, key, document_kind="command"
+        )
+    except signature.SignatureRejectedError as refusal:
+        return refusal
+
+
 class SpeakerRuntime(DeviceRuntime):
     """The devices of one process on their shared machinery: speakers, and LED screens beside them
     (a fleet may mix both kinds; `devices` holds every one)."""
@@ -102,6 +118,7 @@ class SpeakerRuntime(DeviceRuntime):
         media_timeout_s: float = 30.0,
         credentials: Mapping[str, tuple[str, str]] | None = None,
         heartbeat_s: float = DEFAULT_HEARTBEAT_S,
+        command_key: signature.CommandKey | None = None,
     ) -> None:
         super().__init__(
             broker,
@@ -113,6 +130,7 @@ class SpeakerRuntime(DeviceRuntime):
             media_timeout_s=media_timeout_s,
             credentials=credentials,
             heartbeat_s=heartbeat_s,
+            command_key=command_key,
         )
         self.speakers: dict[str, SimulatedSpeaker] = {}
         self.screens: dict[str, SimulatedLedScreen] = {}
@@ -478,17 +496,41 @@ class SimulatedSpeaker(MqttDevice[PlayCommand, _Playlist]):
             self._notify_watchers()
 
     def _take_programme_document(self, payload: bytes | bytearray) -> None:
+        if not payload:
+            # §1.10/§1.15: an empty payload only empties the broker's retained copy. Anyone with broker
+            # access can send one and it carries no signature, so it changes nothing here.
+            self._ignore_programme("an empty payload is not a signed programme; the held one stays")
+            return
         try:
-            programme = parse_programme(payload, self.address)
-        except ProgrammeIgnoredError as ignored:
-            self._programme_last_ignored = ignored.detail
-            logger.warning("%s: ignored a programme document: %s", self.address, ignored.detail)
+            document = wire.load_json(payload)
+        except ValueError as error:
+            self._ignore_programme(f"(document): payload is not JSON: {error}")
+            return
+        if not isinstance(document, dict):
+            self._ignore_programme("(document): payload is not a JSON object")
             return
         held = self._programme
-        if programme is None:
-            if held is not None:
-                logger.info("%s: programme cleared", self.address)
-            self._replace_programme(None)
+        try:
+            verified = self._verify_programme(document, held, hashlib.sha256(payload).digest())
+        except signature.SignatureRejectedError as refusal:
+            self._ignore_programme(f"{refusal.reason}: {refusal.detail}")
+            document_id = document.get("id")
+            if isinstance(document_id, str) and document_id:
+                self._refuse(document_id, document_id, refusal, logged=True)
+            else:  # no report can name it
+                self.refusals[refusal.reason] += 1
+            return
+        if verified is None:
+            # The retained copy again (every reconnect): nothing changes, but a prefetch that did
+            # not finish (a shutdown, a failed fetch) gets another chance.
+            self._prefetch_programme()
+            return
+        try:
+            programme = parse_programme(payload, self.address, seq=verified.seq)
+        except ProgrammeIgnoredError as ignored:
+            self._ignore_programme(ignored.detail)
+            return
+        if programme is None:  # pragma: no cover - an empty payload was handled above
             return
         if held is not None and not programme.supersedes(held):
             detail = (
@@ -498,11 +540,6 @@ class SimulatedSpeaker(MqttDevice[PlayCommand, _Playlist]):
             self._programme_last_ignored = detail
             logger.info("%s: ignored a programme document: %s", self.address, detail)
             return
-        if held is not None and programme.digest == held.digest:
-            # The retained copy again (every reconnect): nothing changes, but a prefetch that did
-            # not finish (a shutdown, a failed fetch) gets another chance.
-            self._prefetch_programme()
-            return
         logger.info(
             "%s: programme generated at %s taken: %d items",
             self.address,
@@ -510,6 +547,30 @@ class SimulatedSpeaker(MqttDevice[PlayCommand, _Playlist]):
             len(programme.items),
         )
         self._replace_programme(programme)
+
+    def _verify_programme(
+        self, document: dict[str, object], held: Programme | None, digest: bytes
+    ) -> signature.Verified | None:
+        """§1.15.5 for a programme; `None` for the very document held (the broker's retained copy,
+        re-sent on every subscribe), which is neither new nor a replay."""
+        verified = signature.verify(document, self.runtime.command_key, document_kind="programme")
+        signature.require_target(verified, "device", self.address)
+        if held is not None and verified.seq == held.seq and digest == held.digest:
+            return None
+        if self.runtime.clock() > verified.expires_at:
+            raise signature.SignatureRejectedError(
+                signature.EXPIRED, f"valid_until {wire.format_timestamp(verified.expires_at)} has passed"
+            )
+        if held is not None and verified.seq <= held.seq:
+            # Programmes are retained, so they have a window of their own: the held one's seq.
+            raise signature.SignatureRejectedError(
+                signature.REPLAYED, f"seq {verified.seq} is not above the held programme's {held.seq}"
+            )
+        return verified
+
+    def _ignore_programme(self, detail: str) -> None:
+        self._programme_last_ignored = detail
+        logger.warning("%s: ignored a programme document: %s", self.address, detail)
 
     def _replace_programme(self, programme: Programme | None) -> None:
         """A new document replaces the old one entirely (§1.10): its timer and prefetch go with it,
@@ -701,9 +762,22 @@ class SimulatedSpeaker(MqttDevice[PlayCommand, _Playlist]):
         if area not in self._granted_areas:
             logger.debug("%s: ignored a command on area %s, which it does not accept", self.address, area)
             return
+        received = bytes(payload)
         try:
-            area_command = _open_area_command(bytes(payload), area)
+            area_command = _open_area_command(received, area)
         except wire.AreaCommandIgnoredError as ignored:
             logger.info("%s: ignored a command on area %s: %s", self.address, area, ignored)
             return
-        self._handle_envelope(area_command.for_device(self.address))
+        # Refusals name the speaker's own ids (§1.12 step 2), which the controller knows the delivery by.
+        own = area_command.for_device(self.address)
+        verified = _verify_area_command(received, area, self.runtime.command_key)
+        if isinstance(verified, signature.SignatureRejectedError):
+            self._refuse(own.command_id, own.correlation_id, verified)
+            return
+        try:
+            signature.require_target(verified, "area", area)
+            self._replay_window.admit(verified.seq)
+        except signature.SignatureRejectedError as refusal:
+            self._refuse(own.command_id, own.correlation_id, refusal)
+            return
+        self._handle_envelope(own)

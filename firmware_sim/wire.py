@@ -252,9 +252,25 @@ class Envelope:
     document: Mapping[str, Any]
 
 
+def _unique_members(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object whose member names are unique: parsers disagree on which of two equal names wins,
+    so a signature over one reading must not be acted on in another (docs/protocol.md §1.15.3)."""
+    document: dict[str, Any] = {}
+    for name, value in pairs:
+        if name in document:
+            raise ValueError(f"member {name!r} appears twice")
+        document[name] = value
+    return document
+
+
+def load_json(payload: bytes | bytearray) -> Any:
+    """JSON as every document from the controller is read: member names unique at every level."""
+    return json.loads(payload, object_pairs_hook=_unique_members)
+
+
 def open_envelope(payload: bytes | bytearray) -> Envelope:
     try:
-        document = json.loads(payload)
+        document = load_json(payload)
     except ValueError as error:
         raise UnidentifiableCommandError(f"payload is not JSON: {error}") from error
     if not isinstance(document, dict):
@@ -281,6 +297,8 @@ class AreaCommand:
     # Every member as received except `area`. One parse may serve every speaker of a process, so
     # this is never mutated: each speaker gets a copy with its own ids.
     members: Mapping[str, Any]
+    # The document exactly as received, `area` included: what its signature covers (§1.15).
+    received: Mapping[str, Any]
 
     def for_device(self, address: str) -> Envelope:
         """The device's own command: UUIDv5 ids derived from the area command's, its address as
@@ -296,11 +314,12 @@ def open_area_command(payload: bytes, topic_area: str) -> AreaCommand:
     `AreaCommandIgnoredError` when §1.12 says to ignore it. Everything else is validated later, on
     the derived command, exactly as on the `cmd` topic."""
     try:
-        document = json.loads(payload)
+        received = load_json(payload)
     except ValueError as error:
         raise AreaCommandIgnoredError(f"payload is not JSON: {error}") from error
-    if not isinstance(document, dict):
+    if not isinstance(received, dict):
         raise AreaCommandIgnoredError("payload is not a JSON object")
+    document = dict(received)
     area = document.pop("area", None)
     if area != topic_area:
         raise AreaCommandIgnoredError(f"area: {area!r} is not the topic's area {topic_area!r}")
@@ -314,7 +333,7 @@ def open_area_command(payload: bytes, topic_area: str) -> AreaCommand:
         namespace = uuid.UUID(command_id)
     except ValueError as error:
         raise AreaCommandIgnoredError(f"id: {command_id!r} is not a UUID") from error
-    return AreaCommand(topic_area, namespace, document)
+    return AreaCommand(topic_area, namespace, document, received)
 
 
 @dataclass(frozen=True, slots=True)
@@ -706,6 +725,7 @@ def report_document(
     truncated: bool | None = None,
     offline: bool = False,
     result: Mapping[str, object] | None = None,
+    reason: str | None = None,
 ) -> dict[str, object]:
     document: dict[str, object] = {
         "v": WIRE_VERSION,
@@ -714,6 +734,9 @@ def report_document(
         "state": state,
         "at": format_timestamp(at),
     }
+    if reason is not None:
+        # §1.15.5: the code of the check that failed, on `rejected` and `expired`.
+        document["reason"] = reason
     if detail is not None:
         document["detail"] = detail
     if played_s is not None:

@@ -2,14 +2,18 @@
 
 A tiny HTTP server for media (with Range and a fault that cuts a transfer), a controller probe that
 publishes commands with the `controller` account and collects every report and state, command
-builders, and a clock a test can move forward.
+builders, a clock a test can move forward, and the test's own controller key: the probe signs what it
+sends (docs/protocol.md §1.15) with the controller's signature code, and the simulators verify with
+`TEST_COMMAND_KEY` through their own, so the two implementations are checked against each other.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import hashlib
 import io
+import itertools
 import json
 import re
 import sys
@@ -26,7 +30,11 @@ from typing import Any, Self, TypeVar
 import aiomqtt
 import numpy as np
 import soundfile
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from controller.domain.command_signing import SignatureHeader, Target, payload_sha256
+from controller.services.command_signing import key_id, raw_public_key
+from firmware_sim.signature import CommandKey
 from firmware_sim.speaker import SimulatedSpeaker, SpeakerRuntime
 from tests.support.broker import TestBroker
 
@@ -34,6 +42,56 @@ T = TypeVar("T")
 TERMINAL_STATES = frozenset({"completed", "interrupted", "stopped", "failed", "expired", "rejected"})
 WAIT_S = 10.0
 _RANGE = re.compile(r"bytes=(\d+)-$")
+
+# The controller key of the simulator tests, and the public half the simulators are given.
+TEST_SIGNING_KEY = Ed25519PrivateKey.generate()
+TEST_COMMAND_KEY = CommandKey(raw_public_key(TEST_SIGNING_KEY.public_key()))
+TEST_COMMAND_KEY_TEXT = base64.b64encode(TEST_COMMAND_KEY.raw).decode()
+# One counter for the whole session: seqs only grow, as the controller's do across restarts.
+_SEQUENCE = itertools.count(1)
+_MISSING = "-"  # what the header says for a member the document lacks (a malformed-command test)
+
+
+def sign_document(
+    document: dict[str, Any],
+    *,
+    kind: str = "command",
+    key: Ed25519PrivateKey = TEST_SIGNING_KEY,
+    seq: int | None = None,
+) -> dict[str, Any]:
+    """`document` signed as the controller signs (docs/protocol.md §1.15), with the next seq of the
+    session (also put in a command's own `seq`, unless a test made that malformed). A header member
+    the document lacks or has malformed is signed as it stands, so the device sees the mismatch."""
+    signed = {name: value for name, value in document.items() if name != "sig"}
+    seq = next(_SEQUENCE) if seq is None else seq
+    if kind == "programme":
+        signed.setdefault("id", str(uuid.uuid4()))
+        issued_at, expires_at = signed.get("generated_at"), signed.get("valid_until")
+    else:
+        if type(signed.get("seq")) is int:
+            signed["seq"] = seq
+        issued_at, expires_at = signed.get("issued_at"), signed.get("expires_at")
+    target = (
+        Target("area", str(signed["area"]))
+        if "area" in signed
+        else Target("device", str(signed.get("device")))
+    )
+    header = SignatureHeader(
+        key_id=key_id(key.public_key()),
+        document="programme" if kind == "programme" else "command",
+        id=_text_or_missing(signed.get("id")),
+        target=target,
+        issued_at=_text_or_missing(issued_at),
+        expires_at=_text_or_missing(expires_at),
+        seq=seq,
+        payload_sha256=payload_sha256(signed),
+    )
+    signed["sig"] = header.block(base64.b64encode(key.sign(header.signed_bytes())).decode())
+    return signed
+
+
+def _text_or_missing(value: object) -> str:
+    return value if isinstance(value, str) and value and value.isprintable() else _MISSING
 
 
 def timestamp(instant: datetime) -> str:
@@ -271,15 +329,24 @@ class ControllerProbe:
 
         return await self.wait_until(found)
 
-    async def send(self, command: dict[str, Any]) -> None:
-        await self.send_raw(command["device"], json.dumps(command).encode())
+    async def send(self, command: dict[str, Any], *, signed: bool = True) -> dict[str, Any]:
+        """Publishes the command on its device's topic, signed (as the controller does) unless told
+        not to; returns what was sent."""
+        document = sign_document(command) if signed else command
+        await self.send_raw(command["device"], json.dumps(document).encode())
+        return document
 
     async def send_raw(self, address: str, payload: bytes) -> None:
         await self._client.publish(f"wardcast/v1/dev/{address}/cmd", payload, qos=1)
 
     async def publish_programme(self, address: str, document: dict[str, Any] | bytes) -> None:
-        """Publishes the device's retained programme document (§1.10); `b""` clears it."""
-        payload = document if isinstance(document, bytes) else json.dumps(document).encode()
+        """Publishes the device's retained programme document (§1.10), signed (§1.15); bytes go as
+        they are (`b""` empties the broker's retained copy)."""
+        payload = (
+            document
+            if isinstance(document, bytes)
+            else json.dumps(sign_document(document, kind="programme")).encode()
+        )
         await self._client.publish(f"wardcast/v1/dev/{address}/schedule", payload, qos=1, retain=True)
 
 
@@ -435,6 +502,8 @@ async def start_fleet_cli(broker: TestBroker, *options: str) -> asyncio.subproce
         "--username",
         broker.simulator.username,
         f"--password={broker.simulator.password}",  # it may start with "-"
+        "--command-key",
+        TEST_COMMAND_KEY_TEXT,
         *options,
         cwd=REPO_ROOT,
         stdout=asyncio.subprocess.PIPE,

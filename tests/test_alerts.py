@@ -222,7 +222,13 @@ def test_led_screens_in_the_area_show_the_headline_and_a_drill_says_so(
                 json={"id": address, "kind": "led_screen", "area": "hn.b.t1", "address": address},
             )
             assert created.status_code == 201, created.text
-    screens = FleetHandle(mosquitto, tmp_path / "fleet", ["b1-1", "b1-2"], screens=["led-b1-1", "led-b1-2"])
+    screens = FleetHandle(
+        mosquitto,
+        tmp_path / "fleet",
+        ["b1-1", "b1-2"],
+        controller.command_key,
+        screens=["led-b1-1", "led-b1-2"],
+    )
     screens.workdir.mkdir()
     screens.start()
     try:

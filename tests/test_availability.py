@@ -44,10 +44,17 @@ def controller(tmp_path: Path, database_url: str, mosquitto: TestBroker) -> Iter
         handle.stop()
 
 
-def fleet_of(tmp_path: Path, broker: TestBroker, name: str, addresses: list[str]) -> FleetHandle:
+def fleet_of(tmp_path: Path, controller: ControllerHandle, name: str, addresses: list[str]) -> FleetHandle:
     workdir = tmp_path / name
     workdir.mkdir()
-    return FleetHandle(broker, workdir, addresses, heartbeat_s=HEARTBEAT_S, control=workdir / "control.json")
+    return FleetHandle(
+        controller.broker,
+        workdir,
+        addresses,
+        controller.command_key,
+        heartbeat_s=HEARTBEAT_S,
+        control=workdir / "control.json",
+    )
 
 
 def transitions(events: list[dict[str, Any]], device_id: str) -> list[dict[str, Any]]:
@@ -70,8 +77,8 @@ def test_a_killed_device_goes_offline_by_its_last_will_raises_an_alarm_and_clear
     controller: ControllerHandle, mosquitto: TestBroker, tmp_path: Path
 ):
     seed(controller)
-    others = fleet_of(tmp_path, mosquitto, "others", [a for a in ALL if a != LONER])
-    loner = fleet_of(tmp_path, mosquitto, "loner", [LONER])
+    others = fleet_of(tmp_path, controller, "others", [a for a in ALL if a != LONER])
+    loner = fleet_of(tmp_path, controller, "loner", [LONER])
     device_id = f"spk-{LONER}"
     with EventWatcher(controller) as watcher:
         others.start()
@@ -133,7 +140,7 @@ def test_a_device_that_stays_connected_but_stops_heartbeating_goes_offline_withi
     controller: ControllerHandle, mosquitto: TestBroker, tmp_path: Path
 ):
     seed(controller)
-    fleet = fleet_of(tmp_path, mosquitto, "fleet", ["a1-1", "a1-2"])
+    fleet = fleet_of(tmp_path, controller, "fleet", ["a1-1", "a1-2"])
     device_id = "spk-a1-1"
     with EventWatcher(controller) as watcher:
         fleet.start()

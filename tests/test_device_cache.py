@@ -33,8 +33,12 @@ def relay(mosquitto: TestBroker) -> Iterator[LinkRelay]:
 
 
 @pytest.fixture
-def cut_off_fleet(tmp_path: Path, mosquitto: TestBroker, relay: LinkRelay) -> Iterator[FleetHandle]:
-    with running_fleet(tmp_path / "fleet", mosquitto, mqtt_url=relay.url) as handle:
+def cut_off_fleet(
+    tmp_path: Path, mosquitto: TestBroker, relay: LinkRelay, controller: ControllerHandle
+) -> Iterator[FleetHandle]:
+    with running_fleet(
+        tmp_path / "fleet", mosquitto, command_key=controller.command_key, mqtt_url=relay.url
+    ) as handle:
         yield handle
 
 

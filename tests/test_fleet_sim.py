@@ -22,7 +22,7 @@ from firmware_sim.fleet import (
 )
 from firmware_sim.playlog import read_play_log
 from firmware_sim.speaker import BrokerSettings
-from tests.sim_harness import ControllerProbe, MediaServer, play_command, wav_bytes
+from tests.sim_harness import TEST_COMMAND_KEY_TEXT, ControllerProbe, MediaServer, play_command, wav_bytes
 from tests.support.broker import TestBroker
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -50,6 +50,7 @@ async def test_fleet_plays_a_broadcast_on_every_speaker(
     addresses = tuple(generated_addresses(20, "fleet-"))
     config = FleetConfig(
         broker=device_broker(mosquitto),
+        command_key=TEST_COMMAND_KEY_TEXT,
         addresses=addresses,
         speed=50,
         play_log=tmp_path / "play.jsonl",
@@ -80,7 +81,9 @@ async def test_fleet_plays_a_broadcast_on_every_speaker(
 async def test_run_fleet_signals_ready_and_stops_on_request(
     mosquitto: TestBroker, probe: ControllerProbe
 ) -> None:
-    config = FleetConfig(broker=device_broker(mosquitto), addresses=("run-a", "run-b"))
+    config = FleetConfig(
+        broker=device_broker(mosquitto), addresses=("run-a", "run-b"), command_key=TEST_COMMAND_KEY_TEXT
+    )
     ready, stop = asyncio.Event(), asyncio.Event()
     running = asyncio.create_task(run_fleet(config, ready, stop))
     await asyncio.wait_for(ready.wait(), WAIT_S)
@@ -108,6 +111,8 @@ async def _start_cli(mosquitto: TestBroker, *options: str) -> asyncio.subprocess
         "--username",
         mosquitto.simulator.username,
         f"--password={mosquitto.simulator.password}",  # it may start with "-"
+        "--command-key",
+        TEST_COMMAND_KEY_TEXT,
         *options,
         cwd=REPO_ROOT,
         stdout=asyncio.subprocess.PIPE,
@@ -190,6 +195,11 @@ async def test_cli_fleet_from_csv_simulates_only_speakers(
         (["--count", "2", "--speed", "0"], "--speed"),
         (["--count", "2", "--mqtt-url", "http://broker"], "mqtt://host:port"),
         (["--from-api", "http://127.0.0.1:9"], "--from-api needs --token"),
+        # Fail-closed (docs/protocol.md §1.15): no fleet of speakers without the key to check commands.
+        (["--count", "2"], "give --command-key"),
+        (["--count", "2", "--command-key", "not base64!"], "--command-key: not base64"),
+        (["--count", "2", "--command-key", "AAAA"], "--command-key: an Ed25519 public key is 32 bytes"),
+        (["--count", "2", "--command-key-file", "/nonexistent/key"], "--command-key-file: cannot read"),
     ],
 )
 def test_cli_usage_errors_exit_2(
@@ -231,6 +241,7 @@ def test_fleet_config_survives_the_trip_to_a_worker(tmp_path: Path) -> None:
     config = FleetConfig(
         broker=BrokerSettings(host="127.0.0.1", port=1884, username="device", password="pw", protocol="5"),
         addresses=("a", "b"),
+        command_key=TEST_COMMAND_KEY_TEXT,
         speed=3.5,
         play_log=tmp_path / "log.jsonl",
         shared_media_cache=True,

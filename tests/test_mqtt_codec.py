@@ -175,6 +175,17 @@ def test_report_decodes_with_optional_members() -> None:
     ]
 
 
+def test_a_refusal_report_carries_the_failed_check_as_reason() -> None:
+    (event,) = decode_inbound(
+        ACK, payload(report(state="rejected", reason="replayed", detail="seq 7 was accepted before"))
+    )
+    assert isinstance(event, CommandReport)
+    assert (event.state, event.reason, event.detail) == ("rejected", "replayed", "seq 7 was accepted before")
+    assert only_malformed(ACK, payload(report(state="rejected", reason=3))).reason.startswith(
+        "member `reason`"
+    )
+
+
 def test_minimal_report_has_defaults() -> None:
     (event,) = decode_inbound(ACK, payload(report(state="delivered")))
     assert isinstance(event, CommandReport)

@@ -25,7 +25,14 @@ from firmware_sim import fleet
 from firmware_sim.device import BrokerSettings, DeviceRuntime
 from firmware_sim.fleet import FleetConfig, devices_from_csv
 from firmware_sim.mqtt_sensor import QUANTITIES, SensorConfigError, SensorControl, SimulatedMqttSensor
-from tests.sim_harness import ControllerProbe, play_command, start_fleet_cli, stop_command
+from tests.sim_harness import (
+    TEST_COMMAND_KEY,
+    TEST_COMMAND_KEY_TEXT,
+    ControllerProbe,
+    play_command,
+    start_fleet_cli,
+    stop_command,
+)
 from tests.support.broker import TestBroker
 
 T = TypeVar("T")
@@ -125,7 +132,7 @@ async def runtime(mosquitto: TestBroker) -> AsyncIterator[DeviceRuntime]:
         username=mosquitto.simulator.username,
         password=mosquitto.simulator.password,
     )
-    async with DeviceRuntime(broker) as device_runtime:
+    async with DeviceRuntime(broker, command_key=TEST_COMMAND_KEY) as device_runtime:
         yield device_runtime
 
 
@@ -345,6 +352,7 @@ def test_sensors_are_listed_by_kind_and_travel_to_workers(tmp_path: Path) -> Non
     assert devices_from_csv(devices) == [("spk-1", "speaker")]
     config = FleetConfig(
         broker=BrokerSettings(host="127.0.0.1"),
+        command_key=TEST_COMMAND_KEY_TEXT,
         addresses=("spk-1",),
         sensors=("sen-1", "sen-2"),
         sensor_interval_s=0.5,

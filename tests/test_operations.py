@@ -11,7 +11,6 @@ from typing import Any
 
 import pytest
 
-from tests.support.broker import TestBroker
 from tests.support.scenario import SPEAKERS, seed
 from tests.support.system import ControllerHandle, EventWatcher, FleetHandle, wait_until
 
@@ -21,10 +20,12 @@ ALL = [address for group in SPEAKERS.values() for address in group]
 
 
 @pytest.fixture
-def fleet(tmp_path: Path, mosquitto: TestBroker) -> Iterator[FleetHandle]:
+def fleet(tmp_path: Path, controller: ControllerHandle) -> Iterator[FleetHandle]:
     workdir = tmp_path / "fleet"
     workdir.mkdir()
-    handle = FleetHandle(mosquitto, workdir, ALL, control=workdir / "control.json")
+    handle = FleetHandle(
+        controller.broker, workdir, ALL, controller.command_key, control=workdir / "control.json"
+    )
     handle.start()
     try:
         yield handle

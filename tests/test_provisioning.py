@@ -75,6 +75,8 @@ def test_a_registered_device_gets_its_own_account_and_a_rotated_password_refuses
         assert created.status_code == 201, created.text
         bundle = created.json()["bundle"]
         assert bundle["username"] == bundle["address"] == "spk-new" and len(bundle["password"]) >= 32
+        # The key the device verifies every command with (signed commands, docs/protocol.md §1.15).
+        assert bundle["command_key"] == client.get("/api/v1/command-key").json()["public_key"]
         assert "password" not in json.dumps(client.get("/api/v1/devices/spk-new").json())
         assert _connects(controller.broker, "spk-new", bundle["password"])
         assert not _connects(controller.broker, "spk-new", "not-the-password")

@@ -27,9 +27,11 @@ from firmware_sim.programme import MalformedProgrammeError, parse_programme
 from firmware_sim.speaker import BrokerSettings, SimulatedSpeaker, SpeakerRuntime
 from tests.sim_harness import (
     MEDIA_S,
+    TEST_COMMAND_KEY,
     ControllerProbe,
     play_command,
     programme_document,
+    sign_document,
     started,
 )
 from tests.support.broker import TestBroker
@@ -46,8 +48,11 @@ OpenRuntime = Callable[..., Awaitable[SpeakerRuntime]]
 class AreaProbe(ControllerProbe):
     """The controller's probe, able to publish on area command topics as well."""
 
-    async def send_area(self, area: str, command: dict[str, Any]) -> None:
-        await self.send_area_raw(area, json.dumps(command).encode())
+    async def send_area(self, area: str, command: dict[str, Any], *, signed: bool = True) -> dict[str, Any]:
+        """Publishes the area command on `area`'s topic, signed as the controller does unless told not to."""
+        document = sign_document(command) if signed else command
+        await self.send_area_raw(area, json.dumps(document).encode())
+        return document
 
     async def send_area_raw(self, area: str, payload: bytes) -> None:
         await self._client.publish(f"wardcast/v1/area/{area}/cmd", payload, qos=1)
@@ -87,7 +92,7 @@ async def open_runtime(
         async def open_runtime(**options: Any) -> SpeakerRuntime:
             settings = broker_settings(mosquitto, proxy.host, proxy.port, **options)
             return await stack.enter_async_context(
-                SpeakerRuntime(settings, speed=SPEED, play_log=play_log_path)
+                SpeakerRuntime(settings, speed=SPEED, play_log=play_log_path, command_key=TEST_COMMAND_KEY)
             )
 
         yield open_runtime
@@ -282,7 +287,8 @@ async def test_areas_no_longer_listed_stop_at_once_and_a_cleared_programme_follo
     old_id, _ = derived_ids(old_group["id"], "spk-1")
     assert probe.reports_for(old_id) == []
 
-    await probe.publish_programme("spk-1", b"")
+    # A signed programme listing no areas: an empty payload, unsigned, would change nothing (§1.15).
+    await probe.publish_programme("spk-1", areas_programme("spk-1", []))
     await speaker.wait_until(lambda s: s.followed_areas == () and s.areas == (), WAIT_S)
     await probe.state("spk-1", lambda state: state["areas"] == [])
     after_clearing = area_play("hue", media)

@@ -25,6 +25,7 @@ from firmware_sim.programme import (
 from firmware_sim.speaker import BrokerSettings, SimulatedSpeaker, SpeakerRuntime
 from tests.sim_harness import (
     MEDIA_S,
+    TEST_COMMAND_KEY,
     ControllerProbe,
     MediaServer,
     play_command,
@@ -62,7 +63,9 @@ async def runtime(
         reconnect_max_delay_s=0.2,
     )
     async with contextlib.AsyncExitStack() as stack:
-        yield await stack.enter_async_context(SpeakerRuntime(settings, speed=SPEED, play_log=play_log_path))
+        yield await stack.enter_async_context(
+            SpeakerRuntime(settings, speed=SPEED, play_log=play_log_path, command_key=TEST_COMMAND_KEY)
+        )
 
 
 def play(address: str, media: tuple[str, str], **options: Any) -> dict[str, Any]:
@@ -292,8 +295,14 @@ async def test_a_newer_programme_replaces_the_held_one_entirely(
     await probe.report(kept["id"], "completed")
     assert probe.reports_for(dropped["id"]) == []
 
+    # An empty payload is anyone's (it carries no signature): it changes nothing (§1.15.6).
     await probe.publish_programme("spk-1", b"")
-    await speaker.wait_until(lambda s: s.programme.generated_at is None, WAIT_S)
+    await speaker.wait_until(
+        lambda s: (s.programme.last_ignored or "").startswith("an empty payload"), WAIT_S
+    )
+    assert speaker.programme.item_ids == (kept["id"],)
+    # The controller empties a programme with a signed one that holds nothing.
+    await take(speaker, probe, programme_document("spk-1", [], generated_at=now + timedelta(seconds=2)))
     assert speaker.programme.item_ids == ()
 
 
@@ -369,11 +378,12 @@ async def test_only_the_latest_reports_are_kept_while_offline(
         (lambda d: d["items"][1].update(command=d["items"][0]["command"]), "items[1].command.id"),
         (lambda d: d.update(comm_loss={"policy": "forever"}), "comm_loss.policy"),
         (lambda d: d.update(comm_loss={"policy": "stop_after"}), "comm_loss.after_s"),
-        (lambda d: d.update(valid_until="2020-01-01T00:00:00Z"), "valid_until"),
-        (lambda d: d.update(generated_at="2026-11-24T06:00:00+07:00"), "generated_at"),
+        # What the signature's header repeats is checked with the signature (§1.15.5).
+        (lambda d: d.update(valid_until="2020-01-01T00:00:00Z"), "expired"),
+        (lambda d: d.update(generated_at="2026-11-24T06:00:00+07:00"), "header_mismatch"),
         (lambda d: d.update(items={}), "items"),
         (lambda d: d.update(v=2), "v"),
-        (lambda d: d.update(device="spk-2"), "device"),
+        (lambda d: d.update(device="spk-2"), "wrong_target"),
     ],
     ids=lambda value: value if isinstance(value, str) else "",
 )

@@ -71,11 +71,14 @@ def test_an_offline_speaker_never_plays_an_expired_command(
     controller: ControllerHandle, fleet: FleetHandle, mosquitto: TestBroker, tmp_path: Path
 ):
     seed(controller)
-    late = FleetHandle(mosquitto, tmp_path / "late", ["a3-1"])
+    late = FleetHandle(mosquitto, tmp_path / "late", ["a3-1"], controller.command_key)
     late.workdir.mkdir()
     fleet.stop()  # a3-1 is part of the main fleet; run it alone so it can go offline by itself
     others = FleetHandle(
-        mosquitto, tmp_path / "others", [a for group in SPEAKERS.values() for a in group if a != "a3-1"]
+        mosquitto,
+        tmp_path / "others",
+        [a for group in SPEAKERS.values() for a in group if a != "a3-1"],
+        controller.command_key,
     )
     others.workdir.mkdir()
     others.start()

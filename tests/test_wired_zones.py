@@ -49,9 +49,11 @@ def box() -> Iterator[Box]:
 
 
 @pytest.fixture
-def fleet_with_receiver(tmp_path: Path, mosquitto: TestBroker) -> Iterator[FleetHandle]:
+def fleet_with_receiver(
+    tmp_path: Path, mosquitto: TestBroker, controller: ControllerHandle
+) -> Iterator[FleetHandle]:
     addresses = [a for group in SPEAKERS.values() for a in group] + [RECEIVER]
-    handle = FleetHandle(mosquitto, tmp_path / "fleet", addresses)
+    handle = FleetHandle(mosquitto, tmp_path / "fleet", addresses, controller.command_key)
     handle.workdir.mkdir()
     handle.start()
     try:

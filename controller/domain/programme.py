@@ -65,7 +65,7 @@ def play_command(
     issued_at: datetime,
     expires_at: datetime,
 ) -> dict[str, Any]:
-    """The `play` document of docs/protocol.md §1.3 (the dispatcher adds `seq` when it publishes)."""
+    """The `play` document of docs/protocol.md §1.3 (`seq` and `sig` are added when it is signed)."""
     header = {
         "v": 1,
         "type": "play",
@@ -138,8 +138,8 @@ def show_command(
     issued_at: datetime,
     expires_at: datetime,
 ) -> dict[str, Any]:
-    """The `show` document of docs/protocol.md §1.11 (the dispatcher adds `seq`). The screen picks the
-    colour from the class (red for emergency, amber otherwise)."""
+    """The `show` document of docs/protocol.md §1.11 (`seq` and `sig` are added when it is signed). The
+    screen picks the colour from the class (red for emergency, amber otherwise)."""
     document: dict[str, Any] = {
         "v": 1,
         "type": "show",
@@ -200,7 +200,7 @@ def programme_document(
     """A device's retained programme (docs/protocol.md §1.10), items in start order; `areas` are the
     area codes whose command topics it follows (§1.12), from its own residential group upwards."""
     ordered = sorted(items, key=lambda item: (item.start_at, item.command["id"]))
-    # `seq` numbers the live stream (the dispatcher's outbox order); a cached copy is outside it.
+    # `seq` numbers the signed live stream (docs/protocol.md §1.15); a cached copy is outside it.
     return {
         "v": 1,
         "device": address,

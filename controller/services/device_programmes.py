@@ -72,7 +72,7 @@ class _Published:
 @dataclass(frozen=True, slots=True)
 class BuiltProgramme:
     address: str
-    document: dict[str, Any] | None  # None: the device is disabled, its cached programme is cleared
+    document: dict[str, Any]
     digest: str
     valid_until: datetime
 
@@ -141,6 +141,7 @@ class DeviceProgrammes:
         async def publish_one(address: str, programme: BuiltProgramme | None) -> bool:
             async with semaphore:
                 try:
+                    # None: the device was removed; only the broker's retained copy is emptied.
                     await self._publish(address, None if programme is None else programme.document)
                 except Exception as error:  # noqa: BLE001  (the driver's errors; retried next round)
                     log.warning("device programme not published", address=address, error=str(error))
@@ -170,8 +171,6 @@ class DeviceProgrammes:
         held = self._published.get(programme.address)
         if held is None or held.digest != programme.digest:
             return True
-        if programme.document is None:
-            return False
         half = timedelta(hours=self._settings.device_programme_hours / 2)
         return held.valid_until - now < half
 
@@ -248,20 +247,21 @@ class DeviceProgrammes:
         for device_row in device_rows:
             if device_row.transport != "mqtt" or (only_device is not None and device_row.id != only_device):
                 continue
-            if not device_row.enabled:
-                built.append(BuiltProgramme(device_row.address, None, "cleared", valid_until))
-                continue
             comm_loss = CommLoss(CommLossPolicy(device_row.comm_loss_policy), device_row.comm_loss_after_s)
+            enabled = device_row.enabled
+            # A disabled speaker gets a programme with no items and no areas: an empty payload would
+            # clear it too, but a device cannot tell who sent an empty payload, so it ignores one.
             document = programme_document(
                 address=device_row.address,
                 generated_at=valid_from,
                 valid_from=valid_from,
                 valid_until=valid_until,
                 comm_loss=comm_loss,
-                items=items.get(device_row.id, ()),
-                areas=area_path(tree, device_row.area_code),
+                items=items.get(device_row.id, ()) if enabled else (),
+                areas=area_path(tree, device_row.area_code) if enabled else (),
             )
-            built.append(BuiltProgramme(device_row.address, document, _digest(document), valid_until))
+            digest = _digest(document) if enabled else "cleared"
+            built.append(BuiltProgramme(device_row.address, document, digest, valid_until))
         return built
 
 

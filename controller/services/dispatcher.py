@@ -106,9 +106,6 @@ class QueuedCommand:
             self.covers if self.area_code is not None else ((self.delivery_id,) if self.delivery_id else ())
         )
 
-    def wire_document(self) -> dict[str, Any]:
-        return {**self.document, "seq": self.outbox_id}
-
 
 @dataclass(frozen=True, slots=True)
 class Withdrawal:
@@ -218,7 +215,7 @@ class Dispatcher:
                     DeviceCommand(
                         address=command.address,
                         command_id=command.command_id,
-                        document=command.wire_document(),
+                        document=command.document,
                         expires_at=command.expires_at,
                         area=command.area_code,
                     ),

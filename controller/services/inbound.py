@@ -40,6 +40,14 @@ REJECTED_PAYLOADS = Counter(
     ["reason"],
 )
 
+# docs/protocol.md §1.15.5: a device refused a message on its signature, sequence or target. A flood of
+# these is someone with broker access publishing to device topics (or a device with the wrong key).
+DEVICE_REFUSALS = Counter(
+    "wardcast_device_refusals_total",
+    "Messages devices refused on a signature, replay or target check, by reason",
+    ["reason"],
+)
+
 
 class DeviceDirectory:
     """Transport address → device id, kept in memory because every inbound message needs it."""
@@ -183,6 +191,15 @@ class InboundProcessor:
             self.handle(state)
 
     def _report(self, report: CommandReport) -> None:
+        if report.state == "rejected" and report.reason is not None:
+            DEVICE_REFUSALS.labels(report.reason).inc()
+            log.warning(
+                "a device refused a message",
+                address=report.address,
+                command_id=report.command_id,
+                reason=report.reason,
+                detail=report.detail,
+            )
         waiting = self._reconciling.get(report.command_id)
         if waiting is not None:  # the delivery is being read back: keep the device's order
             waiting.append(report)
@@ -249,7 +266,17 @@ class InboundProcessor:
             if delivery.on_preempted != "resume":
                 detail += "; not played again (policy: missed)"
         if report.state == "rejected":
-            detail = f"rejected by the device: {report.detail or 'no reason given'}"
+            if delivery.state.progress >= DeliveryState.DELIVERED.progress:
+                # The device took the authentic command already: what it refused was a copy bearing the
+                # same id (a replay, a forgery). Its delivery stands; the refusal is counted above.
+                log.info(
+                    "a refused copy of a command the device had accepted",
+                    delivery_id=delivery.delivery_id,
+                    reason=report.reason,
+                )
+                return
+            because = f" ({report.reason})" if report.reason is not None else ""
+            detail = f"rejected by the device{because}: {report.detail or 'no reason given'}"
         self._tracker.advance(
             delivery, state, report.at, source=source, detail=detail, played_s=report.played_s
         )

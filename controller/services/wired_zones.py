@@ -8,11 +8,15 @@ back); only then does the command go to the receiver, whose reports land on the 
 speaker's. When the delivery ends (completed, stopped, preempted, failed), the zones go off, and the
 amplifier too once none of its zones is in use (step 7). A box that faults or a relay that sticks fails
 the delivery with the reason; a box that does not answer is retried by the dispatcher like a link down.
+
+Every command bound for the broker is signed here, just before it is published (docs/protocol.md §1.15),
+so that each attempt, a retry included, carries a fresh seq.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -21,9 +25,19 @@ from typing import Any, Self
 
 import structlog
 
+from controller.domain.command_signing import Target
+from controller.services.command_signing import CommandSigner
 from controller.services.serial_signs import SerialSigns
 from controller.services.tracker import TrackedDelivery
-from drivers.base import Ack, DeviceCommand, DeviceTimeout, DeviceUnreachable, DriverError, InboundEvent
+from drivers.base import (
+    Ack,
+    DeviceCommand,
+    DeviceTimeout,
+    DeviceUnreachable,
+    DriverError,
+    InboundEvent,
+    ProtocolError,
+)
 from drivers.modbus_field import ModbusDriver
 from drivers.mqtt import MqttDriver
 
@@ -61,8 +75,16 @@ class WiredZoneRouter:
     """The MQTT driver as the dispatcher sees it, with wired zones switched around their plays (and the
     commands of serial LED signs handed to the driver of their line)."""
 
-    def __init__(self, mqtt: MqttDriver, modbus: ModbusDriver, *, signs: SerialSigns | None = None) -> None:
+    def __init__(
+        self,
+        mqtt: MqttDriver,
+        modbus: ModbusDriver,
+        *,
+        signer: CommandSigner,
+        signs: SerialSigns | None = None,
+    ) -> None:
         self._mqtt = mqtt
+        self._signer = signer
         self._modbus = modbus
         self._signs = signs
         self._by_address: dict[str, WiredZone] = {}
@@ -116,7 +138,17 @@ class WiredZoneRouter:
         zone = None if command.area is not None else self._by_address.get(command.address)
         if zone is not None and command.document.get("type") == "play":
             await self._switch_on(zone, command, timeout)
-        return await self._mqtt.send(command, timeout=timeout)
+        return await self._mqtt.send(await self._signed(command), timeout=timeout)
+
+    async def _signed(self, command: DeviceCommand) -> DeviceCommand:
+        target = (
+            Target("area", command.area) if command.area is not None else Target("device", command.address)
+        )
+        try:
+            document = await self._signer.sign_command(command.document, target)
+        except ValueError as error:  # UnsignableDocumentError, or a document without id/issued_at
+            raise ProtocolError(f"command {command.command_id} cannot be signed: {error}") from error
+        return dataclasses.replace(command, document=document)
 
     async def _switch_on(self, zone: WiredZone, command: DeviceCommand, timeout: float) -> None:
         self._playing[command.command_id] = zone

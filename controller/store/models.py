@@ -192,7 +192,7 @@ class DeliveryEventRow(SQLModel, table=True):
 
 
 class OutboxRow(SQLModel, table=True):
-    """Commands accepted but not yet acknowledged by the broker; `id` doubles as the wire `seq`."""
+    """Commands accepted but not yet acknowledged by the broker."""
 
     __tablename__ = "outbox"
 
@@ -478,3 +478,14 @@ class OperationResultRow(SQLModel, table=True):
     detail: str | None = Field(default=None, max_length=500)
     # What the device reported doing: {"volume": 40}, {"self_test": "fail", "fault": "amplifier"}, …
     result: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON, nullable=True))
+
+
+class CommandSequenceRow(SQLModel, table=True):
+    """The high-water mark of the signing sequence (docs/protocol.md §1.15.4): one row, id 1. Every seq
+    up to `reserved_through` may have been signed already; a controller takes them in blocks, so that
+    after a restart it goes on above anything it could have used, without a write per command."""
+
+    __tablename__ = "command_sequence"
+
+    id: int = Field(primary_key=True)
+    reserved_through: int = Field(sa_column=Column(BigInteger, nullable=False))

@@ -138,10 +138,13 @@ def all_in(broadcast_id: str, count: int, state: str):
 
 
 @contextlib.contextmanager
-def running_fleet(workdir: Path, broker: TestBroker, *, mqtt_url: str | None = None) -> Iterator[FleetHandle]:
-    """The city's speakers simulated in one process, connected directly or through `mqtt_url`."""
+def running_fleet(
+    workdir: Path, broker: TestBroker, *, command_key: str, mqtt_url: str | None = None
+) -> Iterator[FleetHandle]:
+    """The city's speakers simulated in one process, connected directly or through `mqtt_url`, verifying
+    commands with `command_key` (the controller's, `ControllerHandle.command_key`)."""
     handle = FleetHandle(
-        broker, workdir, [a for group in SPEAKERS.values() for a in group], mqtt_url=mqtt_url
+        broker, workdir, [a for group in SPEAKERS.values() for a in group], command_key, mqtt_url=mqtt_url
     )
     handle.workdir.mkdir()
     handle.start()
@@ -152,8 +155,8 @@ def running_fleet(workdir: Path, broker: TestBroker, *, mqtt_url: str | None = N
 
 
 @pytest.fixture
-def fleet(tmp_path: Path, mosquitto: TestBroker) -> Iterator[FleetHandle]:
-    with running_fleet(tmp_path / "fleet", mosquitto) as handle:
+def fleet(tmp_path: Path, mosquitto: TestBroker, controller: ControllerHandle) -> Iterator[FleetHandle]:
+    with running_fleet(tmp_path / "fleet", mosquitto, command_key=controller.command_key) as handle:
         yield handle
 
 

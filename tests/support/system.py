@@ -131,6 +131,7 @@ class ControllerHandle(_Supervised):
     process: ManagedProcess | None = None
     extra_env: dict[str, str] = field(default_factory=dict)
     _token: str | None = None
+    _command_key: str | None = None
 
     @property
     def base_url(self) -> str:
@@ -228,6 +229,16 @@ class ControllerHandle(_Supervised):
             self._token = self.api_key("admin")
         return self._token
 
+    @property
+    def command_key(self) -> str:
+        """The controller's public command key (docs/protocol.md §1.15), as devices get it: from the API."""
+        if self._command_key is None:
+            with self.client() as client:
+                response = client.get("/api/v1/command-key")
+            assert response.status_code == 200, response.text
+            self._command_key = response.json()["public_key"]
+        return self._command_key
+
     def client(self, token: str | None = None) -> httpx.Client:
         return httpx.Client(
             base_url=self.base_url, timeout=30, headers={"Authorization": f"Bearer {token or self.token}"}
@@ -239,6 +250,8 @@ class FleetHandle(_Supervised):
     broker: TestBroker
     workdir: Path
     addresses: list[str]
+    # The controller's public key (`ControllerHandle.command_key`): the simulators play only what it signed.
+    command_key: str
     speed: float = 20.0
     process: ManagedProcess | None = None
     mqtt_url: str | None = None  # another way to the broker (a relay a test can cut); default: direct
@@ -279,6 +292,8 @@ class FleetHandle(_Supervised):
                 "speaker,led_screen" if self.screens else "speaker",
                 *(["--heartbeat", str(self.heartbeat_s)] if self.heartbeat_s is not None else []),
                 *(["--control", str(self.control)] if self.control is not None else []),
+                "--command-key",
+                self.command_key,
             ],
             {k: v for k, v in os.environ.items() if not k.startswith("WARDCAST_")},
             self.workdir / f"{Path(self.csv_name).stem}.log",

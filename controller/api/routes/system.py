@@ -30,6 +30,20 @@ async def metrics() -> Response:
     return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
 
+@router.get("/api/v1/command-key")
+async def command_key(runtime: RuntimeDep, _principal: Reader) -> dict[str, str]:
+    """The public half of the key that signs every command and programme (docs/protocol.md §1.15):
+    devices verify with it, so a provisioning bundle carries it. `public_key` is the raw 32-byte
+    Ed25519 key in base64; `key_id` is what devices compare with a signature's `kid`."""
+    signer = runtime.signer
+    return {
+        "alg": "ed25519",
+        "key_id": signer.key_id,
+        "public_key": signer.public_key,
+        "public_key_pem": signer.public_key_pem,
+    }
+
+
 @router.get("/api/v1/events")
 async def events(request: Request, runtime: RuntimeDep, principal: Reader) -> EventSourceResponse:
     """Server-sent events: `delivery` and `device` changes, as JSON in the data field."""
