@@ -72,6 +72,10 @@ class CommandReport:
     """On `completed`: playback was cut at the command's `max_duration_s` (proof of play needs it)."""
     offline: bool = False
     """The device started the command from its cached programme while it had no link (protocol §1.10)."""
+    firmware: str | None = None
+    """On a firmware update's final report: the version the device runs now (protocol §1.14)."""
+    rolled_back: bool = False
+    """On a firmware update's `failed`: the device went back to its previous version."""
 
 
 @dataclass(frozen=True, slots=True)

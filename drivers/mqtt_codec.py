@@ -33,6 +33,8 @@ CONTROLLER_SUBSCRIPTIONS: Final[tuple[str, ...]] = tuple(
 
 REPORT_STATES: Final[frozenset[str]] = frozenset(
     {"delivered", "playing", "completed", "interrupted", "stopped", "failed", "expired", "rejected"}
+    # A firmware update's steps (docs/protocol.md §1.14).
+    | {"downloading", "verified", "updating", "updated"}
 )
 
 _ADDRESS = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
@@ -192,6 +194,9 @@ def _decode_report(address: str, document: dict[str, Any]) -> CommandReport:
     offline = document.get("offline", False)
     if type(offline) is not bool:
         raise _invalid(document, "offline", "a boolean")
+    rolled_back = document.get("rolled_back", False)
+    if type(rolled_back) is not bool:
+        raise _invalid(document, "rolled_back", "a boolean")
     return CommandReport(
         address=address,
         command_id=_required_text(document, "command_id"),
@@ -202,6 +207,8 @@ def _decode_report(address: str, document: dict[str, Any]) -> CommandReport:
         played_s=played_s,
         truncated=truncated,
         offline=offline,
+        firmware=_optional_text(document, "firmware"),
+        rolled_back=rolled_back,
     )
 
 

@@ -19,7 +19,7 @@ import socket
 import zlib
 from abc import ABC, abstractmethod
 from collections import OrderedDict, deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from types import TracebackType
@@ -34,6 +34,7 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
 from firmware_sim import wire
+from firmware_sim.firmware import FirmwareUpdater
 from firmware_sim.media import MediaFetcher
 from firmware_sim.mqtt_loop import NonBlockingConnectClient, PahoLoopDriver, open_tcp_connection
 from firmware_sim.playlog import PlayLog
@@ -105,9 +106,15 @@ class DeviceRuntime:
         http_connections: int = DEFAULT_HTTP_CONNECTIONS,
         media_timeout_s: float = 30.0,
         credentials: Mapping[str, tuple[str, str]] | None = None,
+        firmware_keys: Sequence[bytes] = (),
+        install_s: float = 10.0,
     ) -> None:
         if speed <= 0:
             raise ValueError("speed must be greater than 0")
+        # The raw Ed25519 public keys a firmware image's signature must verify with (§1.14).
+        self.firmware_keys = tuple(firmware_keys)
+        # Device seconds an install and its reboot take (divided by `speed`, like playback).
+        self.install_s = install_s
         self.broker = broker
         # address → (username, password): each device's own broker account, from its provisioning
         # bundle (docs/protocol.md §1.13); a device not listed uses the broker settings' account.
@@ -330,6 +337,9 @@ class MqttDevice(ABC, Generic[CommandT, ContentT]):
         self._dropped_logged = 0
         # Futures of `wait_until` callers, woken on every change they might be waiting for.
         self._watchers: list[asyncio.Future[None]] | None = None
+        # The firmware it runs and its update machinery (§1.14), kept across reboots like flash.
+        self.firmware_version = FIRMWARE
+        self.firmware = FirmwareUpdater(self)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.address!r})"
@@ -732,6 +742,9 @@ class MqttDevice(ABC, Generic[CommandT, ContentT]):
         if self._seen(envelope.command_id):
             self._repeat_latest_report(envelope.command_id)
             return
+        if wire.is_firmware_update(envelope):
+            self.firmware.handle(envelope)
+            return
         try:
             command = self._parse_command(envelope)
         except wire.CommandRejectedError as rejection:
@@ -919,6 +932,7 @@ class MqttDevice(ABC, Generic[CommandT, ContentT]):
         played_s: float | None = None,
         truncated: bool | None = None,
         offline: bool = False,
+        extra: Mapping[str, object] | None = None,
     ) -> None:
         document = wire.report_document(
             command_id,
@@ -929,6 +943,7 @@ class MqttDevice(ABC, Generic[CommandT, ContentT]):
             played_s=played_s,
             truncated=truncated,
             offline=offline,
+            extra=extra,
         )
         payload = wire.encode(document)
         self._latest_reports[command_id] = payload
@@ -937,7 +952,11 @@ class MqttDevice(ABC, Generic[CommandT, ContentT]):
             self._latest_reports.popitem(last=False)
         self._publish_report(payload)
         play_log = self.runtime.services.play_log
-        if play_log is not None and (command is not None or state == "rejected"):
+        if play_log is not None and extra is not None and "firmware" in extra:
+            play_log.record(
+                {"address": self.address, "command_id": command_id, "event": f"firmware_{state}", **document}
+            )
+        elif play_log is not None and (command is not None or state == "rejected"):
             entry: dict[str, object] = {
                 "address": self.address,
                 "command_id": command_id,
@@ -970,7 +989,7 @@ class MqttDevice(ABC, Generic[CommandT, ContentT]):
         payload = wire.online_state(
             self.runtime.clock(),
             kind=self.kind,
-            firmware=FIRMWARE,
+            firmware=self.firmware_version,
             rssi_dbm=self.rssi_dbm,
             status=self._status(),
         )

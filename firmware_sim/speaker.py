@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, Final
@@ -94,6 +94,8 @@ class SpeakerRuntime(DeviceRuntime):
         http_connections: int = DEFAULT_HTTP_CONNECTIONS,
         media_timeout_s: float = 30.0,
         credentials: Mapping[str, tuple[str, str]] | None = None,
+        firmware_keys: Sequence[bytes] = (),
+        install_s: float = 10.0,
     ) -> None:
         super().__init__(
             broker,
@@ -104,6 +106,8 @@ class SpeakerRuntime(DeviceRuntime):
             http_connections=http_connections,
             media_timeout_s=media_timeout_s,
             credentials=credentials,
+            firmware_keys=firmware_keys,
+            install_s=install_s,
         )
         self.speakers: dict[str, SimulatedSpeaker] = {}
         self.screens: dict[str, SimulatedLedScreen] = {}

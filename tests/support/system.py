@@ -243,6 +243,7 @@ class FleetHandle(_Supervised):
     process: ManagedProcess | None = None
     mqtt_url: str | None = None  # another way to the broker (a relay a test can cut); default: direct
     screens: list[str] = field(default_factory=list)  # networked LED screens, besides the speakers
+    extra_args: list[str] = field(default_factory=list)  # more `firmware_sim fleet` options
 
     @property
     def play_log(self) -> Path:
@@ -274,6 +275,7 @@ class FleetHandle(_Supervised):
                 str(self.play_log),
                 "--kinds",
                 "speaker,led_screen" if self.screens else "speaker",
+                *self.extra_args,
             ],
             {k: v for k, v in os.environ.items() if not k.startswith("WARDCAST_")},
             self.workdir / "fleet.log",
