@@ -36,6 +36,7 @@ from controller.services.device_programmes import DeviceProgrammes
 from controller.services.dispatcher import Dispatcher
 from controller.services.events import EventBus
 from controller.services.field_sensors import COAP, MODBUS, CoapAdapter, FieldSensors, ModbusAdapter
+from controller.services.firmware import FirmwareStore
 from controller.services.inbound import DeviceDirectory, InboundProcessor
 from controller.services.ingest import IngestWorkers
 from controller.services.media import MediaStore
@@ -48,6 +49,7 @@ from controller.services.provisioning import (
     ProvisioningService,
 )
 from controller.services.rate_limit import RateLimiter
+from controller.services.rollouts import RolloutService
 from controller.services.rules import RuleEngine
 from controller.services.schedule_runner import ScheduleRunner
 from controller.services.schedules import ScheduleService
@@ -100,6 +102,10 @@ class Runtime:
         self.engine = create_db_engine(settings.database.url, echo=settings.database.echo)
         self.bus = EventBus()
         self.media_store = MediaStore(settings.media.dir, settings.media.max_bytes)
+        self.firmware_images = FirmwareStore(
+            self.engine, self.clock, settings.firmware.dir, max_bytes=settings.firmware.max_bytes
+        )
+        self._rollouts: RolloutService | None = None
         self.directory = DeviceDirectory(self.engine)
         self.area_followers = AreaFollowers()
         self.tracker = DeliveryTracker(
@@ -233,6 +239,18 @@ class Runtime:
             followers=self.area_followers if self.settings.dispatch.area_fanout else None,
         )
         broadcasts = self._broadcasts
+        rollouts = self._rollouts = RolloutService(
+            self.engine,
+            self._dispatcher,
+            self.firmware_images,
+            self.bus,
+            self.audit,
+            self.clock,
+            self.settings.firmware,
+            timezone=self.settings.timezone,
+            base_url=self.settings.http.base_url(),
+        )
+        await asyncio.to_thread(rollouts.load)
 
         def delivery_ended(delivery: TrackedDelivery) -> None:
             router.delivery_ended(delivery)
@@ -319,6 +337,7 @@ class Runtime:
             availability=self.availability,
             operations=operations,
         )
+        inbound.report_takers.append(rollouts.report)
         await self.schedule_runner.start()
         self._tasks = [
             asyncio.create_task(self.tracker.run(), name="tracker"),
@@ -329,6 +348,7 @@ class Runtime:
             asyncio.create_task(rules.run(), name="rules"),
             asyncio.create_task(self.availability.run(), name="availability"),
             asyncio.create_task(operations.run(), name="operations"),
+            asyncio.create_task(rollouts.run(), name="rollouts"),
         ]
         if self.claims is not None:
             self._tasks.append(asyncio.create_task(self.claims.run(), name="claims"))
@@ -446,6 +466,12 @@ class Runtime:
         if self._broadcasts is None:
             raise RuntimeError("the controller is not started")
         return self._broadcasts
+
+    @property
+    def rollouts(self) -> RolloutService:
+        if self._rollouts is None:
+            raise RuntimeError("the controller is not started")
+        return self._rollouts
 
     @property
     def provisioning(self) -> ProvisioningService:

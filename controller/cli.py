@@ -40,6 +40,10 @@ app.add_typer(apikey_app, name="apikey")
 app.add_typer(sim_app, name="sim")
 app.add_typer(schedule_app, name="schedule")
 app.add_typer(command_key_app, name="command-key")
+firmware_app = typer.Typer(help="Firmware images: keys, signatures, uploads.", no_args_is_help=True)
+rollout_app = typer.Typer(help="Staged firmware rollouts.", no_args_is_help=True)
+app.add_typer(firmware_app, name="firmware")
+app.add_typer(rollout_app, name="rollout")
 
 err = Console(stderr=True)
 out = Console()
@@ -850,6 +854,191 @@ def schedule_occurrences(
         )
     for item in items:
         typer.echo(f"{item['start_local']}  ({item['start_utc']})")
+
+
+# -- firmware and rollouts ---------------------------------------------------------------------
+@firmware_app.command("keygen")
+def firmware_keygen(
+    out_file: Annotated[Path, typer.Option("--out", help="where the private key (PEM) is written")],
+) -> None:
+    """A new Ed25519 signing key: the private key goes to --out (mode 0600, for whoever builds images);
+    the public key, for `firmware.trusted_keys` and the devices, is the last line of stdout."""
+    from controller.broker import write_private
+    from controller.services.firmware import generate_signing_key
+
+    if out_file.exists():
+        err.print(f"[red]{out_file} exists; not overwriting a key[/red]")
+        raise typer.Exit(2)
+    pem, public = generate_signing_key()
+    out_file.parent.mkdir(parents=True, exist_ok=True)
+    write_private(out_file, pem.decode())
+    err.print(f"private key written to {out_file}; add the public key to firmware.trusted_keys:")
+    typer.echo(public)
+
+
+@firmware_app.command("sign")
+def firmware_sign(
+    file: Annotated[Path, typer.Argument(exists=True, dir_okay=False, help="the image")],
+    key: Annotated[Path, typer.Option(exists=True, dir_okay=False, help="the private key (PEM)")],
+) -> None:
+    """Print the image's detached signature (base64 Ed25519 over its SHA-256 digest)."""
+    from controller.services.firmware import sign_image
+
+    try:
+        typer.echo(sign_image(file, key.read_bytes()))
+    except (TypeError, ValueError) as error:
+        err.print(f"[red]--key: {error}[/red]")
+        raise typer.Exit(2) from error
+
+
+@firmware_app.command("upload")
+def firmware_upload(
+    file: Annotated[Path, typer.Argument(exists=True, dir_okay=False, help="the image")],
+    version: Annotated[str, typer.Option(help="the firmware version the image installs")],
+    signature: Annotated[str, typer.Option(help="base64 Ed25519 signature (wardcast firmware sign)")],
+    kind: Annotated[str, typer.Option(help="speaker | led_screen | sensor | wired_zone")] = "speaker",
+    sha256: Annotated[str | None, typer.Option(help="the image's SHA-256 (hex), checked on arrival")] = None,
+    api: ApiOption = None,
+    token: TokenOption = None,
+) -> None:
+    """Upload a signed image; the controller refuses it unless the signature verifies with a trusted key."""
+    fields = {"kind": kind, "version": version, "signature": signature}
+    if sha256 is not None:
+        fields["sha256"] = sha256
+    with _client(api, token) as client, file.open("rb") as image:
+        row = _checked(client.post("/api/v1/firmware", data=fields, files={"file": (file.name, image)}))
+    out.print(
+        f"stored {row['kind']} firmware {row['version']} as {row['id']} (signed by key {row['key_id']})"
+    )
+
+
+@firmware_app.command("list")
+def firmware_list(api: ApiOption = None, token: TokenOption = None) -> None:
+    with _client(api, token) as client:
+        images = _checked(client.get("/api/v1/firmware"))
+    table = Table("id", "kind", "version", "bytes", "sha256", "key", "uploaded")
+    for image in images:
+        table.add_row(
+            image["id"],
+            image["kind"],
+            image["version"],
+            str(image["size_bytes"]),
+            image["sha256"][:16],
+            image["key_id"],
+            image["uploaded_at"],
+        )
+    out.print(table)
+
+
+@rollout_app.command("create")
+def rollout_create(
+    name: Annotated[str, typer.Option()],
+    image: Annotated[str, typer.Option(help="the firmware image id (wardcast firmware list)")],
+    kind: Annotated[str | None, typer.Option(help="device kind (default: the image's)")] = None,
+    area: Annotated[str | None, typer.Option(help="only devices in this area's subtree")] = None,
+    from_version: Annotated[str | None, typer.Option(help="only devices running this version")] = None,
+    first_group: Annotated[int | None, typer.Option(help="canary group size in devices")] = None,
+    first_group_percent: Annotated[float | None, typer.Option(help="canary group size in %")] = None,
+    groups: Annotated[int, typer.Option(help="number of groups, the canary included")] = 1,
+    success_threshold: Annotated[float, typer.Option(help="share of a group updated to go on")] = 1.0,
+    error_threshold: Annotated[float, typer.Option(help="share of a group failed that pauses")] = 0.1,
+    window: Annotated[str | None, typer.Option(help="maintenance window HH:MM-HH:MM (local)")] = None,
+    any_time: Annotated[bool, typer.Option(help="no maintenance window: start updates at once")] = False,
+    api: ApiOption = None,
+    token: TokenOption = None,
+) -> None:
+    """Start a staged rollout (without --window or --any-time: firmware.maintenance_window)."""
+    body: dict[str, Any] = {
+        "name": name,
+        "image_id": image,
+        "kind": kind,
+        "area": area,
+        "from_version": from_version,
+        "first_group": first_group,
+        "first_group_percent": first_group_percent,
+        "groups": groups,
+        "success_threshold": success_threshold,
+        "error_threshold": error_threshold,
+    }
+    body = {key: value for key, value in body.items() if value is not None}
+    if any_time:
+        body["maintenance_window"] = None
+    elif window is not None:
+        body["maintenance_window"] = window
+    with _client(api, token) as client:
+        rollout = _checked(client.post("/api/v1/rollouts", json=body))
+    sizes = ", ".join(str(group["size"]) for group in rollout["groups"])
+    out.print(f"rollout {rollout['id']}: {rollout['device_count']} devices in groups of {sizes}")
+    typer.echo(rollout["id"])
+
+
+def _print_rollout(rollout: dict[str, Any]) -> None:
+    out.print(
+        f"{rollout['name']} ({rollout['id']}): {rollout['state']}"
+        + (f" - {rollout['reason']}" if rollout["reason"] else "")
+    )
+    out.print(
+        f"image {rollout['image']['kind']} {rollout['image']['version']}; window "
+        f"{rollout['maintenance_window'] or 'any time'}"
+        + (f", next opening {rollout['next_window_at']}" if rollout["next_window_at"] else "")
+    )
+    groups = Table("group", "size", "updated", "failed", "running", "pending", "success", "errors", "status")
+    for group in rollout["groups"]:
+        counts = group["counts"]
+        running = sum(counts.get(s, 0) for s in ("queued", "downloading", "verified", "updating"))
+        status = "accepted" if group["accepted"] else "open" if group["opened"] else "waiting"
+        groups.add_row(
+            str(group["index"] + 1),
+            str(group["size"]),
+            str(counts.get("updated", 0)),
+            str(counts.get("failed", 0)),
+            str(running),
+            str(counts.get("pending", 0) + counts.get("cancelled", 0)),
+            f"{group['success_ratio']:.0%}",
+            f"{group['error_ratio']:.0%}",
+            status,
+        )
+    out.print(groups)
+    devices = Table("device", "group", "state", "since", "from", "now", "detail")
+    for device in rollout["devices"]:
+        devices.add_row(
+            device["device_id"],
+            str(device["group"] + 1),
+            device["state"] + (" (rolled back)" if device["rolled_back"] else ""),
+            device["state_at"],
+            device["from_version"] or "-",
+            device["reported_version"] or "-",
+            device["detail"] or "",
+        )
+    out.print(devices)
+
+
+@rollout_app.command("show")
+def rollout_show(rollout_id: str, api: ApiOption = None, token: TokenOption = None) -> None:
+    """The rollout's groups and each device's state."""
+    with _client(api, token) as client:
+        _print_rollout(_checked(client.get(f"/api/v1/rollouts/{rollout_id}")))
+
+
+@rollout_app.command("pause")
+def rollout_pause(rollout_id: str, api: ApiOption = None, token: TokenOption = None) -> None:
+    """No new device starts; running updates finish."""
+    with _client(api, token) as client:
+        _print_rollout(_checked(client.post(f"/api/v1/rollouts/{rollout_id}/pause")))
+
+
+@rollout_app.command("resume")
+def rollout_resume(rollout_id: str, api: ApiOption = None, token: TokenOption = None) -> None:
+    """Go on; the groups that paused the rollout are accepted as they are."""
+    with _client(api, token) as client:
+        _print_rollout(_checked(client.post(f"/api/v1/rollouts/{rollout_id}/resume")))
+
+
+@rollout_app.command("abort")
+def rollout_abort(rollout_id: str, api: ApiOption = None, token: TokenOption = None) -> None:
+    """No device starts any more; running updates may finish."""
+    with _client(api, token) as client:
+        _print_rollout(_checked(client.post(f"/api/v1/rollouts/{rollout_id}/abort")))
 
 
 # -- simulators --------------------------------------------------------------------------------

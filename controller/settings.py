@@ -5,8 +5,11 @@ Everything is validated before anything starts; an error names the key (e.g. `mq
 
 from __future__ import annotations
 
+import base64
+import binascii
 import os
 import re
+from datetime import time
 from pathlib import Path
 from typing import Annotated, Literal, Self
 from urllib.parse import urlsplit
@@ -351,6 +354,71 @@ class SigningSettings(_Section):
         return value
 
 
+_WINDOW = re.compile(r"([01][0-9]|2[0-3]):([0-5][0-9])-([01][0-9]|2[0-3]):([0-5][0-9])")
+
+
+def parse_window(text: str) -> tuple[time, time]:
+    """`HH:MM-HH:MM` (local time; may wrap past midnight, e.g. `23:00-03:00`) to its two ends."""
+    match = _WINDOW.fullmatch(text.strip())
+    if match is None:
+        raise ValueError("write the window as HH:MM-HH:MM, e.g. 01:00-04:00")
+    start = time(int(match.group(1)), int(match.group(2)))
+    end = time(int(match.group(3)), int(match.group(4)))
+    if start == end:
+        raise ValueError("a window's start and end must differ (omit it for no window)")
+    return start, end
+
+
+def decode_public_key(text: str) -> bytes:
+    """A raw 32-byte Ed25519 public key from its standard base64 (what `wardcast firmware keygen` prints)."""
+    try:
+        raw = base64.b64decode(text.strip(), validate=True)
+    except (binascii.Error, ValueError) as error:
+        raise ValueError("is not base64") from error
+    if len(raw) != 32:  # noqa: PLR2004  (an Ed25519 public key is 32 bytes by definition)
+        raise ValueError(f"decodes to {len(raw)} bytes; an Ed25519 public key is 32")
+    return raw
+
+
+class FirmwareSettings(_Section):
+    """Firmware images and staged rollouts (issue 6, docs/protocol.md §1.16)."""
+
+    dir: Path = Path("var/firmware")
+    max_bytes: Annotated[int, Field(gt=0)] = 64 * 1024 * 1024
+    # Ed25519 public keys (base64 of the raw 32 bytes) whose signatures make an image acceptable; the
+    # private keys stay with whoever builds images. Empty: every upload is refused.
+    trusted_keys: tuple[str, ...] = ()
+    # When new device updates may start, local time (`timezone`); a rollout may set its own. None: any time.
+    maintenance_window: str | None = "01:00-04:00"
+    # A device that says nothing for this long in a step is failed by timeout: from the command to
+    # `downloading` and from `verified` to `updating`; the whole download; the install and reboot.
+    start_timeout_s: Annotated[float, Field(gt=0, le=86_400)] = 600.0
+    download_timeout_s: Annotated[float, Field(gt=0, le=86_400)] = 1800.0
+    install_timeout_s: Annotated[float, Field(gt=0, le=86_400)] = 900.0
+    # How often running rollouts are looked at (timeouts, the window opening) besides every report.
+    tick_s: Annotated[float, Field(gt=0, le=60)] = 1.0
+
+    @field_validator("trusted_keys")
+    @classmethod
+    def _keys_decode(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for index, key in enumerate(value):
+            try:
+                decode_public_key(key)
+            except ValueError as error:
+                raise ValueError(f"trusted_keys[{index}] {error}") from error
+        return value
+
+    @field_validator("maintenance_window")
+    @classmethod
+    def _window_parses(cls, value: str | None) -> str | None:
+        if value is not None:
+            parse_window(value)
+        return value
+
+    def public_keys(self) -> list[bytes]:
+        return [decode_public_key(key) for key in self.trusted_keys]
+
+
 class LoggingSettings(_Section):
     level: Literal["debug", "info", "warning", "error"] = "info"
     format: Literal["console", "json"] = "console"
@@ -377,6 +445,7 @@ class Settings(BaseSettings):
     provisioning: ProvisioningSettings = ProvisioningSettings()
     availability: AvailabilitySettings = AvailabilitySettings()
     operations: OperationsSettings = OperationsSettings()
+    firmware: FirmwareSettings = FirmwareSettings()
     logging: LoggingSettings = LoggingSettings()
     signing: SigningSettings = SigningSettings()
     data_dir: Path = Path("var")

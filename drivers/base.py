@@ -77,6 +77,10 @@ class CommandReport:
     reason: str | None = None
     """On `rejected` and `expired`: the check that failed, a code of docs/protocol.md §1.15.5
     (`bad_signature`, `replayed`, ...); `detail` says it in words."""
+    firmware: str | None = None
+    """On a firmware update's final report: the version the device runs now (protocol §1.16)."""
+    rolled_back: bool = False
+    """On a firmware update's `failed`: the device went back to its previous version."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -33,6 +33,8 @@ CONTROLLER_SUBSCRIPTIONS: Final[tuple[str, ...]] = tuple(
 
 REPORT_STATES: Final[frozenset[str]] = frozenset(
     {"delivered", "playing", "completed", "interrupted", "stopped", "failed", "expired", "rejected"}
+    # A firmware update's steps (docs/protocol.md §1.16).
+    | {"downloading", "verified", "updating", "updated"}
 )
 
 _ADDRESS = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
@@ -195,6 +197,9 @@ def _decode_report(address: str, document: dict[str, Any]) -> CommandReport:
     result = document.get("result")
     if result is not None and not isinstance(result, dict):
         raise _invalid(document, "result", "an object")
+    rolled_back = document.get("rolled_back", False)
+    if type(rolled_back) is not bool:
+        raise _invalid(document, "rolled_back", "a boolean")
     return CommandReport(
         address=address,
         command_id=_required_text(document, "command_id"),
@@ -207,6 +212,8 @@ def _decode_report(address: str, document: dict[str, Any]) -> CommandReport:
         offline=offline,
         result=result,
         reason=_optional_text(document, "reason"),
+        firmware=_optional_text(document, "firmware"),
+        rolled_back=rolled_back,
     )
 
 

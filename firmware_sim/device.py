@@ -19,7 +19,7 @@ import socket
 import zlib
 from abc import ABC, abstractmethod
 from collections import Counter, OrderedDict, deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from types import TracebackType
@@ -34,6 +34,7 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
 from firmware_sim import signature, wire
+from firmware_sim.firmware import FirmwareUpdater
 from firmware_sim.media import MediaFetcher
 from firmware_sim.mqtt_loop import NonBlockingConnectClient, PahoLoopDriver, open_tcp_connection
 from firmware_sim.playlog import PlayLog
@@ -118,11 +119,17 @@ class DeviceRuntime:
         credentials: Mapping[str, tuple[str, str]] | None = None,
         heartbeat_s: float = DEFAULT_HEARTBEAT_S,
         command_key: signature.CommandKey | None = None,
+        firmware_keys: Sequence[bytes] = (),
+        install_s: float = 10.0,
     ) -> None:
         if speed <= 0:
             raise ValueError("speed must be greater than 0")
         if heartbeat_s <= 0:
             raise ValueError("heartbeat_s must be greater than 0")
+        # The raw Ed25519 public keys a firmware image's signature must verify with (§1.16).
+        self.firmware_keys = tuple(firmware_keys)
+        # Device seconds an install and its reboot take (divided by `speed`, like playback).
+        self.install_s = install_s
         self.broker = broker
         # address → (username, password): each device's own broker account, from its provisioning
         # bundle (docs/protocol.md §1.13); a device not listed uses the broker settings' account.
@@ -365,6 +372,9 @@ class MqttDevice(ABC, Generic[CommandT, ContentT]):
         self._replay_window = signature.ReplayWindow()
         # Messages refused on a signature, replay or target check (§1.15.5), by reason.
         self.refusals: Counter[str] = Counter()
+        # The firmware it runs and its update machinery (§1.16), kept across reboots like flash.
+        self.firmware_version = FIRMWARE
+        self.firmware = FirmwareUpdater(self)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.address!r})"
@@ -826,6 +836,9 @@ class MqttDevice(ABC, Generic[CommandT, ContentT]):
         if envelope.document.get("type") in wire.OPERATION_TYPES:
             self._handle_operation(envelope)
             return
+        if wire.is_firmware_update(envelope):
+            self.firmware.handle(envelope)
+            return
         try:
             command = self._parse_command(envelope)
         except wire.CommandRejectedError as rejection:
@@ -1135,6 +1148,7 @@ class MqttDevice(ABC, Generic[CommandT, ContentT]):
         truncated: bool | None = None,
         offline: bool = False,
         result: Mapping[str, object] | None = None,
+        extra: Mapping[str, object] | None = None,
     ) -> mqtt.MQTTMessageInfo | None:
         document = wire.report_document(
             command_id,
@@ -1148,6 +1162,7 @@ class MqttDevice(ABC, Generic[CommandT, ContentT]):
             result=result,
             # §1.15.5: expiry is one of the checks a command must pass, named like the others.
             reason=signature.EXPIRED if state == "expired" else None,
+            extra=extra,
         )
         payload = wire.encode(document)
         self._latest_reports[command_id] = payload
@@ -1156,7 +1171,11 @@ class MqttDevice(ABC, Generic[CommandT, ContentT]):
             self._latest_reports.popitem(last=False)
         info = self._publish_report(payload)
         play_log = self.runtime.services.play_log
-        if play_log is not None and (command is not None or state == "rejected"):
+        if play_log is not None and extra is not None and "firmware" in extra:
+            play_log.record(
+                {"address": self.address, "command_id": command_id, "event": f"firmware_{state}", **document}
+            )
+        elif play_log is not None and (command is not None or state == "rejected"):
             entry: dict[str, object] = {
                 "address": self.address,
                 "command_id": command_id,
@@ -1203,7 +1222,7 @@ class MqttDevice(ABC, Generic[CommandT, ContentT]):
         payload = wire.online_state(
             self.runtime.clock(),
             kind=self.kind,
-            firmware=FIRMWARE,
+            firmware=self.firmware_version,
             rssi_dbm=self.rssi_dbm,
             status={
                 **self._status(),

@@ -66,6 +66,7 @@ from firmware_sim.device import (
     MqttProtocol,
     parse_mqtt_url,
 )
+from firmware_sim.firmware import FirmwareFaults, decode_public_key, failing_devices
 from firmware_sim.lifecycle import stop_on_signals
 from firmware_sim.mqtt_sensor import (
     DEFAULT_INTERVAL_S,
@@ -139,6 +140,14 @@ class FleetConfig:
     # The controller's public key, base64 (docs/protocol.md §1.15): every command and programme is
     # verified with it. None: the devices accept nothing (each message is refused `no_key`).
     command_key: str | None = None
+    # Firmware updates (docs/protocol.md §1.16): the trusted signing keys (base64), the device seconds
+    # an install takes, and faults: devices whose install fails (and rolls back), devices whose
+    # download arrives corrupted, and a cut of every device's first download half-way.
+    firmware_keys: tuple[str, ...] = ()
+    install_s: float = 10.0
+    fail_firmware: tuple[str, ...] = ()
+    corrupt_firmware: tuple[str, ...] = ()
+    cut_firmware_download_once: bool = False
 
     def devices(self) -> list[tuple[str, DeviceKind]]:
         """Every device of the fleet with its kind: speakers, then LED screens, then sensors."""
@@ -169,6 +178,9 @@ class FleetConfig:
             screens=tuple(document.pop("screens", ())),
             sensors=tuple(document.pop("sensors", ())),
             sensor_metrics=tuple(document.pop("sensor_metrics", DEFAULT_METRICS)),
+            firmware_keys=tuple(document.pop("firmware_keys", ())),
+            fail_firmware=tuple(document.pop("fail_firmware", ())),
+            corrupt_firmware=tuple(document.pop("corrupt_firmware", ())),
             play_log=path("play_log"),
             control=path("control"),
             stats=path("stats"),
@@ -208,6 +220,8 @@ class Fleet:
             credentials=config.credentials,
             heartbeat_s=config.heartbeat_s,
             command_key=signature.CommandKey.from_text(config.command_key) if config.command_key else None,
+            firmware_keys=[decode_public_key(key) for key in config.firmware_keys],
+            install_s=config.install_s,
         )
         # What this process's sensors did, for the stats file (and tests).
         self.counters = TelemetryCounters()
@@ -298,6 +312,13 @@ class Fleet:
         ]
         devices += [self.runtime.led_screen(address) for address in self.config.screens]
         devices += self._sensors.values()
+        failing, corrupt = set(self.config.fail_firmware), set(self.config.corrupt_firmware)
+        for device in devices:
+            device.firmware.faults = FirmwareFaults(
+                fail_install=device.address in failing,
+                cut_download_once=self.config.cut_firmware_download_once,
+                corrupt_download=device.address in corrupt,
+            )
         results = await asyncio.gather(*(connect(device) for device in devices), return_exceptions=True)
         failures = [
             (device, result) for device, result in zip(devices, results, strict=True) if result is not None
@@ -692,6 +713,42 @@ def build_parser(prog: str = "python -m firmware_sim fleet") -> argparse.Argumen
         help="every device republishes its state this often (default: %(default)s)",
     )
     behaviour.add_argument("--log-level", default="WARNING", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    firmware = parser.add_argument_group("firmware updates (docs/protocol.md §1.16)")
+    firmware.add_argument(
+        "--firmware-key",
+        action="append",
+        default=[],
+        metavar="BASE64",
+        help="a trusted Ed25519 firmware signing key (repeatable); without one every update is rejected",
+    )
+    firmware.add_argument(
+        "--install-seconds",
+        type=float,
+        default=10.0,
+        metavar="SECONDS",
+        help="device seconds an install and reboot take, divided by --speed (default: %(default)s)",
+    )
+    firmware.add_argument(
+        "--fail-firmware-fraction",
+        type=float,
+        default=0.0,
+        metavar="F",
+        help="this share of the devices (picked by a hash of the address) fails every install and rolls back",
+    )
+    firmware.add_argument(
+        "--fail-firmware-devices", default="", metavar="A,B", help="devices whose installs fail and roll back"
+    )
+    firmware.add_argument(
+        "--corrupt-firmware-devices",
+        default="",
+        metavar="A,B",
+        help="devices whose downloads arrive corrupted",
+    )
+    firmware.add_argument(
+        "--cut-firmware-download-once",
+        action="store_true",
+        help="cut each device's first firmware download half-way (it resumes with a Range request)",
+    )
     sensors = parser.add_argument_group("sensors (--kinds sensor)")
     sensors.add_argument(
         "--sensor-interval",
@@ -801,6 +858,17 @@ def config_from_arguments(arguments: argparse.Namespace) -> FleetConfig:
             "what they cannot verify: give --command-key (print it with `wardcast command-key show`), "
             "--command-key-file, --from-api, or --credentials bundles that carry it"
         )
+    try:
+        firmware_keys = tuple(arguments.firmware_key)
+        for key in firmware_keys:
+            decode_public_key(key)
+        addresses = [address for address, _ in unique]
+        fail_firmware = set(failing_devices(addresses, arguments.fail_firmware_fraction))
+    except ValueError as error:
+        raise FleetError(f"--firmware-key / --fail-firmware-fraction: {error}") from error
+    fail_firmware.update(a.strip() for a in arguments.fail_firmware_devices.split(",") if a.strip())
+    if arguments.install_seconds < 0:
+        raise FleetError("--install-seconds must not be negative")
     password = (
         arguments.password
         if arguments.password is not None
@@ -832,6 +900,11 @@ def config_from_arguments(arguments: argparse.Namespace) -> FleetConfig:
         http_connections=arguments.http_connections,
         credentials={address: credentials[address] for address, _ in unique if address in credentials},
         command_key=command_key,
+        firmware_keys=firmware_keys,
+        install_s=arguments.install_seconds,
+        fail_firmware=tuple(sorted(fail_firmware)),
+        corrupt_firmware=tuple(a.strip() for a in arguments.corrupt_firmware_devices.split(",") if a.strip()),
+        cut_firmware_download_once=arguments.cut_firmware_download_once,
     )
 
 

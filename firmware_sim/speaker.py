@@ -17,7 +17,7 @@ import asyncio
 import functools
 import hashlib
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, Final
@@ -119,6 +119,8 @@ class SpeakerRuntime(DeviceRuntime):
         credentials: Mapping[str, tuple[str, str]] | None = None,
         heartbeat_s: float = DEFAULT_HEARTBEAT_S,
         command_key: signature.CommandKey | None = None,
+        firmware_keys: Sequence[bytes] = (),
+        install_s: float = 10.0,
     ) -> None:
         super().__init__(
             broker,
@@ -131,6 +133,8 @@ class SpeakerRuntime(DeviceRuntime):
             credentials=credentials,
             heartbeat_s=heartbeat_s,
             command_key=command_key,
+            firmware_keys=firmware_keys,
+            install_s=install_s,
         )
         self.speakers: dict[str, SimulatedSpeaker] = {}
         self.screens: dict[str, SimulatedLedScreen] = {}

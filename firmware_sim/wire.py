@@ -42,8 +42,22 @@ HEARTBEAT_MAX_S: Final = 3600
 _CLOCK_TIME: Final = re.compile(r"([01][0-9]|2[0-3]):([0-5][0-9])")
 
 ReportState = Literal[
-    "delivered", "playing", "completed", "interrupted", "stopped", "failed", "expired", "rejected"
+    "delivered",
+    "playing",
+    "completed",
+    "interrupted",
+    "stopped",
+    "failed",
+    "expired",
+    "rejected",
+    # A firmware update's steps (§1.16).
+    "downloading",
+    "verified",
+    "updating",
+    "updated",
 ]
+FIRMWARE_UPDATE: Final = "firmware_update"
+_VERSION = re.compile(r"[0-9A-Za-z][0-9A-Za-z._+-]{0,63}")
 Clock = Callable[[], datetime]
 _T = TypeVar("_T")
 _C = TypeVar("_C")
@@ -223,6 +237,30 @@ class OperationCommand:
     duration_s: float | None = None
     # `configure`: the members given, each validated (`quiet_hours` may be None: cleared).
     config: Mapping[str, Any] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class FirmwareImage:
+    kind: str
+    version: str
+    url: str
+    size: int
+    sha256: str
+    # Base64 of the 64-byte Ed25519 signature over the image's 32-byte SHA-256 digest.
+    signature: str
+
+
+@dataclass(frozen=True, slots=True)
+class FirmwareUpdateCommand:
+    """A `firmware_update` (§1.16)."""
+
+    id: str
+    correlation_id: str
+    device: str
+    issued_at: datetime
+    expires_at: datetime
+    seq: int
+    firmware: FirmwareImage
 
 
 Command = PlayCommand | StopCommand
@@ -494,6 +532,51 @@ def _parse(envelope: Envelope, address: str, parsers: Mapping[str, _CommandParse
     return parser(document, _Header(command_id, correlation_id, device, issued_at, expires_at, seq))
 
 
+def is_firmware_update(envelope: Envelope) -> bool:
+    return envelope.document.get("type") == FIRMWARE_UPDATE
+
+
+def parse_firmware_command(envelope: Envelope, address: str, kind: str) -> FirmwareUpdateCommand:
+    """Validates a `firmware_update` (§1.16) meant for a device of `kind`; raises `CommandRejectedError`
+    naming the first bad member."""
+    parsers: Mapping[str, _CommandParser[FirmwareUpdateCommand]] = {FIRMWARE_UPDATE: _firmware_update}
+    command = _parse(envelope, address, parsers)
+    if command.firmware.kind != kind:
+        raise CommandRejectedError("firmware.kind", f"{command.firmware.kind!r} firmware; this is a {kind}")
+    return command
+
+
+def _firmware_update(document: Mapping[str, Any], header: _Header) -> FirmwareUpdateCommand:
+    value = document.get("firmware")
+    if not isinstance(value, dict):
+        raise CommandRejectedError("firmware", "must be a JSON object")
+    prefix = "firmware."
+    version = _non_empty_string(value, "version", prefix)
+    if _VERSION.fullmatch(version) is None:
+        raise CommandRejectedError(prefix + "version", f"{version!r} is not a firmware version")
+    url = _non_empty_string(value, "url", prefix)
+    parts = urlsplit(url)
+    if parts.scheme not in {"http", "https"} or not parts.netloc:
+        raise CommandRejectedError(prefix + "url", f"{url!r} is not an absolute HTTP URL")
+    size = _member(value, "size", int, prefix)
+    if size < 1:
+        raise CommandRejectedError(prefix + "size", "must be at least 1")
+    sha256 = _member(value, "sha256", str, prefix)
+    if _SHA256_HEX.fullmatch(sha256) is None:
+        raise CommandRejectedError(prefix + "sha256", "must be 64 hexadecimal digits")
+    return FirmwareUpdateCommand(
+        **header.members(),
+        firmware=FirmwareImage(
+            kind=_non_empty_string(value, "kind", prefix),
+            version=version,
+            url=url,
+            size=size,
+            sha256=sha256.lower(),
+            signature=_non_empty_string(value, "signature", prefix),
+        ),
+    )
+
+
 def _delivery(document: Mapping[str, Any]) -> dict[str, Any]:
     """The members `play` and `show` share, in the order §1.3 lists them."""
     return {
@@ -726,6 +809,7 @@ def report_document(
     offline: bool = False,
     result: Mapping[str, object] | None = None,
     reason: str | None = None,
+    extra: Mapping[str, object] | None = None,
 ) -> dict[str, object]:
     document: dict[str, object] = {
         "v": WIRE_VERSION,
@@ -749,6 +833,9 @@ def report_document(
     if result is not None:
         # §1.14: what a remote operation did, on its final report.
         document["result"] = dict(result)
+    if extra:
+        # §1.16: a firmware update's `firmware` and `rolled_back`.
+        document.update(extra)
     return document
 
 

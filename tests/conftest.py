@@ -7,6 +7,7 @@ pytest_plugins = [
     "tests.support.system",
     "tests.support.scenario",
     "tests.support.simulators",
+    "tests.support.firmware",
 ]
 
 # Two cores run broker, controller, fleet and tests at once: wall-clock deadlines would make

@@ -39,11 +39,14 @@ class Action(StrEnum):
     PROVISION = "provision"
     # API keys and factory secrets: who may reach the controller, and which devices may claim themselves.
     MANAGE_KEYS = "manage_keys"
+    # Upload firmware images and run rollouts: what every device of a kind runs (issue 6).
+    MANAGE_FIRMWARE = "manage_firmware"
 
 
 _ALLOWED: dict[Role, frozenset[Action]] = {
     Role.ADMIN: frozenset(Action),
-    Role.OPERATOR: frozenset(Action) - {Action.MANAGE_DEVICES, Action.PROVISION, Action.MANAGE_KEYS},
+    Role.OPERATOR: frozenset(Action)
+    - {Action.MANAGE_DEVICES, Action.PROVISION, Action.MANAGE_KEYS, Action.MANAGE_FIRMWARE},
     Role.WARD_STAFF: frozenset({Action.READ, Action.UPLOAD_MEDIA, Action.BROADCAST, Action.CANCEL}),
     Role.TECHNICIAN: frozenset({Action.READ, Action.MANAGE_DEVICES, Action.PROVISION}),
     Role.IOC: frozenset(

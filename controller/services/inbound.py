@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Protocol
 
 import structlog
@@ -113,6 +113,9 @@ class InboundProcessor:
         # Offline reports waiting for their delivery to be read back from the database, in order.
         self._reconciling: dict[str, list[CommandReport]] = {}
         self._background: set[asyncio.Task[None]] = set()
+        # Services whose commands are not deliveries (firmware updates): each says whether it took
+        # a report that no delivery claimed.
+        self.report_takers: list[Callable[[CommandReport], bool]] = []
 
     async def run(self, events: AsyncIterator[InboundEvent]) -> None:
         async for event in events:
@@ -206,6 +209,8 @@ class InboundProcessor:
             return
         delivery = self._tracker.by_command(report.command_id)
         if delivery is None:
+            if any(take(report) for take in self.report_takers):
+                return
             if report.offline:
                 self._read_back(report)
                 return

@@ -489,3 +489,75 @@ class CommandSequenceRow(SQLModel, table=True):
 
     id: int = Field(primary_key=True)
     reserved_through: int = Field(sa_column=Column(BigInteger, nullable=False))
+
+
+class FirmwareImageRow(SQLModel, table=True):
+    """A firmware image, stored under its SHA-256 once its Ed25519 signature checked out (issue 6)."""
+
+    __tablename__ = "firmware_images"
+    __table_args__ = (UniqueConstraint("kind", "version", name="uq_firmware_images_kind_version"),)
+
+    id: str = Field(primary_key=True, max_length=36)
+    kind: str = Field(max_length=16)
+    version: str = Field(max_length=64)
+    sha256: str = Field(unique=True, max_length=64)
+    size_bytes: int = Field(sa_column=Column(BigInteger, nullable=False))
+    # Base64 of the 64-byte Ed25519 signature over the image's 32-byte SHA-256 digest, and which
+    # trusted key (the first 16 hex digits of its SHA-256) made it.
+    signature: str = Field(max_length=100)
+    key_id: str = Field(max_length=16)
+    filename: str | None = Field(default=None, max_length=255)
+    uploaded_by: str | None = Field(default=None, max_length=36)
+    uploaded_at: datetime = _utc_column(nullable=False)
+
+
+class RolloutRow(SQLModel, table=True):
+    """A staged rollout of one image to the devices a filter chose, split into ordered groups."""
+
+    __tablename__ = "rollouts"
+
+    id: str = Field(primary_key=True, max_length=36)
+    name: str = Field(max_length=200)
+    image_id: str = Field(foreign_key="firmware_images.id", index=True, max_length=36)
+    state: str = Field(max_length=16, index=True)
+    # {kind, area, from_version}: how the targets were chosen (they are fixed at creation).
+    target_filter: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    group_count: int
+    current_group: int
+    # Groups an operator let through by resuming a rollout they had paused.
+    accepted_groups: list[int] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
+    success_threshold: float
+    error_threshold: float
+    # `HH:MM-HH:MM` in `timezone`; none: updates may start at any time.
+    maintenance_window: str | None = Field(default=None, max_length=11)
+    timezone: str = Field(max_length=64)
+    start_timeout_s: float
+    download_timeout_s: float
+    install_timeout_s: float
+    # In the download URL devices get; refused once the rollout has ended and no update is running.
+    download_token: str = Field(max_length=64)
+    reason: str | None = Field(default=None, max_length=500)
+    next_window_at: datetime | None = _utc_column()
+    created_by: str | None = Field(default=None, max_length=36)
+    created_at: datetime = _utc_column(nullable=False)
+    updated_at: datetime = _utc_column(nullable=False)
+
+
+class RolloutDeviceRow(SQLModel, table=True):
+    """One device's update within a rollout; `history` lists each state it reached with its time."""
+
+    __tablename__ = "rollout_devices"
+
+    rollout_id: str = Field(foreign_key="rollouts.id", primary_key=True, max_length=36)
+    device_id: str = Field(foreign_key="devices.id", primary_key=True, max_length=64)
+    group_index: int
+    state: str = Field(max_length=16)
+    state_at: datetime = _utc_column(nullable=False)
+    command_id: str | None = Field(default=None, unique=True, max_length=36)
+    from_version: str | None = Field(default=None, max_length=64)
+    # The version the device says it runs after the update ended (the new one, or the old one after a
+    # rollback).
+    reported_version: str | None = Field(default=None, max_length=64)
+    rolled_back: bool = False
+    detail: str | None = Field(default=None, max_length=500)
+    history: list[dict[str, Any]] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))

@@ -259,6 +259,7 @@ class FleetHandle(_Supervised):
     heartbeat_s: float | None = None  # every device republishes its state this often (default 60 s)
     control: Path | None = None  # the fleet's control file (sensor values, injected faults)
     csv_name: str = "fleet.csv"  # another name lets two fleets share a working directory
+    extra_args: list[str] = field(default_factory=list)  # more `firmware_sim fleet` options
 
     @property
     def play_log(self) -> Path:
@@ -294,6 +295,7 @@ class FleetHandle(_Supervised):
                 *(["--control", str(self.control)] if self.control is not None else []),
                 "--command-key",
                 self.command_key,
+                *self.extra_args,
             ],
             {k: v for k, v in os.environ.items() if not k.startswith("WARDCAST_")},
             self.workdir / f"{Path(self.csv_name).stem}.log",
