@@ -709,11 +709,10 @@ def broadcast_send(
 
 
 def _follow(client: httpx.Client, broadcast_id: str, device_count: int, timeout: float) -> None:
-    """Show progress from the event stream until every delivery has ended."""
+    """Show progress from the event stream until every delivery has ended, or `timeout` seconds."""
     terminal = {"completed", "interrupted", "failed", "expired", "cancelled"}
     states: dict[str, str] = {}
-    snapshot = _checked(client.get(f"/api/v1/broadcasts/{broadcast_id}"))
-    states.update({d["id"]: d["state"] for d in snapshot["deliveries"]})
+    deadline = time.monotonic() + timeout
     with Progress(
         TextColumn("{task.description}"),
         BarColumn(),
@@ -729,10 +728,21 @@ def _follow(client: httpx.Client, broadcast_id: str, device_count: int, timeout:
             progress.update(task, completed=done, description=summary or "queued")
             return done >= device_count
 
-        if update():
-            return
-        with client.stream("GET", "/api/v1/events", timeout=httpx.Timeout(timeout, connect=10)) as stream:
+        # The stream's read timeout only bounds the gap between lines (the server pings every 15 s);
+        # the deadline is checked on every line.
+        read_timeout = httpx.Timeout(min(timeout, 30.0), connect=10)
+        with client.stream("GET", "/api/v1/events", timeout=read_timeout) as stream:
             for line in stream.iter_lines():
+                if time.monotonic() > deadline:
+                    break
+                if line.startswith("event:") and line[6:].strip() == "ready":
+                    # Subscribed: the snapshot taken now misses nothing that ends after it.
+                    snapshot = _checked(client.get(f"/api/v1/broadcasts/{broadcast_id}"))
+                    for delivery in snapshot["deliveries"]:
+                        states.setdefault(delivery["id"], delivery["state"])
+                    if update():
+                        break
+                    continue
                 if not line.startswith("data:"):
                     continue
                 event = json.loads(line[5:])

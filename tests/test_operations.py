@@ -121,6 +121,10 @@ def test_each_remote_operation_on_one_device_and_on_a_group(controller: Controll
         assert device(controller, "spk-a1-2")["comm_loss"] == {"policy": "stop_after", "after_s": 600}
 
         # Reboot: the Last Will marks it offline, it comes back online with its programme kept.
+        wait_until(
+            lambda: device(controller, "spk-a2-1")["status"].get("programme") is not None,
+            "the speaker reporting the programme it holds",
+        )
         before = device(controller, "spk-a2-1")["status"].get("programme")
         rebooted = operate(controller, watcher, {"type": "reboot", "targets": {"devices": ["spk-a2-1"]}})
         assert rebooted["status"] == "completed"
