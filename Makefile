@@ -5,9 +5,9 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 APT_PACKAGES_RUN := mosquitto espeak-ng
-APT_PACKAGES_TEST := mosquitto espeak-ng mbpoll libcoap3-bin
+APT_PACKAGES_TEST := mosquitto espeak-ng mbpoll libcoap3-bin chromium
 
-.PHONY: run test lint typecheck unit venv system-deps-run system-deps-test bench clean
+.PHONY: run test lint typecheck unit venv system-deps-run system-deps-test bench clean vendor
 
 venv: $(STAMP)
 
@@ -17,13 +17,29 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	@touch $(STAMP)
 
+# The console's JavaScript comes from the npm registry at build time, never from a CDN at run time:
+# a pinned htmx is unpacked into a git-ignored directory the controller serves (/static/vendor/).
+HTMX_VERSION := 2.0.4
+VENDOR_DIR := controller/console/static/vendor
+VENDOR_STAMP := $(VENDOR_DIR)/.htmx-$(HTMX_VERSION)
+
+vendor: $(VENDOR_STAMP)
+
+$(VENDOR_STAMP):
+	@mkdir -p $(VENDOR_DIR)
+	@tmp=$$(mktemp -d) && trap 'rm -rf "$$tmp"' EXIT && \
+	  npm pack --silent --pack-destination "$$tmp" htmx.org@$(HTMX_VERSION) >/dev/null && \
+	  tar -xzf "$$tmp"/htmx.org-$(HTMX_VERSION).tgz -C "$$tmp" package/dist/htmx.min.js && \
+	  cp "$$tmp"/package/dist/htmx.min.js $(VENDOR_DIR)/htmx.min.js
+	@rm -f $(VENDOR_DIR)/.htmx-* && touch $@
+
 system-deps-run:
 	@bash scripts/ensure-system-packages.sh $(APT_PACKAGES_RUN)
 
 system-deps-test:
 	@bash scripts/ensure-system-packages.sh $(APT_PACKAGES_TEST)
 
-run: $(STAMP) system-deps-run
+run: $(STAMP) vendor system-deps-run
 	$(BIN)/wardcast demo --config config.yaml
 
 lint: $(STAMP)
@@ -37,7 +53,7 @@ typecheck: $(STAMP)
 # two pytest workers keep both cores busy. Each test owns its broker, port, database and directory.
 TEST_WORKERS ?= 2
 
-test: $(STAMP) system-deps-test lint typecheck
+test: $(STAMP) vendor system-deps-test lint typecheck
 	$(BIN)/python -m pytest -n $(TEST_WORKERS)
 
 bench: $(STAMP) system-deps-test

@@ -27,6 +27,7 @@ area_app = typer.Typer(help="Areas (city > ward/commune > residential group).", 
 device_app = typer.Typer(help="Speakers, LED screens and sensors.", no_args_is_help=True)
 broadcast_app = typer.Typer(help="Send and follow broadcasts.", no_args_is_help=True)
 apikey_app = typer.Typer(help="API keys.", no_args_is_help=True)
+user_app = typer.Typer(help="Web console users.", no_args_is_help=True)
 sim_app = typer.Typer(help="Simulated devices.", no_args_is_help=True)
 schedule_app = typer.Typer(help="Ward programmes: one-off and recurring schedules.", no_args_is_help=True)
 command_key_app = typer.Typer(
@@ -37,6 +38,7 @@ app.add_typer(area_app, name="area")
 app.add_typer(device_app, name="device")
 app.add_typer(broadcast_app, name="broadcast")
 app.add_typer(apikey_app, name="apikey")
+app.add_typer(user_app, name="user")
 app.add_typer(sim_app, name="sim")
 app.add_typer(schedule_app, name="schedule")
 app.add_typer(command_key_app, name="command-key")
@@ -176,6 +178,46 @@ def apikey_create(
     scope = row.ward_code or ", ".join(row.wards)
     err.print(f"created key {row.id} ({row.role}{', ward ' + scope if scope else ''})")
     typer.echo(token)
+
+
+# -- console users -----------------------------------------------------------------------------
+@user_app.command("create")
+def user_create(
+    username: Annotated[str, typer.Option(help="the sign-in name")],
+    role: Annotated[str, typer.Option(help="admin | operator | ward_staff | technician")],
+    ward: Annotated[
+        list[str] | None,
+        typer.Option(help="a ward_staff user's ward; a technician's assigned ward (repeatable)"),
+    ] = None,
+    password_stdin: Annotated[
+        bool, typer.Option("--password-stdin", help="read the password from stdin (first line)")
+    ] = False,
+    config: ConfigOption = None,
+) -> None:
+    """Create a console user (the first admin, say); the password is prompted for, or read from stdin."""
+    import sys
+
+    from controller.services.users import UserError, create_user
+    from controller.store.db import create_db_engine, migrate
+
+    if password_stdin:
+        password = sys.stdin.readline().rstrip("\r\n")
+    else:
+        password = typer.prompt("Password", hide_input=True, confirmation_prompt=True)
+    settings = _settings(config)
+    engine = create_db_engine(settings.database.url)
+    try:
+        migrate(engine)
+        row = create_user(
+            engine, username=username, password=password, role=role, wards=ward or [], now=datetime.now(UTC)
+        )
+    except UserError as error:
+        err.print(f"[red]{error.field}: {error.detail}[/red]")
+        raise typer.Exit(2) from error
+    finally:
+        engine.dispose()
+    scope = row.ward_code or ", ".join(row.wards)
+    typer.echo(f"created user {row.username} ({row.role}{', ward ' + scope if scope else ''})")
 
 
 # -- areas -------------------------------------------------------------------------------------

@@ -25,6 +25,7 @@ from controller.api.routes import (
     system,
     telemetry,
 )
+from controller.console.routes import install_console
 from controller.services.auth import Principal, Role
 
 if TYPE_CHECKING:
@@ -89,4 +90,5 @@ def create_app(runtime: Runtime, *, manage_runtime: bool = True) -> FastAPI:
         system,
     ):
         app.include_router(module.router)
+    install_console(app, runtime)
     return app

@@ -561,3 +561,22 @@ class RolloutDeviceRow(SQLModel, table=True):
     rolled_back: bool = False
     detail: str | None = Field(default=None, max_length=500)
     history: list[dict[str, Any]] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
+
+
+class UserRow(SQLModel, table=True):
+    """A person who signs in to the web console (issue 7): roles and ward scope as an API key's."""
+
+    __tablename__ = "users"
+
+    id: str = Field(primary_key=True, max_length=36)
+    username: str = Field(unique=True, max_length=64)
+    password_hash: str = Field(max_length=200)  # argon2id, PHC string
+    role: str = Field(max_length=16)
+    ward_code: str | None = Field(default=None, foreign_key="areas.code", max_length=64)
+    wards: list[str] = Field(
+        default_factory=list, sa_column=Column(JSON, nullable=False, server_default="[]")
+    )
+    # Failed sign-ins since the last success or lock-out; `locked_until`: refused until then.
+    failed_attempts: int = Field(default=0, sa_column_kwargs={"server_default": "0"})
+    locked_until: datetime | None = _utc_column()
+    created_at: datetime = _utc_column(nullable=False)

@@ -1,0 +1,1 @@
+"""The web console (issue 7): server-rendered pages for ward staff, technicians and operators."""
