@@ -4,20 +4,24 @@ from __future__ import annotations
 
 import asyncio
 import json
+import secrets
 import signal
 import sys
 from contextlib import suppress
+from datetime import UTC, datetime
 from importlib import resources
 from pathlib import Path
 
 import httpx
 from rich.console import Console
+from sqlalchemy import Engine
 
 from controller.broker import write_private
 from controller.domain.demo import load_demo_fleet
 from controller.server import ControllerServer
 from controller.services.auth import create_api_key
 from controller.services.tones import sine_wav
+from controller.services.users import UserError, create_user
 from controller.settings import Settings
 
 console = Console(stderr=True)
@@ -121,6 +125,7 @@ async def run_demo(settings: Settings, *, speed: float, state_file: Path) -> Non
         base_url=base_url, headers={"Authorization": f"Bearer {token}"}, timeout=60
     ) as client:
         media_id = await _seed(client)
+        console_login = await asyncio.to_thread(_console_admin, controller.runtime.engine)
         field_devices = await _start_process(
             "simulated field devices",
             "field-devices",
@@ -139,6 +144,7 @@ async def run_demo(settings: Settings, *, speed: float, state_file: Path) -> Non
         f"  Broker     {controller.runtime.broker.url if controller.runtime.broker else settings.mqtt.url}\n"
         f"  Demo tone  media id {media_id}\n"
         f"  Try:       .venv/bin/wardcast broadcast send --area bk.songcau.t01 --media <file.wav>\n"
+        f"  Console    {base_url}/   {console_login}\n"
         f"  Admin token (also saved to {state_file}):"
     )
     print(token, flush=True)  # noqa: T201  (the token is the demo's output)
@@ -153,6 +159,20 @@ async def run_demo(settings: Settings, *, speed: float, state_file: Path) -> Non
             await asyncio.wait_for(simulators.wait(), timeout=10)
     controller.request_stop()
     await server_task
+
+
+def _console_admin(engine: Engine) -> str:
+    """A console login for the demo: user `admin`, created on the first run with a fresh password."""
+    password = secrets.token_urlsafe(12)
+    try:
+        create_user(
+            engine, username="admin", password=password, role="admin", wards=[], now=datetime.now(UTC)
+        )
+    except UserError as error:
+        if error.field != "username":
+            raise
+        return "user admin (made on an earlier run; `wardcast user create` makes another)"
+    return f"user admin, password {password}"
 
 
 def _save_cli_state(state_file: Path, base_url: str, token: str) -> None:
