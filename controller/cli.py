@@ -1075,22 +1075,24 @@ def rollout_show(rollout_id: str, api: ApiOption = None, token: TokenOption = No
 @rollout_app.command("pause")
 def rollout_pause(rollout_id: str, api: ApiOption = None, token: TokenOption = None) -> None:
     """No new device starts; running updates finish."""
-    with _client(api, token) as client:
-        _print_rollout(_checked(client.post(f"/api/v1/rollouts/{rollout_id}/pause")))
+    _rollout_action(rollout_id, "pause", api, token)
 
 
 @rollout_app.command("resume")
 def rollout_resume(rollout_id: str, api: ApiOption = None, token: TokenOption = None) -> None:
     """Go on; the groups that paused the rollout are accepted as they are."""
-    with _client(api, token) as client:
-        _print_rollout(_checked(client.post(f"/api/v1/rollouts/{rollout_id}/resume")))
+    _rollout_action(rollout_id, "resume", api, token)
 
 
 @rollout_app.command("abort")
 def rollout_abort(rollout_id: str, api: ApiOption = None, token: TokenOption = None) -> None:
     """No device starts any more; running updates may finish."""
+    _rollout_action(rollout_id, "abort", api, token)
+
+
+def _rollout_action(rollout_id: str, action: str, api: str | None, token: str | None) -> None:
     with _client(api, token) as client:
-        _print_rollout(_checked(client.post(f"/api/v1/rollouts/{rollout_id}/abort")))
+        _print_rollout(_checked(client.post(f"/api/v1/rollouts/{rollout_id}/{action}")))
 
 
 # -- simulators --------------------------------------------------------------------------------

@@ -249,25 +249,26 @@ def _handler_for(server: MediaServer) -> type[BaseHTTPRequestHandler]:
     return Handler
 
 
-class ControllerProbe:
-    """Publishes commands as the controller and records every report and state, by topic."""
+class DeviceTopicsProbe:
+    """An MQTT client on the controller's account that records what devices publish on some of their
+    topics (`leaves`), and lets a test wait until what it recorded satisfies a predicate."""
 
-    def __init__(self, broker: TestBroker) -> None:
+    def __init__(self, broker: TestBroker, leaves: tuple[str, ...], name: str) -> None:
         self._client = aiomqtt.Client(
             broker.host,
             broker.port,
             username=broker.controller.username,
             password=broker.controller.password,
-            identifier=f"probe-{uuid.uuid4().hex[:8]}",
+            identifier=f"{name}-{uuid.uuid4().hex[:8]}",
         )
-        self.reports: list[dict[str, Any]] = []
+        self._leaves = leaves
         self.states: dict[str, list[dict[str, Any]]] = {}
         self._changed = asyncio.Condition()
         self._reader: asyncio.Task[None] | None = None
 
     async def __aenter__(self) -> Self:
         await self._client.__aenter__()
-        await self._client.subscribe([("wardcast/v1/dev/+/ack", 1), ("wardcast/v1/dev/+/state", 1)])
+        await self._client.subscribe([(f"wardcast/v1/dev/+/{leaf}", 1) for leaf in self._leaves])
         self._reader = asyncio.create_task(self._read())
         return self
 
@@ -281,19 +282,34 @@ class ControllerProbe:
 
     async def _read(self) -> None:
         async for message in self._client.messages:
-            _, _, _, address, kind = message.topic.value.split("/")
+            _, _, _, address, leaf = message.topic.value.split("/")
             assert isinstance(message.payload, bytes | bytearray)
             document = json.loads(message.payload)
             async with self._changed:
-                if kind == "ack":
-                    self.reports.append({**document, "_address": address})
-                else:
-                    self.states.setdefault(address, []).append(document)
+                self._record(address, leaf, document)
                 self._changed.notify_all()
+
+    def _record(self, address: str, leaf: str, document: dict[str, Any]) -> None:  # noqa: ARG002  (subclasses sort by leaf)
+        """Keeps a message; states by address here, other leaves in subclasses."""
+        self.states.setdefault(address, []).append(document)
 
     async def wait_until(self, predicate: Callable[[], T | None], timeout: float = WAIT_S) -> T:
         async with asyncio.timeout(timeout), self._changed:
             return await self._changed.wait_for(predicate)  # type: ignore[arg-type]
+
+
+class ControllerProbe(DeviceTopicsProbe):
+    """Publishes commands as the controller and records every report and state, by topic."""
+
+    def __init__(self, broker: TestBroker) -> None:
+        super().__init__(broker, ("ack", "state"), "probe")
+        self.reports: list[dict[str, Any]] = []
+
+    def _record(self, address: str, leaf: str, document: dict[str, Any]) -> None:
+        if leaf == "ack":
+            self.reports.append({**document, "_address": address})
+        else:
+            super()._record(address, leaf, document)
 
     def reports_for(self, command_id: str) -> list[dict[str, Any]]:
         return [report for report in self.reports if report["command_id"] == command_id]

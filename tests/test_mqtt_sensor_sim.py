@@ -10,12 +10,10 @@ import re
 import secrets
 import signal
 import statistics
-import uuid
 from collections.abc import AsyncIterator, Callable
 from datetime import datetime
 from pathlib import Path
-from types import TracebackType
-from typing import Any, Self, TypeVar
+from typing import Any, TypeVar
 
 import aiomqtt
 import pytest
@@ -29,6 +27,7 @@ from tests.sim_harness import (
     TEST_COMMAND_KEY,
     TEST_COMMAND_KEY_TEXT,
     ControllerProbe,
+    DeviceTopicsProbe,
     play_command,
     start_fleet_cli,
     stop_command,
@@ -42,49 +41,18 @@ TIMESTAMP = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d{1,6})?Z")
 SHUTDOWN = {"v": 1, "online": False, "reason": "shutdown"}
 
 
-class TelemetryProbe:
+class TelemetryProbe(DeviceTopicsProbe):
     """The controller's side: every telemetry document and state, by address, as they arrive."""
 
     def __init__(self, broker: TestBroker) -> None:
-        self._client = aiomqtt.Client(
-            broker.host,
-            broker.port,
-            username=broker.controller.username,
-            password=broker.controller.password,
-            identifier=f"telemetry-probe-{uuid.uuid4().hex[:8]}",
-        )
+        super().__init__(broker, ("telemetry", "state"), "telemetry-probe")
         self.telemetry: dict[str, list[dict[str, Any]]] = {}
-        self.states: dict[str, list[dict[str, Any]]] = {}
-        self._changed = asyncio.Condition()
-        self._reader: asyncio.Task[None] | None = None
 
-    async def __aenter__(self) -> Self:
-        await self._client.__aenter__()
-        await self._client.subscribe([("wardcast/v1/dev/+/telemetry", 1), ("wardcast/v1/dev/+/state", 1)])
-        self._reader = asyncio.create_task(self._read())
-        return self
-
-    async def __aexit__(
-        self, _type: type[BaseException] | None, _value: BaseException | None, _tb: TracebackType | None
-    ) -> None:
-        if self._reader is not None:
-            self._reader.cancel()
-            await asyncio.gather(self._reader, return_exceptions=True)
-        await self._client.__aexit__(None, None, None)
-
-    async def _read(self) -> None:
-        async for message in self._client.messages:
-            _, _, _, address, leaf = message.topic.value.split("/")
-            assert isinstance(message.payload, bytes | bytearray)
-            document = json.loads(message.payload)
-            async with self._changed:
-                target = self.telemetry if leaf == "telemetry" else self.states
-                target.setdefault(address, []).append(document)
-                self._changed.notify_all()
-
-    async def wait_until(self, predicate: Callable[[], T | None], timeout: float = WAIT_S) -> T:
-        async with asyncio.timeout(timeout), self._changed:
-            return await self._changed.wait_for(predicate)  # type: ignore[arg-type]
+    def _record(self, address: str, leaf: str, document: dict[str, Any]) -> None:
+        if leaf == "telemetry":
+            self.telemetry.setdefault(address, []).append(document)
+        else:
+            super()._record(address, leaf, document)
 
     async def documents(self, address: str, count: int) -> list[dict[str, Any]]:
         """The first `count` telemetry documents of `address`, once they have arrived."""

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncIterator
-from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from zoneinfo import ZoneInfo
@@ -34,7 +33,6 @@ if TYPE_CHECKING:
 
 _HERE = Path(__file__).parent
 _templates = Jinja2Templates(directory=_HERE / "templates")
-_LOCAL_TIME = ZoneInfo("Asia/Ho_Chi_Minh")
 router = APIRouter(include_in_schema=False)
 
 
@@ -47,6 +45,11 @@ def install_console(app: FastAPI, runtime: Runtime) -> None:
 def _runtime(request: Request) -> Runtime:
     runtime: Runtime = request.app.state.runtime
     return runtime
+
+
+def _local_zone(runtime: Runtime) -> ZoneInfo:
+    """The city's zone (`timezone` in config.yaml), in which people read times."""
+    return ZoneInfo(runtime.settings.timezone)
 
 
 def _codec(request: Request) -> SessionCodec:
@@ -143,7 +146,7 @@ async def login(request: Request) -> Response:
     result = await asyncio.to_thread(sign_in, runtime.engine, username, password, runtime.clock.now())
     if result.user is None:
         if result.locked_until is not None:
-            until = result.locked_until.astimezone(_LOCAL_TIME).strftime("%H:%M")
+            until = result.locked_until.astimezone(_local_zone(runtime)).strftime("%H:%M")
             error, field = t("login.error.locked", until=until), "username"
         else:
             error, field = t("login.error.wrong"), "password"
@@ -229,5 +232,5 @@ def _live(runtime: Runtime, event: dict[str, Any]) -> dict[str, Any]:
     return {
         "device_id": event.get("device_id"),
         "status": status,
-        "at": datetime.now(_LOCAL_TIME).isoformat(),
+        "at": runtime.clock.now().astimezone(_local_zone(runtime)).isoformat(),
     }
