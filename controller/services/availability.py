@@ -19,7 +19,7 @@ from typing import Any
 
 import structlog
 from prometheus_client import Counter
-from sqlalchemy import Engine, bindparam, func, insert, update
+from sqlalchemy import Engine, bindparam, func, insert, or_, update
 from sqlalchemy.exc import SQLAlchemyError
 from sqlmodel import Session, col, select
 
@@ -238,6 +238,24 @@ class AvailabilityService:
                     .values(online=bindparam("b_online")),
                     [{"b_id": t.device_id, "b_online": t.online} for t in pending.transitions],
                 )
+                came_online = [
+                    {"b_id": t.device_id, "b_seen": t.detected_at} for t in pending.transitions if t.online
+                ]
+                if came_online:
+                    # A device that comes online was heard then: its last_seen must not wait for the
+                    # tracker's status batch, which may commit after this transition is announced.
+                    connection.execute(
+                        update(DeviceRow)
+                        .where(col(DeviceRow.id) == bindparam("b_id"))
+                        .where(
+                            or_(
+                                col(DeviceRow.last_seen).is_(None),
+                                col(DeviceRow.last_seen) < bindparam("b_seen"),
+                            )
+                        )
+                        .values(last_seen=bindparam("b_seen")),
+                        came_online,
+                    )
                 events += [_transition_event(t) for t in pending.transitions]
             for alarm_id, change in pending.alarms:
                 alarm = self._record_alarm(session, alarm_id, change)
