@@ -18,20 +18,24 @@ $(STAMP): pyproject.toml
 	@touch $(STAMP)
 
 # The console's JavaScript comes from the npm registry at build time, never from a CDN at run time:
-# a pinned htmx is unpacked into a git-ignored directory the controller serves (/static/vendor/).
+# pinned packages are unpacked into a git-ignored directory the controller serves (/static/vendor/).
 HTMX_VERSION := 2.0.4
+LEAFLET_VERSION := 1.9.4
 VENDOR_DIR := controller/console/static/vendor
-VENDOR_STAMP := $(VENDOR_DIR)/.htmx-$(HTMX_VERSION)
+VENDOR_STAMP := $(VENDOR_DIR)/.vendored-htmx-$(HTMX_VERSION)-leaflet-$(LEAFLET_VERSION)
 
 vendor: $(VENDOR_STAMP)
 
 $(VENDOR_STAMP):
 	@mkdir -p $(VENDOR_DIR)
 	@tmp=$$(mktemp -d) && trap 'rm -rf "$$tmp"' EXIT && \
-	  npm pack --silent --pack-destination "$$tmp" htmx.org@$(HTMX_VERSION) >/dev/null && \
-	  tar -xzf "$$tmp"/htmx.org-$(HTMX_VERSION).tgz -C "$$tmp" package/dist/htmx.min.js && \
-	  cp "$$tmp"/package/dist/htmx.min.js $(VENDOR_DIR)/htmx.min.js
-	@rm -f $(VENDOR_DIR)/.htmx-* && touch $@
+	  npm pack --silent --pack-destination "$$tmp" htmx.org@$(HTMX_VERSION) leaflet@$(LEAFLET_VERSION) >/dev/null && \
+	  mkdir "$$tmp/htmx" "$$tmp/leaflet" && \
+	  tar -xzf "$$tmp"/htmx.org-$(HTMX_VERSION).tgz -C "$$tmp/htmx" package/dist/htmx.min.js && \
+	  cp "$$tmp"/htmx/package/dist/htmx.min.js $(VENDOR_DIR)/htmx.min.js && \
+	  tar -xzf "$$tmp"/leaflet-$(LEAFLET_VERSION).tgz -C "$$tmp/leaflet" package/dist && \
+	  rm -rf $(VENDOR_DIR)/leaflet && cp -r "$$tmp"/leaflet/package/dist $(VENDOR_DIR)/leaflet
+	@rm -f $(VENDOR_DIR)/.htmx-* $(VENDOR_DIR)/.vendored-* && touch $@
 
 system-deps-run:
 	@bash scripts/ensure-system-packages.sh $(APT_PACKAGES_RUN)

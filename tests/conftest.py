@@ -8,6 +8,7 @@ pytest_plugins = [
     "tests.support.scenario",
     "tests.support.simulators",
     "tests.support.firmware",
+    "tests.support.console",
 ]
 
 # Two cores run broker, controller, fleet and tests at once: wall-clock deadlines would make

@@ -4,97 +4,33 @@ Screenshots of every page at desktop and phone sizes go to tests/artifacts/conso
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from playwright.sync_api import Browser, Page, expect, sync_playwright
+from playwright.sync_api import Page, expect
 
-from tests.support.broker import start_test_broker
-from tests.support.scenario import SPEAKERS, running_fleet, seed
+from tests.support.console import PASSWORD, console_controller, create_user, screenshot, sign_in
+from tests.support.scenario import SPEAKERS, running_fleet
 from tests.support.system import ControllerHandle
 
 pytestmark = pytest.mark.integration
 
-CHROMIUM = Path("/usr/bin/chromium")
-ARTIFACTS = Path(__file__).parent / "artifacts" / "console"
-SIZES = {"desktop": {"width": 1366, "height": 768}, "phone": {"width": 390, "height": 844}}
-PASSWORD = "mật-khẩu-đủ-dài-1"  # a non-ASCII password travels as UTF-8 through the form
-TIMEOUT_MS = 20_000
-
-
-def create_user(controller: ControllerHandle, username: str, role: str, *wards: str) -> None:
-    args = ["user", "create", "--username", username, "--role", role, "--password-stdin"]
-    for ward in wards:
-        args += ["--ward", ward]
-    result = subprocess.run(
-        [sys.executable, "-m", "controller", *args],
-        input=PASSWORD + "\n",
-        env=controller.env(),
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
-    assert result.returncode == 0, result.stderr
-
 
 @pytest.fixture(scope="module")
 def console(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ControllerHandle]:
-    workdir = tmp_path_factory.mktemp("console")
-    broker = start_test_broker(workdir / "mosquitto")
-    handle = ControllerHandle(
-        workdir=workdir, database_url=f"sqlite:///{workdir / 'console.db'}", broker=broker
-    )
-    handle.start()
-    try:
-        seed(handle)
+    with console_controller(tmp_path_factory.mktemp("console")) as handle:
         create_user(handle, "admin", "admin")
         create_user(handle, "canbo.an", "ward_staff", "hn.a")
         yield handle
-    finally:
-        handle.stop()
-        broker.broker.stop()
 
 
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Browser]:
-    if not CHROMIUM.exists():
-        pytest.fail("Chromium is missing: `make test` installs it (apt-get install chromium)")
-    with sync_playwright() as playwright:
-        instance = playwright.chromium.launch(executable_path=str(CHROMIUM), args=["--no-sandbox"])
-        try:
-            yield instance
-        finally:
-            instance.close()
-
-
-@pytest.fixture
-def page(browser: Browser) -> Iterator[Page]:
-    context = browser.new_context(viewport=SIZES["desktop"], locale="vi-VN")
-    context.set_default_timeout(TIMEOUT_MS)
-    try:
-        yield context.new_page()
-    finally:
-        context.close()
-
-
-def screenshot(page: Page, name: str) -> None:
-    """The page at both sizes (full height), then back to the desktop size."""
-    ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    for size_name, size in SIZES.items():
-        page.set_viewport_size(size)
-        page.screenshot(path=ARTIFACTS / f"{name}-{size_name}.png", full_page=True)
-    page.set_viewport_size(SIZES["desktop"])
-
-
-def sign_in(page: Page, base_url: str, username: str, password: str = PASSWORD) -> None:
+def attempt_sign_in(page: Page, base_url: str, username: str, password: str) -> None:
     page.goto(f"{base_url}/login")
     page.get_by_label("Tên đăng nhập").fill(username)
     page.get_by_label("Mật khẩu").fill(password)
     page.get_by_role("button", name="Đăng nhập").click()
+    expect(page.get_by_role("alert")).to_be_visible()
 
 
 def test_login_page_is_vietnamese_and_a_wrong_password_names_the_field(console: ControllerHandle, page: Page):
@@ -104,7 +40,7 @@ def test_login_page_is_vietnamese_and_a_wrong_password_names_the_field(console: 
     expect(page.locator("html")).to_have_attribute("lang", "vi")
     screenshot(page, "login")
 
-    sign_in(page, console.base_url, "admin", "sai-mật-khẩu-rồi")
+    attempt_sign_in(page, console.base_url, "admin", "sai-mật-khẩu-rồi")
     expect(page.get_by_role("alert")).to_have_text("Mật khẩu: tên đăng nhập hoặc mật khẩu không đúng.")
     expect(page.get_by_label("Mật khẩu")).to_have_attribute("aria-invalid", "true")
     expect(page.get_by_label("Tên đăng nhập")).to_have_value("admin")
@@ -120,9 +56,9 @@ def test_five_failures_lock_the_account_even_for_the_right_password(console: Con
     page.goto(console.base_url + "/login")
     expect(page.get_by_text("Sau 5 lần nhập sai mật khẩu, tài khoản bị khóa trong 15 phút.")).to_be_visible()
     for attempt in range(5):
-        sign_in(page, console.base_url, "bi.khoa", f"sai-{attempt}-mật-khẩu")
+        attempt_sign_in(page, console.base_url, "bi.khoa", f"sai-{attempt}-mật-khẩu")
     expect(page.get_by_role("alert")).to_contain_text("Tên đăng nhập: tài khoản bị khóa đến")
-    sign_in(page, console.base_url, "bi.khoa")  # the right password, while locked
+    attempt_sign_in(page, console.base_url, "bi.khoa", PASSWORD)  # the right password, while locked
     expect(page.get_by_role("alert")).to_contain_text("tài khoản bị khóa")
     expect(page).to_have_url(console.base_url + "/login")
     screenshot(page, "login-locked")
@@ -209,3 +145,27 @@ def test_a_speaker_coming_online_changes_its_status_live(
         expect(page.locator("#count-online")).to_have_text("8", timeout=60_000)
         expect(page.locator("#count-offline")).to_have_text("0")
         screenshot(page, "dashboard-live")
+
+
+def test_pages_call_the_api_as_the_signed_in_user_with_the_csrf_header(console: ControllerHandle, page: Page):
+    page.goto(console.base_url + "/?lang=vi")  # sign in first, then come back
+    expect(page).to_have_url(console.base_url + "/login?next=%2F%3Flang%3Dvi")
+    page.get_by_label("Tên đăng nhập").fill("canbo.an")
+    page.get_by_label("Mật khẩu").fill(PASSWORD)
+    page.get_by_role("button", name="Đăng nhập").click()
+    expect(page).to_have_url(console.base_url + "/?lang=vi")
+    nav = page.get_by_role("navigation", name="Điều hướng chính")
+    expect(nav.get_by_role("link", name="Thông báo mới")).to_be_visible()
+    expect(nav.get_by_role("link", name="Thiết bị")).to_have_count(0)
+    areas = page.evaluate("Wardcast.api('GET', '/api/v1/areas').then(a => a.map(x => x.code))")
+    assert "hn.a" in areas
+    forged = page.evaluate(
+        """fetch('/api/v1/broadcasts', {method: 'POST', headers: {'Content-Type': 'application/json'},
+            body: '{}'}).then(r => r.json().then(b => [r.status, b.field]))"""
+    )
+    assert forged == [403, "X-CSRF-Token"]
+    refused = page.evaluate(
+        """Wardcast.api('POST', '/api/v1/broadcasts', {content: {tts: 'x'}, targets: {areas: ['hn.b']}})
+            .catch(e => [e.status, e.field])"""
+    )
+    assert refused[0] == 422

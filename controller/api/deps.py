@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import math
 from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Annotated, Any
@@ -10,7 +11,9 @@ from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from controller.api.errors import ApiError
+from controller.console.session import CSRF_HEADER, SessionCodec, csrf_ok
 from controller.services.auth import Action, Principal, Role
+from controller.services.users import get_user, principal_of
 
 if TYPE_CHECKING:
     from controller.app import Runtime
@@ -18,6 +21,8 @@ if TYPE_CHECKING:
 # Alert calls are rate-limited for every key; every call of an `ioc` key is (alerts.rate_limit_per_minute).
 _ALERT_PATHS = ("/api/v1/alerts",)
 _bearer = HTTPBearer(auto_error=False, description="An API key made with `wardcast apikey create`")
+# Methods that change nothing: a console session needs no CSRF header for them.
+_SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 
 
 def get_runtime(request: Request) -> Runtime:
@@ -31,12 +36,16 @@ RuntimeDep = Annotated["Runtime", Depends(get_runtime)]
 async def get_principal(
     request: Request, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
 ) -> Principal:
-    if credentials is None or credentials.scheme.lower() != "bearer":
-        raise ApiError(401, "unauthorized", "Authorization", "send Authorization: Bearer <token>")
     runtime = get_runtime(request)
-    principal = await runtime.authenticate(credentials.credentials)
-    if principal is None:
-        raise ApiError(401, "unauthorized", "Authorization", "unknown or revoked token")
+    if credentials is None:
+        principal = await _console_user(request)
+    elif credentials.scheme.lower() != "bearer":
+        raise ApiError(401, "unauthorized", "Authorization", "send Authorization: Bearer <token>")
+    else:
+        by_key = await runtime.authenticate(credentials.credentials)
+        if by_key is None:
+            raise ApiError(401, "unauthorized", "Authorization", "unknown or revoked token")
+        principal = by_key
     # Read by the audit middleware once the response is known (every call of an IOC key is audited).
     request.state.principal = principal
     if principal.role is Role.IOC or request.url.path.startswith(_ALERT_PATHS):
@@ -51,6 +60,22 @@ async def get_principal(
                 headers={"Retry-After": str(math.ceil(retry_after))},
             )
     return principal
+
+
+async def _console_user(request: Request) -> Principal:
+    """The web console calls the same API as every client, as the signed-in user: its session cookie
+    (HttpOnly, SameSite=Strict) and, for a call that changes something, the session's CSRF token in
+    the X-CSRF-Token header."""
+    codec: SessionCodec | None = getattr(request.app.state, "console_sessions", None)
+    session = codec.read(request) if codec is not None else None
+    if session is None or session.user_id is None:
+        raise ApiError(401, "unauthorized", "Authorization", "send Authorization: Bearer <token>")
+    if request.method not in _SAFE_METHODS and not csrf_ok(session, request.headers.get(CSRF_HEADER)):
+        raise ApiError(403, "forbidden", CSRF_HEADER, "missing or wrong CSRF token for this session")
+    user = await asyncio.to_thread(get_user, get_runtime(request).engine, session.user_id)
+    if user is None:
+        raise ApiError(401, "unauthorized", "Authorization", "the session's user no longer exists")
+    return principal_of(user)
 
 
 def require(action: Action) -> Callable[..., Coroutine[Any, Any, Principal]]:

@@ -1,4 +1,4 @@
-"""The console's translation catalogues (i18n/<lang>.json): Vietnamese by default, English on request."""
+"""The console's translation catalogues (i18n/<lang>/*.json): Vietnamese by default, English on request."""
 
 from __future__ import annotations
 
@@ -16,7 +16,14 @@ _CATALOGUE_DIR = Path(__file__).parent / "i18n"
 
 @cache
 def catalogue(language: str) -> dict[str, str]:
-    entries: dict[str, str] = json.loads((_CATALOGUE_DIR / f"{language}.json").read_text(encoding="utf-8"))
+    """Every `i18n/<language>/*.json` file (one per part of the console) as one catalogue; a key defined
+    twice is a bug, refused here rather than one text silently winning."""
+    entries: dict[str, str] = {}
+    for path in sorted((_CATALOGUE_DIR / language).glob("*.json")):
+        part: dict[str, str] = json.loads(path.read_text(encoding="utf-8"))
+        for key in part.keys() & entries.keys():
+            raise ValueError(f"{path}: key {key!r} is already defined in another {language} catalogue file")
+        entries.update(part)
     return entries
 
 

@@ -14,6 +14,7 @@ from itsdangerous import BadSignature, URLSafeTimedSerializer
 
 SESSION_COOKIE = "wardcast_session"
 SESSION_MAX_AGE_S = 12 * 3600
+CSRF_HEADER = "X-CSRF-Token"  # how the console's own scripts send the token with API calls
 SECRET_FILE = "console-session.key"  # noqa: S105  (a file name, not a secret)
 
 
