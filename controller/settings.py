@@ -419,6 +419,34 @@ class FirmwareSettings(_Section):
         return [decode_public_key(key) for key in self.trusted_keys]
 
 
+class MapSettings(_Section):
+    """The console's map (Leaflet). No tile URL: the map draws devices and areas on a plain background,
+    which works with no internet; set one to a tile server the city runs or may use."""
+
+    tile_url: str | None = Field(
+        default=None, description="XYZ tile template, e.g. https://tiles.example/{z}/{x}/{y}.png"
+    )
+    attribution: str = Field(default="", max_length=300)
+    max_zoom: Annotated[int, Field(ge=1, le=22)] = 19
+    # Where the map opens when no device has coordinates yet.
+    center_lat: Annotated[float, Field(ge=-90, le=90)] = 21.0285
+    center_lon: Annotated[float, Field(ge=-180, le=180)] = 105.8542
+    zoom: Annotated[int, Field(ge=1, le=22)] = 13
+
+    @field_validator("tile_url")
+    @classmethod
+    def _tile_template(cls, value: str | None) -> str | None:
+        if value is not None and not all(part in value for part in ("{z}", "{x}", "{y}")):
+            raise ValueError("must contain {z}, {x} and {y}")
+        return value
+
+
+class ConsoleSettings(_Section):
+    """The web console (issue 7)."""
+
+    map: MapSettings = MapSettings()
+
+
 class LoggingSettings(_Section):
     level: Literal["debug", "info", "warning", "error"] = "info"
     format: Literal["console", "json"] = "console"
@@ -447,6 +475,7 @@ class Settings(BaseSettings):
     operations: OperationsSettings = OperationsSettings()
     firmware: FirmwareSettings = FirmwareSettings()
     logging: LoggingSettings = LoggingSettings()
+    console: ConsoleSettings = ConsoleSettings()
     signing: SigningSettings = SigningSettings()
     data_dir: Path = Path("var")
 

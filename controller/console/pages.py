@@ -138,6 +138,7 @@ def render(
             "viewer": viewer,
             "navigation": viewer.navigation() if viewer else [],
             "path": request.url.path,
+            "map_settings": runtime_of(request).settings.console.map,
         },
         status_code=status_code,
     )

@@ -87,5 +87,5 @@
     box.textContent = label ? label + ": " + failure.detail : failure.detail;
   }
 
-  window.Wardcast = { api, ApiFailure, showError, clearErrors, csrfToken };
+  window.Wardcast = Object.assign(window.Wardcast || {}, { api, ApiFailure, showError, clearErrors, csrfToken });
 })();
