@@ -125,7 +125,7 @@ async def run_demo(settings: Settings, *, speed: float, state_file: Path) -> Non
         base_url=base_url, headers={"Authorization": f"Bearer {token}"}, timeout=60
     ) as client:
         media_id = await _seed(client)
-        console_login = await asyncio.to_thread(_console_admin, controller.runtime.engine)
+        console_logins = await asyncio.to_thread(_console_users, controller.runtime.engine)
         field_devices = await _start_process(
             "simulated field devices",
             "field-devices",
@@ -144,7 +144,7 @@ async def run_demo(settings: Settings, *, speed: float, state_file: Path) -> Non
         f"  Broker     {controller.runtime.broker.url if controller.runtime.broker else settings.mqtt.url}\n"
         f"  Demo tone  media id {media_id}\n"
         f"  Try:       .venv/bin/wardcast broadcast send --area bk.songcau.t01 --media <file.wav>\n"
-        f"  Console    {base_url}/   {console_login}\n"
+        f"  Console    {base_url}/   (`wardcast user create` makes more users)\n{console_logins}\n"
         f"  Admin token (also saved to {state_file}):"
     )
     print(token, flush=True)  # noqa: T201  (the token is the demo's output)
@@ -161,18 +161,38 @@ async def run_demo(settings: Settings, *, speed: float, state_file: Path) -> Non
     await server_task
 
 
-def _console_admin(engine: Engine) -> str:
-    """A console login for the demo: user `admin`, created on the first run with a fresh password."""
-    password = secrets.token_urlsafe(12)
-    try:
-        create_user(
-            engine, username="admin", password=password, role="admin", wards=[], now=datetime.now(UTC)
-        )
-    except UserError as error:
-        if error.field != "username":
-            raise
-        return "user admin (made on an earlier run; `wardcast user create` makes another)"
-    return f"user admin, password {password}"
+# The demo's console users, one per kind of user (two operators: a city-wide live alert needs a second
+# person's approval). Made on the first run with fresh passwords, printed once.
+_DEMO_USERS: tuple[tuple[str, str, tuple[str, ...], str], ...] = (
+    ("admin", "admin", (), "quản trị"),
+    ("canbo.songcau", "ward_staff", ("bk.songcau",), "cán bộ văn hóa phường Sông Cầu"),
+    ("kythuat", "technician", ("bk.songcau", "bk.xuathoa"), "kỹ thuật viên Sông Cầu, Xuất Hóa"),
+    ("vanhanh.1", "operator", (), "trực IOC"),
+    ("vanhanh.2", "operator", (), "trực IOC, người duyệt thứ hai"),
+)
+
+
+def _console_users(engine: Engine) -> str:
+    """The demo's console logins, as lines to print."""
+    lines = []
+    for username, role, wards, who in _DEMO_USERS:
+        password = secrets.token_urlsafe(12)
+        shown = password
+        try:
+            create_user(
+                engine,
+                username=username,
+                password=password,
+                role=role,
+                wards=list(wards),
+                now=datetime.now(UTC),
+            )
+        except UserError as error:
+            if error.field != "username":
+                raise
+            shown = "(made on an earlier run)"
+        lines.append(f"    {username:<14} {shown:<24} {role} — {who}")
+    return "\n".join(lines)
 
 
 def _save_cli_state(state_file: Path, base_url: str, token: str) -> None:

@@ -2,6 +2,7 @@ import re
 import unicodedata
 from collections import Counter
 from importlib import resources
+from pathlib import Path
 
 import pytest
 
@@ -20,6 +21,7 @@ from controller.domain.demo import (
     parse_demo_city,
     parse_demo_fleet,
 )
+from controller.settings import CONFIG_ENV_VAR, load_settings
 
 EXPECTED_UNITS = {
     "01834": ("Phường Nguyễn Thị Minh Khai", "ward"),
@@ -301,3 +303,17 @@ def test_haversine() -> None:
         haversine_km(22.147, 105.834, 21.03, 105.85)
     )
     assert haversine_km(0.0, 0.0, 0.0, 180.0) == pytest.approx(20015.1, abs=0.1)
+
+
+def test_the_shipped_config_s_alert_templates_and_map_fit_the_demo_city(
+    city: AreaTree, monkeypatch: pytest.MonkeyPatch
+):
+    monkeypatch.setenv(CONFIG_ENV_VAR, "")  # load_settings sets it: restored after the test
+    settings = load_settings(Path(__file__).parent.parent / "config.yaml")
+    assert settings.alerts.templates, "the emergency panel offers the demo city's templates"
+    for name, template in settings.alerts.templates.items():
+        for code in template.targets.areas:
+            assert code in city, f"alerts.templates.{name}.targets.areas: {code} is not in the demo city"
+        assert VIETNAMESE_DIACRITICS.search(template.text), name
+    map_centre = settings.console.map
+    assert distance_from_centre_km(map_centre.center_lat, map_centre.center_lon) < 2
