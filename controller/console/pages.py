@@ -47,7 +47,7 @@ NAVIGATION: tuple[NavItem, ...] = (
     NavItem("/claims", "nav.claims", frozenset({Action.PROVISION})),
     NavItem("/rollouts", "nav.rollouts", frozenset({Action.PROVISION, Action.MANAGE_FIRMWARE})),
     NavItem("/emergency", "nav.emergency", frozenset({Action.BROADCAST_EMERGENCY})),
-    NavItem("/users", "nav.users", frozenset({Action.MANAGE_KEYS})),
+    NavItem("/manage", "nav.manage"),
 )
 
 
@@ -137,6 +137,8 @@ def render(
             "user": viewer.user if viewer else context.get("user"),
             "viewer": viewer,
             "navigation": viewer.navigation() if viewer else [],
+            # What the user may do, by action name (`may.broadcast`), to show only the controls they can use.
+            "may": {action.value: viewer.may(action) for action in Action} if viewer else {},
             "path": request.url.path,
             "map_settings": runtime_of(request).settings.console.map,
         },

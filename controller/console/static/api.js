@@ -87,5 +87,14 @@
     box.textContent = label ? label + ": " + failure.detail : failure.detail;
   }
 
+  // The navigation folds into a menu on a phone; on a wider screen it is always open.
+  const menu = document.getElementById("nav-menu");
+  if (menu) {
+    const wide = window.matchMedia("(min-width: 700px)");
+    const follow = function () { menu.open = wide.matches; };
+    follow();
+    wide.addEventListener("change", follow);
+  }
+
   window.Wardcast = Object.assign(window.Wardcast || {}, { api, ApiFailure, showError, clearErrors, csrfToken });
 })();
