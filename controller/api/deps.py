@@ -18,7 +18,8 @@ from controller.services.users import get_user, principal_of
 if TYPE_CHECKING:
     from controller.app import Runtime
 
-# Alert calls are rate-limited for every key; every call of an `ioc` key is (alerts.rate_limit_per_minute).
+# Alert calls that change something are rate-limited for every key; every call of an `ioc` key is
+# (alerts.rate_limit_per_minute).
 _ALERT_PATHS = ("/api/v1/alerts",)
 _bearer = HTTPBearer(auto_error=False, description="An API key made with `wardcast apikey create`")
 # Methods that change nothing: a console session needs no CSRF header for them.
@@ -48,7 +49,10 @@ async def get_principal(
         principal = by_key
     # Read by the audit middleware once the response is known (every call of an IOC key is audited).
     request.state.principal = principal
-    if principal.role is Role.IOC or request.url.path.startswith(_ALERT_PATHS):
+    # Reading alerts (the emergency panel follows them every few seconds) spends no one's budget for
+    # sending them; an IOC key's reads count as every call of it does.
+    sends_alerts = request.url.path.startswith(_ALERT_PATHS) and request.method not in _SAFE_METHODS
+    if principal.role is Role.IOC or sends_alerts:
         retry_after = runtime.rate_limiter.admit(principal.key_id, runtime.clock.now())
         if retry_after is not None:
             raise ApiError(

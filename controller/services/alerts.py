@@ -44,7 +44,7 @@ from controller.services.media import MediaStore, record_media
 from controller.services.tones import drill_prefix_tone
 from controller.services.tts import SpeechSynthesizer, speech_media_id
 from controller.settings import AlertSettings, TtsSettings
-from controller.store.models import AlertRow, AreaRow, DeliveryRow, DeviceRow, MediaRow
+from controller.store.models import AlertRow, ApiKeyRow, AreaRow, DeliveryRow, DeviceRow, MediaRow, UserRow
 
 log = structlog.get_logger(__name__)
 
@@ -55,6 +55,10 @@ PENDING_APPROVAL = "pending_approval"
 CANCELLED = "cancelled"
 RECORDED = "recorded"
 SUPERSEDED = "superseded"
+STATUSES = (PENDING_APPROVAL, ACTIVE, CANCELLED, RECORDED, SUPERSEDED)
+_TERMINAL = frozenset({"completed", "interrupted", "failed", "expired", "cancelled"})
+# A console user's principal key id (services/users.principal_of): "user:<user id>".
+_USER_KEY_PREFIX = "user:"
 _DRILL_TONE_NAME = "drill-prefix.wav"
 # On LED screens a drill reads as one before anything else (DESIGN.md §2).
 _DRILL_LABEL = "DIỄN TẬP: "
@@ -643,6 +647,56 @@ class AlertService:
             ).all()
         return [(a, b, u) for a, b, u in rows if b is not None and u is not None]
 
+    def summaries(self, *, statuses: Sequence[str] = (), limit: int = 50) -> list[dict[str, Any]]:
+        """The newest alerts first (only those in `statuses`, when given), each with who made and who
+        approved it (by name), its counts per delivery state and how many deliveries have not ended yet
+        (`open`): what the operators' emergency panel follows."""
+        with Session(self._engine) as session:
+            query = select(AlertRow).order_by(col(AlertRow.created_at).desc(), col(AlertRow.id)).limit(limit)
+            if statuses:
+                query = query.where(col(AlertRow.status).in_(statuses))
+            rows = list(session.exec(query).all())
+            broadcasts = [row.broadcast_id for row in rows if row.broadcast_id is not None]
+            counts: dict[str, dict[str, int]] = {}
+            if broadcasts:
+                grouped = session.exec(
+                    select(DeliveryRow.broadcast_id, DeliveryRow.state, func.count())
+                    .where(col(DeliveryRow.broadcast_id).in_(broadcasts))
+                    .group_by(col(DeliveryRow.broadcast_id), col(DeliveryRow.state))
+                ).all()
+                for broadcast_id, state, count in grouped:
+                    counts.setdefault(broadcast_id, {})[state] = count
+            names = _names_of(
+                session, {key for row in rows for key in (row.created_by, row.approved_by) if key}
+            )
+        found = []
+        for row in rows:
+            by_state = counts.get(row.broadcast_id or "", {})
+            found.append(
+                {
+                    "id": row.id,
+                    "status": row.status,
+                    "mode": row.mode,
+                    "source": row.source,
+                    "headline": row.headline,
+                    "text": row.text,
+                    "targets": row.targets,
+                    "priority": row.priority_class,
+                    "repeats": row.repeats,
+                    "device_count": row.device_count,
+                    "counts": by_state,
+                    "open": sum(n for state, n in by_state.items() if state not in _TERMINAL),
+                    "expires_at": rfc3339(row.expires_at),
+                    "created_at": rfc3339(row.created_at),
+                    "created_by": row.created_by,
+                    "created_by_name": names.get(row.created_by, row.created_by),
+                    "approved_by_name": names.get(row.approved_by) if row.approved_by else None,
+                    "cancelled_at": rfc3339(row.cancelled_at) if row.cancelled_at else None,
+                    "broadcast_id": row.broadcast_id,
+                }
+            )
+        return found
+
     def describe(self, alert_id: str, principal: Principal) -> dict[str, Any]:
         row = self._get(alert_id)
         if row is None:
@@ -696,3 +750,33 @@ def _targets_from_json(stored: dict[str, Any]) -> AlertTargets:
     return AlertTargets(
         tuple(stored.get("areas", [])), tuple(stored.get("devices", [])), shapes=tuple(shapes)
     )
+
+
+def _names_of(session: Session, key_ids: set[str]) -> dict[str, str]:
+    """Who is behind each principal key id: a console user's name, or an API key's name."""
+    users = {key[len(_USER_KEY_PREFIX) :] for key in key_ids if key.startswith(_USER_KEY_PREFIX)}
+    keys = {key for key in key_ids if not key.startswith(_USER_KEY_PREFIX)}
+    names: dict[str, str] = {}
+    if users:
+        for user_id, username in session.exec(
+            select(UserRow.id, UserRow.username).where(col(UserRow.id).in_(users))
+        ).all():
+            names[_USER_KEY_PREFIX + user_id] = username
+    if keys:
+        names.update(
+            session.exec(select(ApiKeyRow.id, ApiKeyRow.name).where(col(ApiKeyRow.id).in_(keys))).all()
+        )
+    return names
+
+
+def template_list(settings: AlertSettings) -> list[dict[str, Any]]:
+    """The city's pre-approved messages (`alerts.templates`), by name."""
+    return [
+        {
+            "name": name,
+            "headline": template.headline,
+            "text": template.text,
+            "targets": {"areas": list(template.targets.areas), "devices": list(template.targets.devices)},
+        }
+        for name, template in sorted(settings.templates.items())
+    ]

@@ -6,18 +6,22 @@ import asyncio
 from collections.abc import Mapping
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Header, Query, Request, Response, status
+from fastapi import APIRouter, Depends, Header, Query, Request, Response, status
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, HttpUrl
 
-from controller.api.deps import Broadcaster, Canceller, Reader, RuntimeDep
+from controller.api.deps import Broadcaster, Canceller, Reader, RuntimeDep, require
 from controller.api.errors import ApiError
 from controller.domain.geo import GeoCircle, GeoError, GeoPolygon
 from controller.domain.priority import SUB_PRIORITY_MAX, Priority, PriorityClass
-from controller.services.alerts import AlertRequest, AlertTargets
-from controller.services.auth import Principal, Role
+from controller.services.alerts import AlertRequest, AlertTargets, template_list
+from controller.services.auth import Action, Principal, Role
 from controller.settings import AlertTemplate
 
 router = APIRouter(tags=["alerts"])
+# Who may follow every alert of the city: the roles that may send emergency alerts (admin, operator, ioc).
+EmergencyBroadcaster = Annotated[Principal, Depends(require(Action.BROADCAST_EMERGENCY))]
+# AlertRow.status (services.alerts.STATUSES).
+AlertStatus = Literal["pending_approval", "active", "cancelled", "recorded", "superseded"]
 
 
 class AlertTargetsIn(BaseModel):
@@ -188,6 +192,28 @@ async def approve_alert(alert_id: str, runtime: RuntimeDep, principal: Broadcast
         "device_count": accepted.device_count,
         "broadcast_id": accepted.broadcast_id,
     }
+
+
+@router.get("/api/v1/alerts")
+async def list_alerts(
+    runtime: RuntimeDep,
+    _principal: EmergencyBroadcaster,
+    alert_status: Annotated[
+        list[AlertStatus] | None,
+        Query(alias="status", description="only alerts in these states (repeat the parameter for several)"),
+    ] = None,
+    limit: Annotated[int, Query(ge=1, le=500)] = 50,
+) -> list[dict[str, Any]]:
+    """The newest alerts first, each with who created (and approved) it by name, its counts per delivery
+    state and `open`, the deliveries not ended yet: `?status=pending_approval` lists the alerts waiting
+    for a second person, `?status=active` those sent. Admin, operator and ioc keys."""
+    return await asyncio.to_thread(runtime.alerts.summaries, statuses=alert_status or (), limit=limit)
+
+
+@router.get("/api/v1/alerts/templates")
+async def list_alert_templates(runtime: RuntimeDep, _principal: EmergencyBroadcaster) -> list[dict[str, Any]]:
+    """The city's pre-approved messages (`alerts.templates`): send one with `{"template": name}`."""
+    return template_list(runtime.settings.alerts)
 
 
 @router.get("/api/v1/alerts/{alert_id}")
