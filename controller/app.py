@@ -579,9 +579,12 @@ class Runtime:
         self._area_tree = None
 
     def visible_device_ids(self, principal: Principal) -> frozenset[str] | None:
-        if principal.ward_code is None:
+        """The devices of the key's ward (ward_staff) or assigned wards (technician); None: all."""
+        wards = principal.device_wards()
+        if wards is None:
             return None
-        codes = self.area_tree().subtree_codes(principal.ward_code)
+        tree = self.area_tree()
+        codes = frozenset(code for ward in wards if ward in tree for code in tree.subtree_codes(ward))
         with Session(self.engine) as session:
             rows = session.exec(select(DeviceRow.id, DeviceRow.area_code)).all()
         return frozenset(device_id for device_id, area in rows if area in codes)

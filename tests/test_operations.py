@@ -221,3 +221,32 @@ def test_operation_input_errors_name_the_field(controller: ControllerHandle):
         assert client.get("/api/v1/operations/nope").status_code == 404
     cli = controller.cli("device", "volume", "150", "--device", "spk-a1-1", *api_args(controller))
     assert cli.returncode == 1 and "params.volume" in cli.stderr + cli.stdout
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+def test_a_technician_lists_only_its_wards_operations_and_one_devices_own(controller: ControllerHandle):
+    seed(controller)
+    technician = controller.api_key_with_wards("technician", ["hn.a"])
+    with controller.client() as client:
+        tone = {"type": "test_tone", "params": {"duration_s": 2}}
+        inside = client.post("/api/v1/operations", json={**tone, "targets": {"devices": ["spk-a1-1"]}})
+        outside = client.post("/api/v1/operations", json={**tone, "targets": {"devices": ["spk-b1-1"]}})
+        group = client.post("/api/v1/operations", json={**tone, "targets": {"areas": ["hn.a.t1"]}})
+        assert {inside.status_code, outside.status_code, group.status_code} == {201}
+    with controller.client(technician) as client:
+        listed = client.get("/api/v1/operations").json()
+        assert [o["id"] for o in listed] == [group.json()["id"], inside.json()["id"]]
+        assert client.get(f"/api/v1/operations/{outside.json()['id']}").status_code == 404
+        mine = client.get("/api/v1/operations", params={"device": "spk-a1-2"}).json()
+        assert [o["id"] for o in mine] == [group.json()["id"]]
+        assert mine[0]["device_result"]["device_id"] == "spk-a1-2"
+        assert sum(mine[0]["counts"].values()) == 1  # that device's result alone
+        assert client.get("/api/v1/operations", params={"device": "spk-b1-1"}).json() == []
+        # Acting outside its wards: another ward's device is unknown to it, another ward's area forbidden.
+        device = client.post("/api/v1/operations", json={**tone, "targets": {"devices": ["spk-b1-1"]}})
+        assert (device.status_code, device.json()["field"]) == (404, "targets.devices[0]")
+        area = client.post("/api/v1/operations", json={**tone, "targets": {"areas": ["hn.b"]}})
+        assert (area.status_code, area.json()["field"]) == (403, "targets.areas[0]")
+        assert "'hn.a'" in area.json()["detail"]
+        own = client.post("/api/v1/operations", json={**tone, "targets": {"areas": ["hn.a.t3"]}})
+        assert own.status_code == 201, own.text

@@ -197,6 +197,11 @@ def test_roles_confine_provisioning(controller: ControllerHandle):
         assert "hn.a" in outside.json()["detail"]
         inside = client.post("/api/v1/devices", json={**body, "area": "hn.a.t1"})
         assert inside.status_code == 201, inside.text
+        qr = client.post("/api/v1/provisioning/qr", json={"bundle": inside.json()["bundle"]})
+        assert qr.status_code == 200 and qr.headers["content-type"] == "image/png"
+        assert qr.content.startswith(b"\x89PNG")
+        too_big = client.post("/api/v1/provisioning/qr", json={"bundle": {"x": "y" * 5000}})
+        assert (too_big.status_code, too_big.json()["field"]) == (422, "bundle")
         assert client.post("/api/v1/devices/spk-b1-1/decommission").status_code == 404
         assert client.post("/api/v1/devices/spk-a1-2/decommission").status_code == 200
         assert client.post("/api/v1/apikeys", json={"name": "x", "role": "admin"}).status_code == 403
@@ -205,6 +210,7 @@ def test_roles_confine_provisioning(controller: ControllerHandle):
         refused = client.post("/api/v1/devices", json={**body, "area": "hn.a.t1"})
         assert refused.status_code == 403
         assert client.post("/api/v1/devices/import", content="kind,area\n").status_code == 403
+        assert client.post("/api/v1/provisioning/qr", json={"bundle": {}}).status_code == 403
     with controller.client(operator) as client:
         assert client.post("/api/v1/devices/spk-a2-1/decommission").status_code == 403
         assert client.get("/api/v1/apikeys").status_code == 403

@@ -245,12 +245,17 @@ class OperationService:
         whose kind takes it; a named device that cannot take it is an error naming it."""
         if not request.devices and not request.areas:
             raise OperationError("targets", "name at least one device or area")
-        ward = principal.ward_code
+        # A ward_staff key's ward, or a technician's assigned wards; None: the whole city.
+        wards = principal.device_wards()
+
+        def within(code: str) -> bool:
+            return wards is None or any(ward in tree and tree.is_within(code, ward) for ward in wards)
+
         chosen: dict[str, DeviceRow] = {}
         for index, device_id in enumerate(request.devices):
             name = f"targets.devices[{index}]"
             row = session.get(DeviceRow, device_id)
-            if row is None or (ward is not None and not tree.is_within(row.area_code, ward)):
+            if row is None or not within(row.area_code):
                 raise OperationError(name, f"unknown device {device_id!r}", status=404)
             if row.transport != _MQTT or not check_kind(request.type, row.kind):
                 raise OperationError(name, f"a {row.transport} {row.kind} does not take {request.type}")
@@ -262,8 +267,10 @@ class OperationService:
             name = f"targets.areas[{index}]"
             if code not in tree:
                 raise OperationError(name, f"unknown area {code!r}")
-            if ward is not None and not tree.is_within(code, ward):
-                raise OperationError(name, f"area {code!r} is outside ward {ward!r} of this key", status=403)
+            if not within(code):
+                named = ", ".join(repr(ward) for ward in sorted(wards or ()))
+                noun = "ward" if len(wards or ()) == 1 else "wards"
+                raise OperationError(name, f"area {code!r} is outside {noun} {named} of this key", status=403)
             codes |= tree.subtree_codes(code)
         if codes:
             rows = session.exec(
@@ -439,21 +446,43 @@ class OperationService:
             "results": [_result_out(result) for result in shown],
         }
 
-    def recent(self, limit: int, visible: frozenset[str] | None) -> list[dict[str, Any]]:
+    def recent(
+        self, limit: int, visible: frozenset[str] | None, device: str | None = None
+    ) -> list[dict[str, Any]]:
+        """The latest operations the key may see, newest first. With `device`: only those that reached
+        it, their counts and status for that device alone, and its result (`device_result`)."""
+        if device is not None:
+            if visible is not None and device not in visible:
+                return []
+            visible = frozenset({device})
         with Session(self._engine) as session:
-            rows = session.exec(
-                select(OperationRow).order_by(col(OperationRow.created_at).desc()).limit(limit)
+            statement = select(OperationRow).order_by(col(OperationRow.created_at).desc()).limit(limit)
+            if device is not None:
+                statement = statement.where(
+                    col(OperationRow.id).in_(
+                        select(OperationResultRow.operation_id).where(OperationResultRow.device_id == device)
+                    )
+                )
+            rows = session.exec(statement).all()
+            results = session.exec(
+                select(OperationResultRow).where(
+                    col(OperationResultRow.operation_id).in_([row.id for row in rows])
+                )
             ).all()
-            states = session.exec(
-                select(
-                    OperationResultRow.operation_id, OperationResultRow.device_id, OperationResultRow.state
-                ).where(col(OperationResultRow.operation_id).in_([row.id for row in rows]))
-            ).all()
-        by_operation: dict[str, list[str]] = {}
-        for operation_id, device_id, state in states:
-            if visible is None or device_id in visible:
-                by_operation.setdefault(operation_id, []).append(state)
-        return [_operation_out(row, by_operation[row.id]) for row in rows if row.id in by_operation]
+        by_operation: dict[str, list[OperationResultRow]] = {}
+        for result in results:
+            if visible is None or result.device_id in visible:
+                by_operation.setdefault(result.operation_id, []).append(result)
+        listed = []
+        for row in rows:
+            if row.id not in by_operation:
+                continue
+            shown = by_operation[row.id]
+            out = _operation_out(row, [result.state for result in shown])
+            if device is not None:
+                out["device_result"] = _result_out(shown[0])
+            listed.append(out)
+        return listed
 
 
 def _counts(states: Iterable[str]) -> dict[str, int]:

@@ -50,10 +50,17 @@ async def create_operation(
 
 @router.get("")
 async def list_operations(
-    runtime: RuntimeDep, principal: Reader, limit: Annotated[int, Query(ge=1, le=1000)] = 50
+    runtime: RuntimeDep,
+    principal: Reader,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 50,
+    device: Annotated[
+        str | None, Query(max_length=200, description="only operations that reached this device")
+    ] = None,
 ) -> list[dict[str, Any]]:
-    visible = runtime.visible_device_ids(principal)
-    return await asyncio.to_thread(runtime.operations.recent, limit, visible)
+    """The latest operations, newest first. With `device`: each with that device's own result
+    (`device_result`), its counts and status for that device alone."""
+    visible = await asyncio.to_thread(runtime.visible_device_ids, principal)
+    return await asyncio.to_thread(runtime.operations.recent, limit, visible, device)
 
 
 @router.get("/{operation_id}")

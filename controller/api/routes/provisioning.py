@@ -161,6 +161,29 @@ async def reissue(
     return bundle
 
 
+class BundleQrIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    bundle: dict[str, Any] = Field(description="a provisioning bundle this controller just returned")
+
+
+@router.post(
+    "/provisioning/qr",
+    tags=["devices"],
+    responses={200: {"content": {"image/png": {}}}},
+    response_class=Response,
+)
+async def bundle_qr(body: BundleQrIn, _principal: Provisioner) -> Response:
+    """The QR code (PNG) of a bundle the caller already holds (the answer of a registration, import or
+    re-issue), so that a console can show it without rotating the password a second time. Nothing is
+    stored or looked up: the picture holds exactly the JSON sent."""
+    try:
+        png = await asyncio.to_thread(bundle_qr_png, body.bundle)
+    except ValueError as error:  # segno: too much data for one QR code
+        raise ApiError(422, "invalid", "bundle", f"does not fit in one QR code ({error})") from error
+    return Response(png, media_type="image/png", headers={"Cache-Control": "no-store"})
+
+
 @router.post("/devices/{device_id}/decommission", response_model=DeviceOut, tags=["devices"])
 async def decommission(device_id: str, runtime: RuntimeDep, principal: Provisioner) -> DeviceOut:
     """Take a device out of service: its broker account is removed (the broker refuses it, and closes
