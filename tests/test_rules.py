@@ -240,3 +240,8 @@ def test_bad_readings_and_bad_rules_are_refused_naming_the_field_and_nothing_is_
     with controller.client(staff) as client:
         refused = client.post("/api/v1/rules", json=flood_rule())
     assert refused.status_code == 403
+    # A technician of the other ward does not see the sensor's readings at all.
+    elsewhere = controller.api_key("technician", ward="hn.a")
+    with controller.client(elsewhere) as client:
+        assert client.get("/api/v1/devices/sen-river/telemetry").status_code == 404
+        assert client.get("/api/v1/devices/sen-river/telemetry/latest").status_code == 404

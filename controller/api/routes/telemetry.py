@@ -39,9 +39,11 @@ def _step_seconds(step: str | None) -> int | None:
 def _visible_device(runtime: Any, principal: Principal, device_id: str, field: str = "id") -> DeviceRow:
     with Session(runtime.engine) as session:
         row = session.get(DeviceRow, device_id)
-    ward = principal.ward_code
-    if row is not None and ward is not None and row.area_code not in runtime.area_tree().subtree_codes(ward):
-        row = None
+    wards = principal.device_wards()  # a ward's staff: its ward; a technician: its assigned wards
+    if row is not None and wards is not None:
+        tree = runtime.area_tree()
+        if not any(row.area_code in tree.subtree_codes(ward) for ward in wards if ward in tree):
+            row = None
     if row is None:
         raise ApiError(404 if field == "id" else 422, "not_found", field, f"unknown device {device_id!r}")
     return row
