@@ -61,6 +61,9 @@ class Clash:
     times: tuple[Interval, ...]
     overlap_count: int
     why: str
+    # How the request could settle it: "priority" (resolution=priority), "order" (distinct ward_order
+    # with resolution=order), "time" (another time: nothing else settles it), "" when settled.
+    remedy: str = ""
 
 
 @dataclass(slots=True)
@@ -111,6 +114,12 @@ def _why_unsettled(candidate: PlannedSchedule, other: PlannedSchedule, resolutio
     return "same priority: choose another time"
 
 
+def _remedy(candidate: PlannedSchedule, other: PlannedSchedule) -> str:
+    if candidate.rank != other.rank:
+        return "priority"
+    return "order" if candidate.priority_class == "priority" else "time"
+
+
 def find_conflicts(
     candidate: PlannedSchedule, others: Sequence[PlannedSchedule], resolution: Resolution = Resolution.NONE
 ) -> ConflictReport:
@@ -133,6 +142,7 @@ def find_conflicts(
             times=tuple(overlaps[:MAX_REPORTED_TIMES]),
             overlap_count=len(overlaps),
             why=why or "settled",
+            remedy=_remedy(candidate, other) if why else "",
         )
         (report.clashes if why else report.settled).append(clash)
     return report

@@ -148,6 +148,79 @@ def test_clashes_are_refused_unless_resolved(api: ControllerHandle):
             client.delete(f"/api/v1/schedules/{response.json()['id']}")
 
 
+def test_a_dry_run_lists_clashes_and_next_occurrences_and_stores_nothing(api: ControllerHandle):
+    media_id = upload(api, 0.5)
+    day = datetime.now(HANOI).date() + timedelta(days=10)
+    evening = f"{day.isoformat()}T20:00"
+    first = schedule(api, media_id, name="Lịch có sẵn", dtstart=evening, rrule="FREQ=DAILY;COUNT=3")
+    assert first.status_code == 201, first.text
+    body: dict[str, Any] = {
+        "name": "Thử trước",
+        "targets": {"areas": ["hn.a.t1"]},
+        "content": {"media_ids": [media_id]},
+        "dtstart": evening,
+        "rrule": "FREQ=DAILY;COUNT=2",
+    }
+    with api.client() as client:
+        before = len(client.get("/api/v1/schedules").json())
+        checked = client.post("/api/v1/schedules/check", json=body)
+        assert checked.status_code == 200, checked.text
+        result = checked.json()
+        assert result["ok"] is False
+        (clash,) = result["clashes"]
+        assert clash["schedule_id"] == first.json()["id"] and clash["name"] == "Lịch có sẵn"
+        assert clash["remedy"] == "time" and clash["overlap_count"] == 2
+        assert set(clash["devices"]) == {"spk-a1-1", "spk-a1-2"}
+        assert result["device_count"] == 2 and result["devices"] == ["spk-a1-1", "spk-a1-2"]
+        assert [o["start_local"] for o in result["next_occurrences"]] == [
+            f"{day.isoformat()}T20:00:00+07:00",
+            f"{(day + timedelta(days=1)).isoformat()}T20:00:00+07:00",
+        ]
+        # A higher priority may settle it, and the dry run says so.
+        settled = client.post(
+            "/api/v1/schedules/check", json={**body, "priority": "priority", "resolution": "priority"}
+        ).json()
+        assert settled["ok"] is True and settled["settled_clashes"][0]["schedule_id"] == first.json()["id"]
+        higher = client.post("/api/v1/schedules/check", json={**body, "priority": "priority"}).json()
+        assert higher["clashes"][0]["remedy"] == "priority"
+        # Errors are the same as creating's, by field; a past one-off is valid but never plays.
+        bad = client.post("/api/v1/schedules/check", json={**body, "rrule": "FREQ=HOURLY"})
+        assert bad.status_code == 422 and bad.json()["field"].startswith("rrule")
+        past = client.post(
+            "/api/v1/schedules/check", json={**body, "dtstart": "2020-01-01T06:00", "rrule": None}
+        ).json()
+        assert past["ok"] is True and past["next_occurrences"] == []
+        assert len(client.get("/api/v1/schedules").json()) == before  # nothing stored
+        staff = api.api_key("ward_staff", "hn.a")
+    with api.client(staff) as client:
+        forged = client.post("/api/v1/schedules/check", json={**body, "targets": {"areas": ["hn.b.t1"]}})
+        assert forged.status_code == 403 and forged.json()["field"] == "targets.areas[0]"
+        emergency = client.post("/api/v1/schedules/check", json={**body, "priority": "emergency"})
+        assert emergency.status_code == 403 and emergency.json()["field"] == "priority"
+    with api.client() as client:
+        client.delete(f"/api/v1/schedules/{first.json()['id']}")
+
+
+def test_the_tts_preview_speaks_vietnamese_and_names_the_field_of_a_bad_text(api: ControllerHandle):
+    text = "Thông báo: ngày mai phun thuốc muỗi tại tổ dân phố 1"
+    with api.client() as client:
+        spoken = client.post("/api/v1/tts/preview", json={"text": text})
+        assert spoken.status_code == 200, spoken.text
+        assert spoken.headers["content-type"] == "audio/wav"
+        assert spoken.content[:4] == b"RIFF" and float(spoken.headers["X-Duration-S"]) > 1.0
+        media = client.get(f"/api/v1/media/{spoken.headers['X-Media-Id']}").json()
+        assert media["duration_s"] == pytest.approx(float(spoken.headers["X-Duration-S"]), abs=0.01)
+        # The schedule made from the same text plays the same audio (made once).
+        again = client.post("/api/v1/tts/preview", json={"text": text})
+        assert again.headers["X-Media-Id"] == spoken.headers["X-Media-Id"]
+        for bad in ("", "   ", "x" * 5001):
+            refused = client.post("/api/v1/tts/preview", json={"text": bad})
+            assert refused.status_code == 422 and refused.json()["field"] == "text", refused.text
+    technician = api.api_key("technician")
+    with api.client(technician) as client:
+        assert client.post("/api/v1/tts/preview", json={"text": text}).status_code == 403
+
+
 def _soon(seconds: int) -> str:
     moment = datetime.now(HANOI).replace(microsecond=0) + timedelta(seconds=seconds)
     return moment.replace(tzinfo=None).isoformat()
@@ -173,6 +246,19 @@ def test_a_schedule_fires_on_time_on_its_group(controller: ControllerHandle, fle
         p["address"] for p in fleet.plays() if p["broadcast_id"] == broadcast_id and p["event"] == "playing"
     }
     assert played == {"b1-1", "b1-2"}
+    # The programme carries the occurrence's proof of play, counted over the area's devices.
+    planned = datetime.fromisoformat(created.json()["first_occurrence"]["start_utc"])
+    window = {
+        "start": (planned - timedelta(hours=1)).isoformat(),
+        "end": (planned + timedelta(hours=1)).isoformat(),
+    }
+    with controller.client() as client:
+        group = client.get("/api/v1/areas/hn.b.t1/programme", params=window).json()
+        other = client.get("/api/v1/areas/hn.b.t2/programme", params=window).json()
+    (item,) = [i for i in group if i["schedule_id"] == schedule_id]
+    assert item["result"]["outcome"] == "fired" and item["result"]["broadcast_id"] == broadcast_id
+    assert (item["result"]["devices"], item["result"]["played"], item["result"]["failed"]) == (2, 2, 0)
+    assert [i for i in other if i["schedule_id"] == schedule_id] == []
 
 
 def test_occurrences_missed_while_down_play_late_within_grace_or_are_recorded_missed(

@@ -31,8 +31,9 @@ from controller.services.errors import ServiceError
 from controller.services.targets import AreaTreeCache, chunks, device_kinds, plain_rows, reachable_devices
 from controller.services.tracker import expected_play_seconds
 from controller.settings import SchedulesSettings
-from controller.store.models import DeviceRow, MediaRow, OccurrenceRow, ScheduleRow
+from controller.store.models import DeliveryRow, DeviceRow, MediaRow, OccurrenceRow, ScheduleRow
 from schedules.conflicts import (
+    ConflictReport,
     DayWindows,
     Interval,
     PlannedSchedule,
@@ -342,8 +343,28 @@ class ScheduleService:
         resolution: Resolution,
     ) -> list[dict[str, Any]]:
         """Raise 409 listing the clashes the request did not settle; return the settled ones."""
+        report = self._conflict_report(session, schedule_id, spec, timing, devices, context, resolution)
+        if report.blocking:
+            raise ScheduleError(
+                "dtstart",
+                f"clashes with {len(report.clashes)} schedule(s) on shared devices",
+                status=409,
+                extra={"clashes": [clash_dict(c) for c in report.clashes]},
+            )
+        return [clash_dict(c) for c in report.settled]
+
+    def _conflict_report(
+        self,
+        session: Session,
+        schedule_id: str,
+        spec: ScheduleSpec,
+        timing: ScheduleTime,
+        devices: Sequence[DeviceEntry],
+        context: _Context,
+        resolution: Resolution,
+    ) -> ConflictReport:
         if not spec.enabled or spec.priority.priority_class is PriorityClass.EMERGENCY:
-            return []
+            return ConflictReport()
         start = self._now()
         end = start + timedelta(days=self._settings.conflict_horizon_days)
         device_ids = frozenset(device.id for device in devices)
@@ -360,15 +381,7 @@ class ScheduleService:
             if not windows.may_overlap(utc_seconds_of_day(other_timing, start, end), reach):
                 continue
             others.append(self._planned(row_id, other, other_timing, shared, context, start, end))
-        report = find_conflicts(candidate, others, resolution)
-        if report.blocking:
-            raise ScheduleError(
-                "dtstart",
-                f"clashes with {len(report.clashes)} schedule(s) on shared devices",
-                status=409,
-                extra={"clashes": [clash_dict(c) for c in report.clashes]},
-            )
-        return [clash_dict(c) for c in report.settled]
+        return find_conflicts(candidate, others, resolution)
 
     # -- commands --------------------------------------------------------------------------------
     def create(self, spec: ScheduleSpec, principal: Principal, resolution: Resolution) -> dict[str, Any]:
@@ -396,6 +409,39 @@ class ScheduleService:
             "first_occurrence": occurrence_dict(timing.first_occurrence),
             "device_count": len(devices),
             "settled_clashes": settled,
+        }
+
+    def check(
+        self, spec: ScheduleSpec, principal: Principal, resolution: Resolution, *, upcoming: int = 5
+    ) -> dict[str, Any]:
+        """What `create` would say, without storing anything (a dry run for the console's form): the
+        same validation errors (by field), and instead of a 409 the clashes it would refuse, the ones
+        the resolution settles, the devices reached and the next occurrences."""
+        self._require_priority_allowed(spec, principal)
+        timing = schedule_time(spec)
+        with Session(self._engine) as session:
+            context = self._context(session, spec)
+            self._check_content(spec, context)
+            devices = self._devices(spec, context, principal)
+            report = self._conflict_report(session, "dry-run", spec, timing, devices, context, resolution)
+        now = self._now()
+        moments: list[datetime] = []
+        after = now
+        while len(moments) < upcoming:
+            moment = next_after(timing.rule, timing.dtstart, after, timing.exdates)
+            if moment is None:
+                break
+            moments.append(moment)
+            after = moment
+        return {
+            "ok": not report.blocking,
+            "clashes": [clash_dict(c) for c in report.clashes],
+            "settled_clashes": [clash_dict(c) for c in report.settled],
+            "device_count": len(devices),
+            "devices": sorted(device.id for device in devices),
+            "first_occurrence": occurrence_dict(timing.first_occurrence),
+            "next_occurrences": [occurrence_dict(moment) for moment in moments],
+            "play_seconds": round(self._play_seconds(spec, context), 3),
         }
 
     def update(
@@ -507,8 +553,11 @@ class ScheduleService:
         devices inside it, and (marked `part`) schedules aimed at an area below it."""
         self._window(start, end)
         with Session(self._engine) as session:
-            _tree, reaching = self.schedules_reaching(session, area_code, principal)
+            tree, reaching = self.schedules_reaching(session, area_code, principal)
             rows = _load_stored(session, (row_id for row_id, _ in reaching))
+            results = _occurrence_results(
+                session, [row_id for row_id, _ in reaching], start, end, tree.subtree_codes(area_code)
+            )
         items: list[dict[str, Any]] = []
         for row_id, reach in reaching:
             row = rows[row_id]
@@ -522,7 +571,11 @@ class ScheduleService:
                 "reach": reach,
             }
             items.extend(
-                {**occurrence_dict(moment), **shared}
+                {
+                    **occurrence_dict(moment),
+                    **shared,
+                    "result": results.get((row.id, _instant_key(moment))),
+                }
                 for moment in expand(
                     timing.rule, timing.dtstart, start=start, end=end, exdates=timing.exdates
                 )
@@ -575,6 +628,78 @@ class ScheduleService:
             )
 
 
+# What became of a play request (one broadcast on one device, a preempted one played again being one
+# request): the state its last delivery is in, in the buckets of the proof-of-play report
+# (controller/services/reports.py).
+_BUCKETS = {
+    "completed": "played",
+    "playing": "playing",
+    "queued": "pending",
+    "sent": "pending",
+    "delivered": "pending",
+    "interrupted": "interrupted",
+    "expired": "missed",
+    "failed": "failed",
+    "cancelled": "cancelled",
+}
+RESULT_BUCKETS = ("played", "playing", "pending", "interrupted", "missed", "failed", "cancelled")
+
+
+def _instant_key(moment: datetime) -> int:
+    aware = moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
+    return round(aware.timestamp())
+
+
+def _occurrence_results(
+    session: Session, schedule_ids: Sequence[str], start: datetime, end: datetime, areas: frozenset[str]
+) -> dict[tuple[str, int], dict[str, Any]]:
+    """Proof of play of the recorded occurrences of these schedules planned in [start, end), keyed by
+    (schedule id, planned instant): fired (with per-bucket counts of the devices in `areas` its
+    broadcast reached), missed or failed (with the reason)."""
+    occurrences = [
+        row
+        for chunk in chunks(schedule_ids)
+        for row in session.exec(
+            select(OccurrenceRow).where(
+                col(OccurrenceRow.schedule_id).in_(chunk),
+                col(OccurrenceRow.planned_at) >= start,
+                col(OccurrenceRow.planned_at) < end,
+            )
+        ).all()
+    ]
+    broadcasts = {row.broadcast_id for row in occurrences if row.broadcast_id is not None}
+    deliveries = [
+        (delivery, area)
+        for chunk in chunks(broadcasts)
+        for delivery, area in session.exec(
+            select(DeliveryRow, DeviceRow.area_code)
+            .join(DeviceRow, col(DeviceRow.id) == col(DeliveryRow.device_id))
+            .where(col(DeliveryRow.broadcast_id).in_(chunk))
+        ).all()
+    ]
+    resumed_by = {d.resumes_delivery_id: d for d, _ in deliveries if d.resumes_delivery_id is not None}
+    counts: dict[str, dict[str, int]] = {}
+    for delivery, area in deliveries:
+        if delivery.resumes_delivery_id is not None or area not in areas:
+            continue
+        last = delivery
+        while last.id in resumed_by:
+            last = resumed_by[last.id]
+        bucket = counts.setdefault(delivery.broadcast_id, dict.fromkeys(RESULT_BUCKETS, 0))
+        bucket[_BUCKETS.get(last.state, "pending")] += 1
+    results: dict[tuple[str, int], dict[str, Any]] = {}
+    for row in occurrences:
+        found = counts.get(row.broadcast_id or "", dict.fromkeys(RESULT_BUCKETS, 0))
+        results[(row.schedule_id, _instant_key(row.planned_at))] = {
+            "outcome": row.outcome,
+            "broadcast_id": row.broadcast_id,
+            "detail": row.detail,
+            "devices": sum(found.values()) if row.broadcast_id is not None else None,
+            **(found if row.broadcast_id is not None else {}),
+        }
+    return results
+
+
 def _rank(item: dict[str, Any]) -> int:
     return Priority(PriorityClass(item["priority"]), item["sub_priority"]).rank
 
@@ -617,6 +742,7 @@ def clash_dict(clash: Any) -> dict[str, Any]:
         "times": [{"start": i.start.isoformat(), "end": i.end.isoformat()} for i in clash.times],
         "overlap_count": clash.overlap_count,
         "why": clash.why,
+        "remedy": clash.remedy,
     }
 
 

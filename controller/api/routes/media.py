@@ -5,13 +5,15 @@ from collections.abc import AsyncIterator
 
 from fastapi import APIRouter, Request, status
 from fastapi.responses import FileResponse, JSONResponse
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict, Field
 from sqlmodel import Session, col, select
 from starlette.datastructures import UploadFile
 
 from controller.api.deps import MediaUploader, Reader, RuntimeDep
 from controller.api.errors import ApiError
-from controller.services.media import MediaRejected, record_media
+from controller.services.errors import ServiceError
+from controller.services.media import MediaRejected, StoredMedia, record_media
+from controller.services.tts import SpeechSynthesizer, speech_media_id
 from controller.store.models import MediaRow
 
 router = APIRouter(tags=["media"])
@@ -125,4 +127,50 @@ async def serve_media(sha256: str, runtime: RuntimeDep) -> FileResponse:
         runtime.media_store.path_for(sha256),
         media_type=row.content_type,
         headers={"Cache-Control": "public, max-age=31536000, immutable"},
+    )
+
+
+class SpeechPreviewIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    text: str = Field(max_length=100_000, description="the words to speak, as a schedule's `content.tts`")
+
+
+@router.post(
+    "/api/v1/tts/preview",
+    response_class=FileResponse,
+    responses={200: {"content": {"audio/wav": {}}, "description": "the spoken text (WAV)"}},
+)
+async def preview_speech(
+    body: SpeechPreviewIn, runtime: RuntimeDep, _principal: MediaUploader
+) -> FileResponse:
+    """The Vietnamese speech of `text`, as a schedule with `content.tts` would play it, to listen to
+    before saving. The audio is kept as media (header `X-Media-Id`, duration in `X-Duration-S`), so
+    that the schedule made from the same text reuses it instead of speaking it again."""
+    recorded: list[StoredMedia] = []
+
+    def record(stored: StoredMedia) -> str:
+        recorded.append(stored)
+        row, _created = record_media(runtime.engine, stored)
+        return row.id
+
+    try:
+        media_id = await speech_media_id(
+            body.text,
+            synthesizer=SpeechSynthesizer(runtime.settings.tts),
+            store=runtime.media_store,
+            record=record,
+        )
+    except ServiceError as error:  # named after this request's field, not a schedule's content.tts
+        name = "unavailable" if error.status == status.HTTP_503_SERVICE_UNAVAILABLE else "invalid"
+        raise ApiError(error.status, name, "text", error.detail) from error
+    stored = recorded[-1]
+    return FileResponse(
+        runtime.media_store.path_for(stored.sha256),
+        media_type="audio/wav",
+        headers={
+            "X-Media-Id": media_id,
+            "X-Duration-S": f"{stored.duration_s:.3f}",
+            "Cache-Control": "no-store",
+        },
     )

@@ -145,6 +145,21 @@ async def create_schedule(body: ScheduleIn, runtime: RuntimeDep, principal: Broa
     return result
 
 
+@router.post("/api/v1/schedules/check")
+async def check_schedule(body: ScheduleIn, runtime: RuntimeDep, principal: Broadcaster) -> dict[str, Any]:
+    """A dry run of `POST /api/v1/schedules`: the same checks and errors (by field), nothing stored.
+    Instead of a 409 the answer lists the `clashes` creating it would refuse (`ok` false), the
+    `settled_clashes` its `resolution` settles, the devices it reaches and its `next_occurrences`.
+    A `tts` text is spoken (and kept, as creating it would) to know how long it plays."""
+    if body.content.tts is not None:
+        schedule_time(_spec(body, runtime.settings.timezone, ()))
+    spec = _spec(body, runtime.settings.timezone, await _media_ids(body.content, runtime))
+    result: dict[str, Any] = await asyncio.to_thread(
+        runtime.schedules.check, spec, principal, body.resolution
+    )
+    return result
+
+
 @router.get("/api/v1/schedules")
 async def list_schedules(runtime: RuntimeDep, principal: Reader) -> list[dict[str, Any]]:
     result: list[dict[str, Any]] = await asyncio.to_thread(runtime.schedules.list_visible, principal)
@@ -210,7 +225,10 @@ async def area_programme(
     code: str, start: Window, end: Window, runtime: RuntimeDep, principal: Reader
 ) -> list[dict[str, Any]]:
     """Every occurrence that reaches the area, its own and its ancestors' (and, marked `part`, its
-    sub-areas' and its devices')."""
+    sub-areas' and its devices'). `result` is null until the occurrence is recorded, then its proof
+    of play: `outcome` fired / missed / failed (`detail` says why), and for a fired one the devices of
+    this area its broadcast reached, counted by what became of each: played, playing, pending,
+    interrupted, missed (expired), failed, cancelled."""
     result: list[dict[str, Any]] = await asyncio.to_thread(
         runtime.schedules.programme, code, start, end, principal
     )
