@@ -98,7 +98,7 @@ def test_ward_staff_schedules_a_recurring_tts_announcement_sees_the_clash_and_th
         expect(clash).to_have_count(1)
 
         # A time a few seconds ahead, today, every day: no clash, saved, and it plays.
-        soon = datetime.now(HANOI).replace(microsecond=0) + timedelta(seconds=15)
+        soon = datetime.now(HANOI).replace(microsecond=0) + timedelta(seconds=25)  # time to fill and save
         page.get_by_label("Tần suất").select_option("DAILY")
         page.get_by_label("Từ ngày").fill(soon.date().isoformat())
         page.get_by_label("Giờ phát 1").fill(soon.strftime("%H:%M:%S"))
