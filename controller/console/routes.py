@@ -13,6 +13,7 @@ from fastapi.responses import HTMLResponse, RedirectResponse
 from fastapi.staticfiles import StaticFiles
 from sse_starlette.sse import EventSourceResponse
 
+from controller.console import records
 from controller.console.dashboard import DeviceStatus, build_dashboard, device_status
 from controller.console.i18n import Translator, requested_language
 from controller.console.pages import (
@@ -41,7 +42,7 @@ if TYPE_CHECKING:
 _HERE = Path(__file__).parent
 router = APIRouter(include_in_schema=False)
 # Each part of the console has its router (controller/console/<part>.py); they are mounted here.
-PAGE_ROUTERS: tuple[APIRouter, ...] = (router,)
+PAGE_ROUTERS: tuple[APIRouter, ...] = (router, records.router)
 
 
 def install_console(app: FastAPI, runtime: Runtime) -> None:
