@@ -24,6 +24,7 @@ from controller.api.routes import (
     schedules,
     system,
     telemetry,
+    users,
 )
 from controller.console.routes import install_console
 from controller.services.auth import Principal, Role
@@ -88,6 +89,7 @@ def create_app(runtime: Runtime, *, manage_runtime: bool = True) -> FastAPI:
         reports,
         calendar,
         system,
+        users,
     ):
         app.include_router(module.router)
     install_console(app, runtime)

@@ -43,6 +43,7 @@ NAVIGATION: tuple[NavItem, ...] = (
     NavItem("/announcements/new", "nav.announce", frozenset({Action.BROADCAST})),
     NavItem("/calendar", "nav.calendar", frozenset({Action.READ})),
     NavItem("/log", "nav.log", frozenset({Action.READ})),
+    NavItem("/report", "nav.report", frozenset({Action.READ})),
     NavItem("/devices", "nav.devices", frozenset({Action.PROVISION, Action.MANAGE_DEVICES})),
     NavItem("/claims", "nav.claims", frozenset({Action.PROVISION})),
     NavItem("/rollouts", "nav.rollouts", frozenset({Action.PROVISION, Action.MANAGE_FIRMWARE})),

@@ -13,7 +13,7 @@ from fastapi.responses import HTMLResponse, RedirectResponse
 from fastapi.staticfiles import StaticFiles
 from sse_starlette.sse import EventSourceResponse
 
-from controller.console import announce, emergency, manage, tech
+from controller.console import announce, emergency, manage, records, tech
 from controller.console.dashboard import DeviceStatus, build_dashboard, device_status
 from controller.console.i18n import Translator, requested_language
 from controller.console.pages import (
@@ -45,6 +45,7 @@ router = APIRouter(include_in_schema=False)
 PAGE_ROUTERS: tuple[APIRouter, ...] = (
     router,
     announce.router,
+    records.router,
     emergency.router,
     tech.router,
     manage.router,

@@ -41,6 +41,7 @@ from controller.services.media import media_document
 from controller.services.targets import AreaTreeCache, chunks, reachable_devices
 from controller.services.tracker import DeliveryTracker, TrackedDelivery, expected_play_seconds
 from controller.store.models import (
+    ApiKeyRow,
     BroadcastRow,
     DeliveryEventRow,
     DeliveryRow,
@@ -48,6 +49,7 @@ from controller.store.models import (
     MediaRow,
     OccurrenceRow,
     OutboxRow,
+    UserRow,
 )
 
 SPEAKER_KIND = "speaker"
@@ -686,33 +688,64 @@ class BroadcastService:
             for stop, delivery in zip(stops, deliveries, strict=True)
         ]
 
-    def recent(self, principal: Principal, *, limit: int) -> list[dict[str, Any]]:
-        """The latest broadcasts, newest first, with their counts per delivery state; a key bound to a
-        ward sees those that reach only devices inside it."""
+    def recent(
+        self,
+        principal: Principal,
+        *,
+        limit: int,
+        offset: int = 0,
+        start: datetime | None = None,
+        end: datetime | None = None,
+        area: str | None = None,
+        priority: PriorityClass | None = None,
+    ) -> list[dict[str, Any]]:
+        """Broadcasts newest first, with their counts per delivery state, content and author; filtered by
+        creation time [start, end), by an area (those that reached a device in its subtree) and by
+        priority class, then paged (`offset`, `limit`). A key bound to a ward sees only those that reach
+        no device outside it (filtered in the query, so that pages stay full)."""
         with Session(self._engine) as session:
+            tree = self._areas.load(session)
+            query = select(BroadcastRow)
+            if start is not None:
+                query = query.where(col(BroadcastRow.created_at) >= start)
+            if end is not None:
+                query = query.where(col(BroadcastRow.created_at) < end)
+            if priority is not None:
+                query = query.where(BroadcastRow.priority_class == priority.value)
+            if area is not None:
+                if area not in tree:
+                    raise BroadcastError("area", f"unknown area {area!r}", status=422)
+                reaching = _reaching(tree.subtree_codes(area), inside=True)
+                query = query.where(col(BroadcastRow.id).in_(reaching))
+            if principal.ward_code is not None:
+                ward = tree.subtree_codes(principal.ward_code) if principal.ward_code in tree else frozenset()
+                query = query.where(col(BroadcastRow.id).not_in(_reaching(ward, inside=False)))
             rows = session.exec(
-                select(BroadcastRow).order_by(col(BroadcastRow.created_at).desc()).limit(limit)
+                query.order_by(col(BroadcastRow.created_at).desc(), col(BroadcastRow.id))
+                .offset(offset)
+                .limit(limit)
             ).all()
             ids = [row.id for row in rows]
             counted = session.exec(
-                select(DeliveryRow.broadcast_id, DeliveryRow.state, DeviceRow.area_code)
-                .join(DeviceRow, col(DeviceRow.id) == col(DeliveryRow.device_id))
-                .where(col(DeliveryRow.broadcast_id).in_(ids))
+                select(DeliveryRow.broadcast_id, DeliveryRow.state).where(
+                    col(DeliveryRow.broadcast_id).in_(ids)
+                )
             ).all()
-            tree = self._areas.load(session)
+            media = self._media_of(session, [m for row in rows for m in (row.media_id, *row.playlist_tail)])
+            authors = _author_names(session, {row.created_by for row in rows if row.created_by})
         counts: dict[str, dict[str, int]] = {broadcast_id: {} for broadcast_id in ids}
-        outside: set[str] = set()
-        for broadcast_id, state, area_code in counted:
+        for broadcast_id, state in counted:
             counts[broadcast_id][state] = counts[broadcast_id].get(state, 0) + 1
-            if principal.ward_code is not None and not tree.is_within(area_code, principal.ward_code):
-                outside.add(broadcast_id)
         return [
             {
                 "id": row.id,
+                "state": _overall(row, counts[row.id]),
                 "priority": row.priority_class,
                 "sub_priority": row.sub_priority,
                 "mode": row.mode,
                 "targets": row.targets,
+                "content": [media[m] for m in (row.media_id, *row.playlist_tail) if m in media],
+                "created_by": authors.get(row.created_by) if row.created_by else None,
                 "created_at": rfc3339(row.created_at),
                 "expires_at": rfc3339(row.expires_at),
                 "cancelled_at": rfc3339(row.cancelled_at) if row.cancelled_at else None,
@@ -720,8 +753,16 @@ class BroadcastService:
                 "counts": counts[row.id],
             }
             for row in rows
-            if row.id not in outside
         ]
+
+    @staticmethod
+    def _media_of(session: Session, media_ids: list[str]) -> dict[str, dict[str, Any]]:
+        """What each media item is, for people: its file name (a TTS item's is "TTS <its words>.wav")."""
+        found = session.exec(select(MediaRow).where(col(MediaRow.id).in_(set(media_ids)))).all()
+        return {
+            row.id: {"media_id": row.id, "filename": row.filename, "duration_s": row.duration_s}
+            for row in found
+        }
 
     def describe(self, broadcast_id: str, principal: Principal) -> dict[str, Any]:
         with Session(self._engine) as session:
@@ -751,13 +792,18 @@ class BroadcastService:
                     "detail": event.detail,
                 }
             )
+            media = self._media_of(session, [row.media_id, *row.playlist_tail])
+            authors = _author_names(session, {row.created_by} if row.created_by else set())
+            devices = {
+                device_id: (name, area_code)
+                for device_id, name, area_code in session.exec(
+                    select(DeviceRow.id, DeviceRow.name, DeviceRow.area_code).where(
+                        col(DeviceRow.id).in_({d.device_id for d in deliveries})
+                    )
+                ).all()
+            }
         states = [DeliveryState(d.state) for d in deliveries]
-        if row.cancelled_at is not None:
-            overall = "cancelled"
-        elif all(state.is_terminal for state in states):
-            overall = "finished"
-        else:
-            overall = "active"
+        overall = _overall(row, {state.value: 1 for state in states})
         return {
             "id": row.id,
             "state": overall,
@@ -766,6 +812,8 @@ class BroadcastService:
             "mode": row.mode,
             "media_id": row.media_id,
             "media_ids": [row.media_id, *row.playlist_tail],
+            "content": [media[m] for m in (row.media_id, *row.playlist_tail) if m in media],
+            "created_by": authors.get(row.created_by) if row.created_by else None,
             "gap_s": row.gap_s,
             "planned_play_s": row.planned_play_s,
             "repeats": row.repeats,
@@ -780,6 +828,8 @@ class BroadcastService:
                 {
                     "id": d.id,
                     "device_id": d.device_id,
+                    "device_name": devices.get(d.device_id, (None, None))[0],
+                    "area": devices.get(d.device_id, (None, None))[1],
                     "command_id": d.command_id,
                     "state": d.state,
                     "detail": d.detail,
@@ -790,3 +840,39 @@ class BroadcastService:
                 for d in deliveries
             ],
         }
+
+
+def _overall(row: BroadcastRow, counts: Mapping[str, int]) -> str:
+    """cancelled; active while a delivery has not ended; otherwise finished."""
+    if row.cancelled_at is not None:
+        return "cancelled"
+    return "finished" if all(DeliveryState(state).is_terminal for state in counts) else "active"
+
+
+def _reaching(area_codes: frozenset[str], *, inside: bool) -> Any:
+    """The ids of broadcasts with a delivery to a device inside (or outside) these areas."""
+    area = col(DeviceRow.area_code)
+    in_areas = area.in_(area_codes) if inside else area.not_in(area_codes)
+    return (
+        select(DeliveryRow.broadcast_id)
+        .join(DeviceRow, col(DeviceRow.id) == col(DeliveryRow.device_id))
+        .where(in_areas)
+    )
+
+
+def _author_names(session: Session, key_ids: set[str]) -> dict[str, str]:
+    """Who created a broadcast, for people: a console user's name (key id "user:<id>"), an API key's name,
+    or "schedule"."""
+    user_ids = {key[len("user:") :] for key in key_ids if key.startswith("user:")}
+    key_only = {key for key in key_ids if not key.startswith("user:")}
+    names: dict[str, str] = {key: key for key in key_ids}
+    if user_ids:
+        for user_id, username in session.exec(
+            select(UserRow.id, UserRow.username).where(col(UserRow.id).in_(user_ids))
+        ).all():
+            names[f"user:{user_id}"] = username
+    if key_only:
+        names.update(
+            session.exec(select(ApiKeyRow.id, ApiKeyRow.name).where(col(ApiKeyRow.id).in_(key_only))).all()
+        )
+    return names

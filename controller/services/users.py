@@ -12,7 +12,7 @@ from datetime import datetime, timedelta
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
 from sqlalchemy import Engine
-from sqlmodel import Session, select
+from sqlmodel import Session, col, select
 
 from controller.services.auth import Principal, Role
 from controller.store.models import AreaRow, UserRow
@@ -44,6 +44,40 @@ class LoginResult:
     locked_until: datetime | None = None
 
 
+def _role(role: str) -> Role:
+    try:
+        parsed = Role(role)
+    except ValueError as error:
+        raise UserError("role", f"must be one of {', '.join(r.value for r in CONSOLE_ROLES)}") from error
+    if parsed not in CONSOLE_ROLES:
+        raise UserError("role", f"must be one of {', '.join(r.value for r in CONSOLE_ROLES)}")
+    return parsed
+
+
+def _scope(role: Role, wards: Sequence[str]) -> tuple[str | None, list[str]]:
+    """(ward_code, wards) of a user of this role: a ward_staff user names exactly one ward (its
+    `ward_code`); a technician any number (none: city-wide); the others none."""
+    wards = list(dict.fromkeys(wards))
+    if role is Role.WARD_STAFF:
+        if len(wards) != 1:
+            raise UserError("ward", "a ward_staff user names exactly one ward")
+        return wards[0], []
+    if wards and role is not Role.TECHNICIAN:
+        raise UserError("ward", "only ward_staff and technician users have wards")
+    return None, wards
+
+
+def _check_password(password: str) -> None:
+    if len(password) < MIN_PASSWORD_LENGTH:
+        raise UserError("password", f"at least {MIN_PASSWORD_LENGTH} characters")
+
+
+def _check_wards(session: Session, ward_code: str | None, wards: Sequence[str]) -> None:
+    for code in [*([ward_code] if ward_code else []), *wards]:
+        if session.get(AreaRow, code) is None:
+            raise UserError("ward", f"unknown area {code!r}")
+
+
 def create_user(
     engine: Engine, *, username: str, password: str, role: str, wards: Sequence[str], now: datetime
 ) -> UserRow:
@@ -51,22 +85,9 @@ def create_user(
     username = username.strip()
     if not username or len(username) > 64 or any(c.isspace() for c in username):  # noqa: PLR2004
         raise UserError("username", "1 to 64 characters, no spaces")
-    try:
-        parsed_role = Role(role)
-    except ValueError as error:
-        raise UserError("role", f"must be one of {', '.join(r.value for r in CONSOLE_ROLES)}") from error
-    if parsed_role not in CONSOLE_ROLES:
-        raise UserError("role", f"must be one of {', '.join(r.value for r in CONSOLE_ROLES)}")
-    if len(password) < MIN_PASSWORD_LENGTH:
-        raise UserError("password", f"at least {MIN_PASSWORD_LENGTH} characters")
-    wards = list(dict.fromkeys(wards))
-    ward_code: str | None = None
-    if parsed_role is Role.WARD_STAFF:
-        if len(wards) != 1:
-            raise UserError("ward", "a ward_staff user names exactly one ward")
-        ward_code, wards = wards[0], []
-    elif wards and parsed_role is not Role.TECHNICIAN:
-        raise UserError("ward", "only ward_staff and technician users have wards")
+    parsed_role = _role(role)
+    _check_password(password)
+    ward_code, wards = _scope(parsed_role, wards)
     row = UserRow(
         id=str(uuid.uuid4()),
         username=username,
@@ -77,15 +98,61 @@ def create_user(
         created_at=now,
     )
     with Session(engine) as session:
-        for code in [*([ward_code] if ward_code else []), *wards]:
-            if session.get(AreaRow, code) is None:
-                raise UserError("ward", f"unknown area {code!r}")
+        _check_wards(session, ward_code, wards)
         if session.exec(select(UserRow).where(UserRow.username == username)).first() is not None:
             raise UserError("username", f"{username!r} exists already")
         session.add(row)
         session.commit()
         session.refresh(row)
     return row
+
+
+def list_users(engine: Engine) -> list[UserRow]:
+    with Session(engine) as session:
+        return list(session.exec(select(UserRow).order_by(col(UserRow.username))).all())
+
+
+def update_user(
+    engine: Engine,
+    user_id: str,
+    *,
+    role: str | None = None,
+    wards: Sequence[str] | None = None,
+    password: str | None = None,
+    unlock: bool = False,
+) -> UserRow:
+    """Change a user's role and/or wards (checked together, as at creation), set a new password, or
+    lift a lock-out (`unlock`). A new password also lifts the lock-out."""
+    with Session(engine) as session:
+        row = session.get(UserRow, user_id)
+        if row is None:
+            raise UserError("id", f"unknown user {user_id!r}")
+        if role is not None or wards is not None:
+            parsed_role = _role(role if role is not None else row.role)
+            current = [row.ward_code] if row.ward_code else list(row.wards or ())
+            ward_code, new_wards = _scope(parsed_role, current if wards is None else wards)
+            _check_wards(session, ward_code, new_wards)
+            row.role, row.ward_code, row.wards = parsed_role.value, ward_code, new_wards
+        if password is not None:
+            _check_password(password)
+            row.password_hash = _hasher.hash(password)
+            unlock = True
+        if unlock:
+            row.failed_attempts = 0
+            row.locked_until = None
+        session.add(row)
+        session.commit()
+        session.refresh(row)
+        return row
+
+
+def delete_user(engine: Engine, user_id: str) -> None:
+    with Session(engine) as session:
+        row = session.get(UserRow, user_id)
+        if row is None:
+            raise UserError("id", f"unknown user {user_id!r}")
+        session.delete(row)
+        session.commit()
 
 
 def sign_in(engine: Engine, username: str, password: str, now: datetime) -> LoginResult:

@@ -89,10 +89,26 @@ async def create_broadcast(body: BroadcastIn, runtime: RuntimeDep, principal: Br
 
 @router.get("")
 async def list_broadcasts(
-    runtime: RuntimeDep, principal: Reader, limit: Annotated[int, Query(ge=1, le=500)] = 50
+    runtime: RuntimeDep,
+    principal: Reader,
+    limit: Annotated[int, Query(ge=1, le=500)] = 50,
+    offset: Annotated[int, Query(ge=0, le=1_000_000, description="skip this many (paging)")] = 0,
+    start: Annotated[
+        AwareDatetime | None, Query(alias="from", description="created at or after, ISO 8601 with an offset")
+    ] = None,
+    end: Annotated[AwareDatetime | None, Query(alias="to", description="created before (exclusive)")] = None,
+    area: Annotated[
+        str | None, Query(min_length=1, max_length=64, description="reached a device in this area's subtree")
+    ] = None,
+    priority: PriorityClass | None = None,
 ) -> list[dict[str, Any]]:
-    """The latest broadcasts, newest first, with their counts per delivery state."""
-    result: list[dict[str, Any]] = await asyncio.to_thread(runtime.broadcasts.recent, principal, limit=limit)
+    """Broadcasts newest first, with their counts per delivery state, content (media file names; a
+    text-to-speech item's starts with "TTS") and who created them; filtered, then paged."""
+    result: list[dict[str, Any]] = await asyncio.to_thread(
+        lambda: runtime.broadcasts.recent(
+            principal, limit=limit, offset=offset, start=start, end=end, area=area, priority=priority
+        )
+    )
     return result
 
 
