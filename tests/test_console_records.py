@@ -175,7 +175,8 @@ def test_the_report_counts_plays_and_exports_csv_with_vietnamese_names(
 
 def test_admin_creates_a_ward_user_who_sees_only_their_ward(console: ControllerHandle, page: Page):
     sign_in(page, console.base_url, "admin")
-    page.get_by_role("navigation", name="Điều hướng chính").get_by_role("link", name="Người dùng").click()
+    page.get_by_role("navigation", name="Điều hướng chính").get_by_role("link", name="Quản lý").click()
+    page.get_by_role("link", name="Người dùng").click()
     expect(page.locator('#users-table tr[data-username="canbo.an"]')).to_contain_text("Phường An")
     form = page.locator("#create-form")
     form.get_by_label("Tên đăng nhập").fill("canbo.binh")

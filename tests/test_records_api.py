@@ -189,3 +189,50 @@ def test_the_broadcast_log_filters_pages_and_names_content_and_author(api: Contr
         detail = client.get(f"/api/v1/broadcasts/{ward_a['id']}").json()
     assert detail["created_by"] == "test-admin"
     assert {d["area"] for d in detail["deliveries"]} == {"hn.a.t1"}
+
+
+@pytest.mark.integration
+def test_a_console_user_s_actions_are_stored_and_audited_under_their_name(api: ControllerHandle):
+    """A console user acts as `user:<uuid>` (41 characters): every who-did-it column takes it, on
+    PostgreSQL too (migration 0012)."""
+    with api.client() as client:
+        made = client.post(
+            "/api/v1/users", json={"username": "vanhanh.a", "role": "operator", "password": PASSWORD}
+        )
+        assert made.status_code == 201, made.text
+    media_id = upload(api, 0.5)
+    console, csrf = _console_session(api, "vanhanh.a", PASSWORD)
+    try:
+        headers = {"X-CSRF-Token": csrf}
+        broadcast = console.post(
+            "/api/v1/broadcasts",
+            json={"content": {"media_id": media_id}, "targets": {"areas": ["hn.a.t1"]}},
+            headers=headers,
+        )
+        assert broadcast.status_code == 201, broadcast.text
+        schedule = console.post(
+            "/api/v1/schedules",
+            json={
+                "name": "Bản tin thử",
+                "targets": {"areas": ["hn.a.t2"]},
+                "content": {"media_ids": [media_id]},
+                "dtstart": "2031-01-06T06:00",
+                "rrule": "FREQ=WEEKLY;BYDAY=MO",
+            },
+            headers=headers,
+        )
+        assert schedule.status_code == 201, schedule.text
+        alert = console.post(
+            "/api/v1/alerts",
+            json={"headline": "Diễn tập", "text": "Thử", "mode": "drill", "targets": {"areas": ["hn.b"]}},
+            headers=headers,
+        )
+        assert alert.status_code in {201, 202}, alert.text
+        cancelled = console.post("/api/v1/alerts/cancel-all", headers=headers)
+        assert cancelled.status_code == 200, cancelled.text
+        logged = console.get(f"/api/v1/broadcasts/{broadcast.json()['id']}").json()
+        assert logged["created_by"] == "vanhanh.a"
+        audit = console.get("/api/v1/audit", params={"limit": 1000}).json()
+    finally:
+        console.close()
+    assert any(entry["key_name"] == "vanhanh.a" for entry in audit)

@@ -39,6 +39,10 @@ class UtcDateTime(TypeDecorator[datetime]):
         return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
 
 
+# Who made or approved something: an API key's id (a UUID) or a console user's `user:<uuid>`.
+PRINCIPAL_ID_LENGTH = 64
+
+
 def _utc_column(*, nullable: bool = True, index: bool = False) -> Any:
     return Field(default=None, sa_column=Column(UtcDateTime(), nullable=nullable, index=index))
 
@@ -156,7 +160,7 @@ class BroadcastRow(SQLModel, table=True):
     # What happens to a delivery another broadcast preempts: play it again afterwards, or record it missed.
     on_preempted: str = Field(default="resume", max_length=8, sa_column_kwargs={"server_default": "resume"})
     targets: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
-    created_by: str | None = Field(default=None, max_length=36)
+    created_by: str | None = Field(default=None, max_length=PRINCIPAL_ID_LENGTH)
     created_at: datetime = _utc_column(nullable=False, index=True)
     expires_at: datetime = _utc_column(nullable=False)
     cancelled_at: datetime | None = _utc_column()
@@ -253,7 +257,7 @@ class ScheduleRow(SQLModel, table=True):
     # Where two priority-class schedules of one ward clash, the staff's order: lower plays first.
     ward_order: int | None = None
     on_preempted: str = Field(default="resume", max_length=8)
-    created_by: str | None = Field(default=None, max_length=36)
+    created_by: str | None = Field(default=None, max_length=PRINCIPAL_ID_LENGTH)
     created_at: datetime = _utc_column(nullable=False)
     updated_at: datetime = _utc_column(nullable=False)
 
@@ -306,11 +310,11 @@ class AlertRow(SQLModel, table=True):
     idempotency_key: str | None = Field(default=None, max_length=200)
     request_hash: str | None = Field(default=None, max_length=64)
     webhook_url: str | None = Field(default=None, max_length=500)
-    created_by: str = Field(max_length=36)
+    created_by: str = Field(max_length=PRINCIPAL_ID_LENGTH)
     created_at: datetime = _utc_column(nullable=False, index=True)
-    approved_by: str | None = Field(default=None, max_length=36)
+    approved_by: str | None = Field(default=None, max_length=PRINCIPAL_ID_LENGTH)
     approved_at: datetime | None = _utc_column()
-    cancelled_by: str | None = Field(default=None, max_length=36)
+    cancelled_by: str | None = Field(default=None, max_length=PRINCIPAL_ID_LENGTH)
     cancelled_at: datetime | None = _utc_column()
 
 
@@ -321,7 +325,7 @@ class AuditRow(SQLModel, table=True):
 
     id: int | None = Field(default=None, primary_key=True)
     at: datetime = _utc_column(nullable=False, index=True)
-    key_id: str | None = Field(default=None, max_length=36, index=True)
+    key_id: str | None = Field(default=None, max_length=PRINCIPAL_ID_LENGTH, index=True)
     key_name: str | None = Field(default=None, max_length=100)
     role: str | None = Field(default=None, max_length=16)
     action: str = Field(max_length=60, index=True)
@@ -397,7 +401,7 @@ class RuleRow(SQLModel, table=True):
     action: str = Field(max_length=16)
     broadcast: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON, nullable=True))
     enabled: bool = True
-    created_by: str | None = Field(default=None, max_length=36)
+    created_by: str | None = Field(default=None, max_length=PRINCIPAL_ID_LENGTH)
     created_at: datetime = _utc_column(nullable=False)
 
 
@@ -455,7 +459,7 @@ class OperationRow(SQLModel, table=True):
     params: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
     targets: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
     device_count: int
-    created_by: str | None = Field(default=None, max_length=36)
+    created_by: str | None = Field(default=None, max_length=PRINCIPAL_ID_LENGTH)
     created_at: datetime = _utc_column(nullable=False, index=True)
     expires_at: datetime = _utc_column(nullable=False)
     # When every device's result had ended (the operation is then audited as finished).
@@ -538,7 +542,7 @@ class RolloutRow(SQLModel, table=True):
     download_token: str = Field(max_length=64)
     reason: str | None = Field(default=None, max_length=500)
     next_window_at: datetime | None = _utc_column()
-    created_by: str | None = Field(default=None, max_length=36)
+    created_by: str | None = Field(default=None, max_length=PRINCIPAL_ID_LENGTH)
     created_at: datetime = _utc_column(nullable=False)
     updated_at: datetime = _utc_column(nullable=False)
 
