@@ -10,7 +10,14 @@ from pathlib import Path
 import pytest
 from playwright.sync_api import Page, expect
 
-from tests.support.console import PASSWORD, console_controller, create_user, screenshot, sign_in
+from tests.support.console import (
+    PASSWORD,
+    console_controller,
+    create_user,
+    create_user_with_cli,
+    screenshot,
+    sign_in,
+)
 from tests.support.scenario import SPEAKERS, running_fleet
 from tests.support.system import ControllerHandle
 
@@ -20,7 +27,7 @@ pytestmark = pytest.mark.integration
 @pytest.fixture(scope="module")
 def console(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ControllerHandle]:
     with console_controller(tmp_path_factory.mktemp("console")) as handle:
-        create_user(handle, "admin", "admin")
+        create_user_with_cli(handle, "admin", "admin")  # the first admin, as `wardcast user create` makes it
         create_user(handle, "canbo.an", "ward_staff", "hn.a")
         yield handle
 

@@ -1,9 +1,9 @@
 """Browser tests of the web console: Debian's Chromium driven by Playwright against a real controller.
 
 Fixtures: `browser` (one Chromium per test module), `page` (a fresh context at desktop size, Vietnamese
-locale). Helpers: `create_user` (through the CLI, as an admin would), `sign_in`, `screenshot` (the page
-at 1366×768 and at 390 px phone width into tests/artifacts/console/, on every run), `console_controller`
-(a controller with its own broker on the small test city)."""
+locale). Helpers: `create_user` (through the API; `create_user_with_cli` as the first admin is made),
+`sign_in`, `screenshot` (the page at 1366×768 and at 390 px phone width into tests/artifacts/console/, on
+every run), `console_controller` (a controller with its own broker on the small test city)."""
 
 from __future__ import annotations
 
@@ -28,6 +28,17 @@ TIMEOUT_MS = 20_000
 
 
 def create_user(controller: ControllerHandle, username: str, role: str, *wards: str) -> None:
+    """Through the API (/api/v1/users), as the users page does; `create_user_with_cli` as an admin's
+    first user is made."""
+    with controller.client() as client:
+        response = client.post(
+            "/api/v1/users",
+            json={"username": username, "role": role, "wards": list(wards), "password": PASSWORD},
+        )
+    assert response.status_code == 201, response.text
+
+
+def create_user_with_cli(controller: ControllerHandle, username: str, role: str, *wards: str) -> None:
     args = ["user", "create", "--username", username, "--role", role, "--password-stdin"]
     for ward in wards:
         args += ["--ward", ward]
