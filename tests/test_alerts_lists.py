@@ -9,8 +9,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.support.broker import start_test_broker
-from tests.support.scenario import seed
+from tests.support.console import seeded_controller
 from tests.support.system import ControllerHandle
 
 pytestmark = pytest.mark.integration
@@ -24,24 +23,12 @@ TEMPLATE = {
 
 @pytest.fixture(scope="module")
 def controller(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ControllerHandle]:
-    workdir = tmp_path_factory.mktemp("alert-lists")
-    broker = start_test_broker(workdir / "mosquitto")
-    handle = ControllerHandle(
-        workdir=workdir,
-        database_url=f"sqlite:///{workdir / 'alerts.db'}",
-        broker=broker,
-        extra_env={
-            "WARDCAST_ALERTS__TEMPLATES": json.dumps({"bao-toan-thanh-pho": TEMPLATE}),
-            "WARDCAST_ALERTS__RATE_LIMIT_PER_MINUTE": "5",
-        },
-    )
-    handle.start()
-    try:
-        seed(handle)
+    extra_env = {
+        "WARDCAST_ALERTS__TEMPLATES": json.dumps({"bao-toan-thanh-pho": TEMPLATE}),
+        "WARDCAST_ALERTS__RATE_LIMIT_PER_MINUTE": "5",
+    }
+    with seeded_controller(tmp_path_factory.mktemp("alert-lists"), extra_env=extra_env) as handle:
         yield handle
-    finally:
-        handle.stop()
-        broker.broker.stop()
 
 
 def test_templates_are_listed_to_those_who_may_send_emergency_alerts(controller: ControllerHandle):

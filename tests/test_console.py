@@ -12,10 +12,10 @@ from playwright.sync_api import Page, expect
 
 from tests.support.console import (
     PASSWORD,
-    console_controller,
     create_user,
     create_user_with_cli,
     screenshot,
+    seeded_controller,
     sign_in,
 )
 from tests.support.scenario import SPEAKERS, running_fleet
@@ -26,7 +26,7 @@ pytestmark = pytest.mark.integration
 
 @pytest.fixture(scope="module")
 def console(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ControllerHandle]:
-    with console_controller(tmp_path_factory.mktemp("console")) as handle:
+    with seeded_controller(tmp_path_factory.mktemp("console")) as handle:
         create_user_with_cli(handle, "admin", "admin")  # the first admin, as `wardcast user create` makes it
         create_user(handle, "canbo.an", "ward_staff", "hn.a")
         yield handle

@@ -15,7 +15,7 @@ import pytest
 from playwright.sync_api import Page, expect
 
 from controller.console.announce import entry_status, parse_week
-from tests.support.console import console_controller, create_user, screenshot, sign_in
+from tests.support.console import create_user, screenshot, seeded_controller, sign_in
 from tests.support.scenario import place_speakers, running_fleet, upload
 from tests.support.system import ControllerHandle
 
@@ -28,7 +28,7 @@ RRULE_DAYS = ("MO", "TU", "WE", "TH", "FR", "SA", "SU")
 
 @pytest.fixture(scope="module")
 def console(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ControllerHandle]:
-    with console_controller(tmp_path_factory.mktemp("announce")) as handle:
+    with seeded_controller(tmp_path_factory.mktemp("announce")) as handle:
         create_user(handle, "canbo.an", "ward_staff", "hn.a")
         create_user(handle, "dieuhanh", "operator")
         yield handle

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 from playwright.sync_api import Browser, Page, expect
 
-from tests.support.console import SIZES, TIMEOUT_MS, console_controller, create_user, screenshot, sign_in
+from tests.support.console import SIZES, TIMEOUT_MS, create_user, screenshot, seeded_controller, sign_in
 from tests.support.scenario import SPEAKERS
 from tests.support.system import ControllerHandle, FleetHandle, wait_until
 
@@ -28,7 +28,7 @@ PLAYING_TIMEOUT_MS = 60_000
 
 @pytest.fixture(scope="module")
 def console(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ControllerHandle]:
-    with console_controller(
+    with seeded_controller(
         tmp_path_factory.mktemp("emergency"),
         extra_env={"WARDCAST_ALERTS__TEMPLATES": json.dumps({"bao-toan-thanh-pho": STORM})},
     ) as handle:

@@ -12,7 +12,7 @@ import httpx
 import pytest
 from playwright.sync_api import Page, expect
 
-from tests.support.console import console_controller, create_user, screenshot, sign_in
+from tests.support.console import create_user, screenshot, seeded_controller, sign_in
 from tests.support.scenario import wav_bytes
 from tests.support.system import ControllerHandle
 
@@ -21,7 +21,7 @@ pytestmark = pytest.mark.integration
 
 @pytest.fixture(scope="module")
 def console(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ControllerHandle]:
-    with console_controller(tmp_path_factory.mktemp("console-manage")) as handle:
+    with seeded_controller(tmp_path_factory.mktemp("console-manage")) as handle:
         create_user(handle, "admin", "admin")
         create_user(handle, "canbo.an", "ward_staff", "hn.a")
         yield handle

@@ -12,7 +12,7 @@ import pytest
 from playwright.sync_api import Browser, Page, expect
 
 from controller.broker import free_tcp_port
-from tests.support.console import PASSWORD, console_controller, create_user, screenshot, sign_in
+from tests.support.console import PASSWORD, create_user, screenshot, seeded_controller, sign_in
 from tests.support.scenario import place_speakers, running_fleet, send, upload
 from tests.support.system import ControllerHandle, wait_until
 
@@ -23,7 +23,7 @@ MARKERS = ".leaflet-marker-icon.device-marker"
 
 @pytest.fixture(scope="module")
 def console(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ControllerHandle]:
-    with console_controller(tmp_path_factory.mktemp("records")) as handle:
+    with seeded_controller(tmp_path_factory.mktemp("records")) as handle:
         place_speakers(handle)
         create_user(handle, "admin", "admin")
         create_user(handle, "canbo.an", "ward_staff", "hn.a")
@@ -80,7 +80,7 @@ def test_map_shows_the_devices_with_no_request_leaving_the_machine(console: Cont
 def test_map_tiles_come_from_the_configured_url_only(browser: Browser, tmp_path: Path):
     tiles = f"http://127.0.0.1:{free_tcp_port()}/tiles"  # nothing listens there: the requests are enough
     env = {"WARDCAST_CONSOLE__MAP__TILE_URL": tiles + "/{z}/{x}/{y}.png"}
-    with console_controller(tmp_path, extra_env=env) as handle:
+    with seeded_controller(tmp_path, extra_env=env) as handle:
         create_user(handle, "admin", "admin")
         context = browser.new_context(locale="vi-VN")
         try:

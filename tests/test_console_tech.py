@@ -16,7 +16,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from playwright.sync_api import Locator, Page, expect
 
-from tests.support.console import console_controller, create_user, screenshot, sign_in
+from tests.support.console import create_user, screenshot, seeded_controller, sign_in
 from tests.support.firmware import SigningKey, make_image, upload_image
 from tests.support.scenario import running_fleet
 from tests.support.system import ControllerHandle
@@ -35,7 +35,7 @@ def console(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ControllerHand
         "WARDCAST_FIRMWARE__DIR": str(workdir / "firmware"),
         "WARDCAST_FIRMWARE__MAX_BYTES": str(1_000_000),
     }
-    with console_controller(workdir, extra_env=firmware) as handle:
+    with seeded_controller(workdir, extra_env=firmware) as handle:
         create_user(handle, "admin", "admin")
         create_user(handle, "kythuat.an", "technician", "hn.a")
         create_user(handle, "canbo.an", "ward_staff", "hn.a")

@@ -3,7 +3,7 @@
 Fixtures: `browser` (one Chromium per test module), `page` (a fresh context at desktop size, Vietnamese
 locale). Helpers: `create_user` (through the API; `create_user_with_cli` as the first admin is made),
 `sign_in`, `screenshot` (the page at 1366×768 and at 390 px phone width into tests/artifacts/console/, on
-every run), `console_controller` (a controller with its own broker on the small test city)."""
+every run), `seeded_controller` (a controller with its own broker on the small test city)."""
 
 from __future__ import annotations
 
@@ -55,11 +55,11 @@ def create_user_with_cli(controller: ControllerHandle, username: str, role: str,
 
 
 @contextlib.contextmanager
-def console_controller(workdir: Path, **options: object) -> Iterator[ControllerHandle]:
+def seeded_controller(workdir: Path, **options: object) -> Iterator[ControllerHandle]:
     """A controller on SQLite with its own broker, seeded with the test city (tests.support.scenario)."""
     broker = start_test_broker(workdir / "mosquitto")
     handle = ControllerHandle(
-        workdir=workdir, database_url=f"sqlite:///{workdir / 'console.db'}", broker=broker, **options
+        workdir=workdir, database_url=f"sqlite:///{workdir / 'wardcast.db'}", broker=broker, **options
     )
     handle.start()
     try:
