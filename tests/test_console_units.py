@@ -10,14 +10,17 @@ import pytest
 from sqlmodel import Session
 
 from controller.console.i18n import LANGUAGES, Translator, catalogue
-from controller.console.session import load_or_create_secret
+from controller.console.session import load_or_create_secret, new_session, session_user
 from controller.services.auth import Role
 from controller.services.users import (
     LOCKOUT,
     UserError,
     create_user,
+    delete_user,
+    get_user,
     principal_of,
     sign_in,
+    update_user,
 )
 from controller.store.db import create_db_engine, migrate
 from controller.store.models import AreaRow
@@ -101,3 +104,16 @@ def test_the_session_secret_is_made_once_and_private(tmp_path: Path):
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
     assert load_or_create_secret(tmp_path / "data") == secret
     assert len(secret) >= 48
+
+
+def test_a_new_password_or_a_deleted_user_ends_the_sessions_opened_before(engine):
+    user = create_user(engine, username="canbo", password=PASSWORD, role="admin", wards=[], now=NOW)
+    session = new_session(user)
+    assert session_user(engine, session).id == user.id
+    assert session_user(engine, new_session()) is None
+    update_user(engine, user.id, password="một-mật-khẩu-mới-dài")
+    assert session_user(engine, session) is None  # opened with the old password
+    renewed = new_session(get_user(engine, user.id))
+    assert session_user(engine, renewed).id == user.id
+    delete_user(engine, user.id)
+    assert session_user(engine, renewed) is None

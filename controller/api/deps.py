@@ -11,9 +11,9 @@ from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from controller.api.errors import ApiError
-from controller.console.session import CSRF_HEADER, SessionCodec, csrf_ok
+from controller.console.session import CSRF_HEADER, SessionCodec, csrf_ok, session_user
 from controller.services.auth import Action, Principal, Role
-from controller.services.users import get_user, principal_of
+from controller.services.users import principal_of
 
 if TYPE_CHECKING:
     from controller.app import Runtime
@@ -72,13 +72,11 @@ async def _console_user(request: Request) -> Principal:
     the X-CSRF-Token header."""
     codec: SessionCodec | None = getattr(request.app.state, "console_sessions", None)
     session = codec.read(request) if codec is not None else None
-    if session is None or session.user_id is None:
+    user = await asyncio.to_thread(session_user, get_runtime(request).engine, session)
+    if user is None or session is None:
         raise ApiError(401, "unauthorized", "Authorization", "send Authorization: Bearer <token>")
     if request.method not in _SAFE_METHODS and not csrf_ok(session, request.headers.get(CSRF_HEADER)):
         raise ApiError(403, "forbidden", CSRF_HEADER, "missing or wrong CSRF token for this session")
-    user = await asyncio.to_thread(get_user, get_runtime(request).engine, session.user_id)
-    if user is None:
-        raise ApiError(401, "unauthorized", "Authorization", "the session's user no longer exists")
     return principal_of(user)
 
 

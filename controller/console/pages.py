@@ -16,9 +16,9 @@ from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from fastapi.templating import Jinja2Templates
 
 from controller.console.i18n import LANGUAGE_COOKIE, Translator, requested_language
-from controller.console.session import ConsoleSession, SessionCodec, new_session
+from controller.console.session import ConsoleSession, SessionCodec, new_session, session_user
 from controller.services.auth import Action, Principal
-from controller.services.users import get_user, principal_of
+from controller.services.users import principal_of
 from controller.store.models import UserRow
 
 if TYPE_CHECKING:
@@ -96,11 +96,8 @@ def session_codec(request: Request) -> SessionCodec:
 
 async def signed_in(request: Request) -> Viewer | None:
     session = session_codec(request).read(request)
-    if session is None or session.user_id is None:
-        return None
-    # Read on every request: a deleted user's cookie stops working at once.
-    user = await asyncio.to_thread(get_user, runtime_of(request).engine, session.user_id)
-    return None if user is None else Viewer(session, user, principal_of(user))
+    user = await asyncio.to_thread(session_user, runtime_of(request).engine, session)
+    return None if user is None or session is None else Viewer(session, user, principal_of(user))
 
 
 def viewer(*any_of: Action) -> Callable[[Request], Coroutine[Any, Any, Viewer]]:

@@ -137,7 +137,7 @@ async def login(request: Request) -> Response:
             request, session, username=username, error=error, error_field=field, status_code=401
         )
     response = RedirectResponse(_local_target(form.get("next")), status_code=303)
-    session_codec(request).write(request, response, new_session(result.user.id))
+    session_codec(request).write(request, response, new_session(result.user))
     return response
 
 
