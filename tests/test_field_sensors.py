@@ -110,8 +110,13 @@ def test_a_modbus_sensor_is_polled_into_telemetry_and_goes_offline_and_back_with
     )
 
     process.kill()
-    wait_until(lambda: not device(controller)["online"], "the sensor offline once its box died", timeout=30)
-    assert device(controller)["status"]["degraded"] is True
+    # The online flag and the driver's status are written by two batches (availability, tracker): wait
+    # for both rather than read the second the instant the first is seen.
+    wait_until(
+        lambda: (found := device(controller))["online"] is False and found["status"]["degraded"] is True,
+        "the sensor offline and degraded once its box died",
+        timeout=30,
+    )
     restarted, _ = start_box(tmp_path, port)
     try:
         wait_until(lambda: device(controller)["online"], "the sensor online again", timeout=30)

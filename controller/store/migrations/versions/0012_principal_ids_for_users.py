@@ -34,6 +34,14 @@ def _resize(old: int, new: int) -> None:
         with op.batch_alter_table(table) as batch:
             for column in columns:
                 batch.alter_column(column, type_=sa.String(length=new), existing_type=sa.String(length=old))
+    if op.get_bind().dialect.name == "sqlite":
+        # SQLite alters a column by copying the table: the copy has none of the old table's triggers, and
+        # the audit log must stay append-only (0004).
+        for event in ("UPDATE", "DELETE"):
+            op.execute(
+                f"CREATE TRIGGER audit_log_no_{event.lower()} BEFORE {event} ON audit_log "
+                "BEGIN SELECT RAISE(ABORT, 'audit_log is append-only'); END"
+            )
 
 
 def upgrade() -> None:
