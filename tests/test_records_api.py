@@ -153,9 +153,15 @@ def test_an_admin_cannot_delete_or_demote_themself(api: ControllerHandle):
             headers=header,
         )
         assert own_password.status_code == 200
-        assert session.get("/api/v1/users").status_code == 200
+        # A new password ends every session opened with the old one, this one too: sign in again.
+        assert session.get("/api/v1/users").status_code == 401
     finally:
         session.close()
+    renewed, _ = _console_session(api, "quantri", "mật-khẩu-mới-đủ-dài")
+    try:
+        assert renewed.get("/api/v1/users").status_code == 200
+    finally:
+        renewed.close()
 
 
 @pytest.mark.integration

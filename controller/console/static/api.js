@@ -36,6 +36,10 @@
     if (response.status === 204) return null;
     const type = response.headers.get("Content-Type") || "";
     const parsed = type.includes("json") ? await response.json() : null;
+    if (response.status === 401) {
+      // The session ended (expired, signed out elsewhere, password changed): sign in again, then come back.
+      window.location.assign("/login?next=" + encodeURIComponent(window.location.pathname + window.location.search));
+    }
     if (!response.ok) throw new ApiFailure(response.status, parsed);
     return parsed === null ? response : parsed;
   }
