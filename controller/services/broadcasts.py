@@ -781,6 +781,16 @@ class BroadcastService:
                 .where(DeliveryRow.broadcast_id == broadcast_id)
                 .order_by(col(DeliveryEventRow.id))
             ).all()
+            media = self._media_of(session, [row.media_id, *row.playlist_tail])
+            authors = _author_names(session, {row.created_by} if row.created_by else set())
+            devices = {
+                device_id: (name, area_code)
+                for device_id, name, area_code in session.exec(
+                    select(DeviceRow.id, DeviceRow.name, DeviceRow.area_code).where(
+                        col(DeviceRow.id).in_({d.device_id for d in deliveries})
+                    )
+                ).all()
+            }
         events_of: dict[str, list[dict[str, Any]]] = {}
         # The log reads in the order of the state machine; a fact that arrived late still sits in its place.
         for event in sorted(events, key=lambda e: (DeliveryState(e.state).progress, e.id or 0)):
@@ -792,16 +802,6 @@ class BroadcastService:
                     "detail": event.detail,
                 }
             )
-            media = self._media_of(session, [row.media_id, *row.playlist_tail])
-            authors = _author_names(session, {row.created_by} if row.created_by else set())
-            devices = {
-                device_id: (name, area_code)
-                for device_id, name, area_code in session.exec(
-                    select(DeviceRow.id, DeviceRow.name, DeviceRow.area_code).where(
-                        col(DeviceRow.id).in_({d.device_id for d in deliveries})
-                    )
-                ).all()
-            }
         states = [DeliveryState(d.state) for d in deliveries]
         overall = _overall(row, {state.value: 1 for state in states})
         return {
