@@ -14,7 +14,7 @@ import pytest
 
 from tests.support.broker import TestBroker
 from tests.support.scenario import SPEAKERS, seed
-from tests.support.system import ControllerHandle, EventWatcher, FleetHandle
+from tests.support.system import ControllerHandle, EventWatcher, FleetHandle, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -69,6 +69,12 @@ def alarms(events: list[dict[str, Any]], device_id: str) -> list[dict[str, Any]]
     ]
 
 
+def listed_devices(controller: ControllerHandle) -> list[dict[str, Any]]:
+    with controller.client() as client:
+        devices: list[dict[str, Any]] = client.get("/api/v1/devices").json()
+    return devices
+
+
 def when(text: str) -> datetime:
     return datetime.fromisoformat(text)
 
@@ -88,13 +94,18 @@ def test_a_killed_device_goes_offline_by_its_last_will_raises_an_alarm_and_clear
                 lambda events: all(any(t["online"] for t in transitions(events, f"spk-{a}")) for a in ALL),
                 what="all 8 speakers online",
             )
-            with controller.client() as client:
-                listed = {d["id"]: d for d in client.get("/api/v1/devices").json()}
-            for device in listed.values():
+
+            # The online flag and last_seen come with the transition; firmware, RSSI and volume with the
+            # device's status, which another batch writes a moment later: wait for both.
+            def reported_status(device: dict[str, Any]) -> bool:
+                return device["firmware"] == "sim-1.0.0" and isinstance(device["rssi_dbm"], int)
+
+            wait_until(
+                lambda: all(map(reported_status, listed_devices(controller))), "every speaker's status"
+            )
+            for device in listed_devices(controller):
                 assert device["online"] is True
                 assert device["last_seen"] is not None
-                assert device["firmware"] == "sim-1.0.0"
-                assert isinstance(device["rssi_dbm"], int)
                 assert device["volume"] == 70
                 assert "self_test" in device and device["self_test"] is None
 
