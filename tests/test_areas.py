@@ -177,6 +177,21 @@ def test_children_keep_input_order() -> None:
     assert tree.children("bk.songcau.t01") == ()
 
 
+def test_depth_first_walks_each_root_s_subtree_with_depths() -> None:
+    tree = city_tree()
+    walked = [(area.code, depth) for area, depth in tree.depth_first(["bk.ducxuan", "bk.songcau"])]
+    assert walked == [
+        ("bk.ducxuan", 0),
+        ("bk.ducxuan.t01", 1),
+        ("bk.songcau", 0),
+        ("bk.songcau.t01", 1),
+        ("bk.songcau.t02", 1),
+    ]
+    whole = tree.depth_first(area.code for area in tree.roots())
+    assert [area.code for area, _ in whole][:3] == ["bk", "bk.songcau", "bk.songcau.t01"]
+    assert {area.code: depth for area, depth in whole}["bk.ducxuan.t01"] == 2
+
+
 def test_descendants_are_pre_order() -> None:
     tree = city_tree()
     assert codes(tree.descendants("bk")) == [

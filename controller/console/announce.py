@@ -18,7 +18,7 @@ from fastapi import APIRouter, Depends, Request, Response
 from sqlmodel import Session, col, select
 
 from controller.console.i18n import catalogue, requested_language
-from controller.console.pages import Viewer, local_zone, render, runtime_of, viewer
+from controller.console.pages import Viewer, areas_in_view, local_zone, render, runtime_of, viewer
 from controller.services.auth import Action, Principal
 from controller.services.broadcasts import AUDIO_DEVICE_KINDS
 from controller.store.models import DeviceRow
@@ -46,9 +46,7 @@ class TargetArea:
 def target_areas(runtime: Runtime, principal: Principal) -> list[TargetArea]:
     """The areas the user may aim at, depth-first (a ward's staff: their ward only), each with the
     number of speakers it reaches. Blocking (database)."""
-    tree = runtime.area_tree()
-    wards = principal.device_wards()
-    roots = [tree.get(code) for code in sorted(wards) if code in tree] if wards else list(tree.roots())
+    in_view = areas_in_view(runtime, principal)
     with Session(runtime.engine) as session:
         placed = session.exec(
             select(DeviceRow.area_code).where(
@@ -57,22 +55,18 @@ def target_areas(runtime: Runtime, principal: Principal) -> list[TargetArea]:
                 col(DeviceRow.kind).in_(AUDIO_DEVICE_KINDS),
             )
         ).all()
-    direct: dict[str, int] = {}
+    totals: dict[str, int] = {}
     for code in placed:
-        direct[code] = direct.get(code, 0) + 1
-    found: list[TargetArea] = []
-
-    def walk(code: str, depth: int) -> int:
-        area = tree.get(code)
-        index = len(found)
-        found.append(TargetArea(area.code, area.name, area.kind, depth, 0, area.parent_code))
-        total = direct.get(code, 0) + sum(walk(child.code, depth + 1) for child in tree.children(code))
-        found[index] = TargetArea(area.code, area.name, area.kind, depth, total, area.parent_code)
-        return total
-
-    for root in roots:
-        walk(root.code, 0)
-    return found
+        totals[code] = totals.get(code, 0) + 1
+    # Children come after their parent depth-first: going backwards, each area's total is complete
+    # when it is added to its parent's.
+    for area, depth in reversed(in_view):
+        if depth > 0 and area.parent_code is not None:
+            totals[area.parent_code] = totals.get(area.parent_code, 0) + totals.get(area.code, 0)
+    return [
+        TargetArea(area.code, area.name, area.kind, depth, totals.get(area.code, 0), area.parent_code)
+        for area, depth in in_view
+    ]
 
 
 def script_labels(language: str) -> dict[str, str]:

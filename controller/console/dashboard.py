@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 from sqlmodel import Session, col, select
 
-from controller.domain.areas import AreaTree
+from controller.console.pages import areas_in_view
 from controller.services.auth import Principal
 from controller.store.models import DeviceRow
 
@@ -54,21 +54,13 @@ class Dashboard:
     scope: list[str]  # the names of the wards the user is confined to; empty: the whole city
 
 
-def _walk(tree: AreaTree, code: str, depth: int, out: list[AreaView]) -> None:
-    area = tree.get(code)
-    out.append(AreaView(area.code, area.name, area.kind, depth))
-    for child in tree.children(code):
-        _walk(tree, child.code, depth + 1, out)
-
-
 def build_dashboard(runtime: Runtime, principal: Principal) -> Dashboard:
     """Blocking (database): call it from a worker thread."""
     tree = runtime.area_tree()
     wards = principal.device_wards()
-    roots = [tree.get(code) for code in sorted(wards) if code in tree] if wards else list(tree.roots())
-    areas: list[AreaView] = []
-    for root in roots:
-        _walk(tree, root.code, 0, areas)
+    areas = [
+        AreaView(area.code, area.name, area.kind, depth) for area, depth in areas_in_view(runtime, principal)
+    ]
     by_code = {area.code: area for area in areas}
     with Session(runtime.engine) as session:
         rows = session.exec(

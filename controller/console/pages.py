@@ -17,6 +17,7 @@ from fastapi.templating import Jinja2Templates
 
 from controller.console.i18n import LANGUAGE_COOKIE, Translator, requested_language
 from controller.console.session import ConsoleSession, SessionCodec, new_session, session_user
+from controller.domain.areas import Area
 from controller.services.auth import Action, Principal
 from controller.services.users import principal_of
 from controller.store.models import UserRow
@@ -77,6 +78,15 @@ class NotAllowedError(Exception):
     def __init__(self, viewer: Viewer) -> None:
         super().__init__("forbidden")
         self.viewer = viewer
+
+
+def areas_in_view(runtime: Runtime, principal: Principal) -> list[tuple[Area, int]]:
+    """The areas a user sees, depth-first with their depth: the subtrees of the wards they are confined
+    to, or the whole city. Blocking (reads the area tree)."""
+    tree = runtime.area_tree()
+    wards = principal.device_wards()
+    roots = sorted(code for code in wards if code in tree) if wards else [area.code for area in tree.roots()]
+    return tree.depth_first(roots)
 
 
 def runtime_of(request: Request) -> Runtime:

@@ -14,7 +14,7 @@ from fastapi import APIRouter, Depends, Request, Response
 
 from controller.console.dashboard import DeviceStatus, build_dashboard
 from controller.console.i18n import catalogue, requested_language
-from controller.console.pages import Viewer, local_zone, render, runtime_of, viewer
+from controller.console.pages import Viewer, areas_in_view, local_zone, render, runtime_of, viewer
 from controller.services.auth import Action, Principal
 from controller.services.users import CONSOLE_ROLES, MIN_PASSWORD_LENGTH
 
@@ -39,20 +39,10 @@ class AreaOption:
 
 def _areas(runtime: Runtime, principal: Principal) -> list[AreaOption]:
     """The areas the user may see, depth-first (their ward's subtree only, when confined to a ward)."""
-    tree = runtime.area_tree()
-    wards = principal.device_wards()
-    roots = [tree.get(code) for code in sorted(wards) if code in tree] if wards else list(tree.roots())
-    out: list[AreaOption] = []
-
-    def walk(code: str, depth: int) -> None:
-        area = tree.get(code)
-        out.append(AreaOption(area.code, area.name, area.kind, depth, area.parent_code))
-        for child in tree.children(code):
-            walk(child.code, depth + 1)
-
-    for root in roots:
-        walk(root.code, 0)
-    return out
+    return [
+        AreaOption(area.code, area.name, area.kind, depth, area.parent_code)
+        for area, depth in areas_in_view(runtime, principal)
+    ]
 
 
 def _wards(areas: list[AreaOption]) -> list[AreaOption]:

@@ -19,7 +19,7 @@ from controller.api.routes.firmware import list_images
 from controller.api.routes.provisioning import pending_claims
 from controller.console.dashboard import device_status
 from controller.console.i18n import catalogue, requested_language
-from controller.console.pages import Viewer, local_zone, render, runtime_of, viewer
+from controller.console.pages import Viewer, areas_in_view, local_zone, render, runtime_of, viewer
 from controller.domain.operations import KINDS_FOR
 from controller.services.auth import Action, Principal
 from controller.services.errors import ServiceError
@@ -49,19 +49,7 @@ class AreaOption:
 def area_options(runtime: Runtime, principal: Principal) -> list[AreaOption]:
     """The areas a user may put devices in (their wards' subtrees; everything for the city), parents
     before children."""
-    tree = runtime.area_tree()
-    wards = principal.device_wards()
-    roots = [code for code in sorted(wards) if code in tree] if wards else [a.code for a in tree.roots()]
-    out: list[AreaOption] = []
-
-    def walk(code: str, depth: int) -> None:
-        out.append(AreaOption(code, tree.get(code).name, depth))
-        for child in tree.children(code):
-            walk(child.code, depth + 1)
-
-    for root in roots:
-        walk(root, 0)
-    return out
+    return [AreaOption(area.code, area.name, depth) for area, depth in areas_in_view(runtime, principal)]
 
 
 def local_time(runtime: Runtime, stamp: str | None) -> str:

@@ -296,6 +296,17 @@ class AreaTree:
             pending.extend(reversed(self._children[current]))
         return tuple(found)
 
+    def depth_first(self, roots: Iterable[str]) -> list[tuple[Area, int]]:
+        """Each root's subtree in pre-order, with each area's depth below its root (the root: 0)."""
+        found: list[tuple[Area, int]] = []
+        for root in roots:
+            pending = [(self.get(root).code, 0)]
+            while pending:
+                code, depth = pending.pop()
+                found.append((self._areas[code], depth))
+                pending.extend((child, depth + 1) for child in reversed(self._children[code]))
+        return found
+
     def ancestors(self, code: str) -> tuple[Area, ...]:
         """Nearest first, ending at the root; the area itself is not included."""
         current = self.get(code)

@@ -43,8 +43,9 @@ from controller.services.errors import ServiceError
 from controller.services.media import MediaStore, record_media
 from controller.services.tones import drill_prefix_tone
 from controller.services.tts import SpeechSynthesizer, speech_media_id
+from controller.services.users import principal_names
 from controller.settings import AlertSettings, TtsSettings
-from controller.store.models import AlertRow, ApiKeyRow, AreaRow, DeliveryRow, DeviceRow, MediaRow, UserRow
+from controller.store.models import AlertRow, AreaRow, DeliveryRow, DeviceRow, MediaRow
 
 log = structlog.get_logger(__name__)
 
@@ -58,7 +59,6 @@ SUPERSEDED = "superseded"
 STATUSES = (PENDING_APPROVAL, ACTIVE, CANCELLED, RECORDED, SUPERSEDED)
 _TERMINAL = frozenset({"completed", "interrupted", "failed", "expired", "cancelled"})
 # A console user's principal key id (services/users.principal_of): "user:<user id>".
-_USER_KEY_PREFIX = "user:"
 _DRILL_TONE_NAME = "drill-prefix.wav"
 # On LED screens a drill reads as one before anything else (DESIGN.md §2).
 _DRILL_LABEL = "DIỄN TẬP: "
@@ -666,7 +666,7 @@ class AlertService:
                 ).all()
                 for broadcast_id, state, count in grouped:
                     counts.setdefault(broadcast_id, {})[state] = count
-            names = _names_of(
+            names = principal_names(
                 session, {key for row in rows for key in (row.created_by, row.approved_by) if key}
             )
         found = []
@@ -750,23 +750,6 @@ def _targets_from_json(stored: dict[str, Any]) -> AlertTargets:
     return AlertTargets(
         tuple(stored.get("areas", [])), tuple(stored.get("devices", [])), shapes=tuple(shapes)
     )
-
-
-def _names_of(session: Session, key_ids: set[str]) -> dict[str, str]:
-    """Who is behind each principal key id: a console user's name, or an API key's name."""
-    users = {key[len(_USER_KEY_PREFIX) :] for key in key_ids if key.startswith(_USER_KEY_PREFIX)}
-    keys = {key for key in key_ids if not key.startswith(_USER_KEY_PREFIX)}
-    names: dict[str, str] = {}
-    if users:
-        for user_id, username in session.exec(
-            select(UserRow.id, UserRow.username).where(col(UserRow.id).in_(users))
-        ).all():
-            names[_USER_KEY_PREFIX + user_id] = username
-    if keys:
-        names.update(
-            session.exec(select(ApiKeyRow.id, ApiKeyRow.name).where(col(ApiKeyRow.id).in_(keys))).all()
-        )
-    return names
 
 
 def template_list(settings: AlertSettings) -> list[dict[str, Any]]:

@@ -40,8 +40,8 @@ from controller.services.errors import ServiceError
 from controller.services.media import media_document
 from controller.services.targets import AreaTreeCache, chunks, reachable_devices
 from controller.services.tracker import DeliveryTracker, TrackedDelivery, expected_play_seconds
+from controller.services.users import principal_names
 from controller.store.models import (
-    ApiKeyRow,
     BroadcastRow,
     DeliveryEventRow,
     DeliveryRow,
@@ -49,7 +49,6 @@ from controller.store.models import (
     MediaRow,
     OccurrenceRow,
     OutboxRow,
-    UserRow,
 )
 
 SPEAKER_KIND = "speaker"
@@ -732,7 +731,7 @@ class BroadcastService:
                 )
             ).all()
             media = self._media_of(session, [m for row in rows for m in (row.media_id, *row.playlist_tail)])
-            authors = _author_names(session, {row.created_by for row in rows if row.created_by})
+            authors = principal_names(session, {row.created_by for row in rows if row.created_by})
         counts: dict[str, dict[str, int]] = {broadcast_id: {} for broadcast_id in ids}
         for broadcast_id, state in counted:
             counts[broadcast_id][state] = counts[broadcast_id].get(state, 0) + 1
@@ -745,7 +744,7 @@ class BroadcastService:
                 "mode": row.mode,
                 "targets": row.targets,
                 "content": [media[m] for m in (row.media_id, *row.playlist_tail) if m in media],
-                "created_by": authors.get(row.created_by) if row.created_by else None,
+                "created_by": authors.get(row.created_by, row.created_by) if row.created_by else None,
                 "created_at": rfc3339(row.created_at),
                 "expires_at": rfc3339(row.expires_at),
                 "cancelled_at": rfc3339(row.cancelled_at) if row.cancelled_at else None,
@@ -782,7 +781,7 @@ class BroadcastService:
                 .order_by(col(DeliveryEventRow.id))
             ).all()
             media = self._media_of(session, [row.media_id, *row.playlist_tail])
-            authors = _author_names(session, {row.created_by} if row.created_by else set())
+            authors = principal_names(session, {row.created_by} if row.created_by else set())
             devices = {
                 device_id: (name, area_code)
                 for device_id, name, area_code in session.exec(
@@ -813,7 +812,7 @@ class BroadcastService:
             "media_id": row.media_id,
             "media_ids": [row.media_id, *row.playlist_tail],
             "content": [media[m] for m in (row.media_id, *row.playlist_tail) if m in media],
-            "created_by": authors.get(row.created_by) if row.created_by else None,
+            "created_by": authors.get(row.created_by, row.created_by) if row.created_by else None,
             "gap_s": row.gap_s,
             "planned_play_s": row.planned_play_s,
             "repeats": row.repeats,
@@ -858,21 +857,3 @@ def _reaching(area_codes: frozenset[str], *, inside: bool) -> Any:
         .join(DeviceRow, col(DeviceRow.id) == col(DeliveryRow.device_id))
         .where(in_areas)
     )
-
-
-def _author_names(session: Session, key_ids: set[str]) -> dict[str, str]:
-    """Who created a broadcast, for people: a console user's name (key id "user:<id>"), an API key's name,
-    or "schedule"."""
-    user_ids = {key[len("user:") :] for key in key_ids if key.startswith("user:")}
-    key_only = {key for key in key_ids if not key.startswith("user:")}
-    names: dict[str, str] = {key: key for key in key_ids}
-    if user_ids:
-        for user_id, username in session.exec(
-            select(UserRow.id, UserRow.username).where(col(UserRow.id).in_(user_ids))
-        ).all():
-            names[f"user:{user_id}"] = username
-    if key_only:
-        names.update(
-            session.exec(select(ApiKeyRow.id, ApiKeyRow.name).where(col(ApiKeyRow.id).in_(key_only))).all()
-        )
-    return names

@@ -15,8 +15,11 @@ from sqlalchemy import Engine
 from sqlmodel import Session, col, select
 
 from controller.services.auth import Principal, Role
-from controller.store.models import AreaRow, UserRow
+from controller.store.models import ApiKeyRow, AreaRow, UserRow
 
+# A console user acts as principal `user:<id>` (an API key as its own id): in the audit log and in the
+# who-made-it columns.
+USER_KEY_PREFIX = "user:"
 MAX_FAILED_ATTEMPTS = 5
 LOCKOUT = timedelta(minutes=15)
 MIN_PASSWORD_LENGTH = 10
@@ -194,9 +197,27 @@ def get_user(engine: Engine, user_id: str) -> UserRow | None:
 
 def principal_of(user: UserRow) -> Principal:
     return Principal(
-        key_id=f"user:{user.id}",
+        key_id=USER_KEY_PREFIX + user.id,
         name=user.username,
         role=Role(user.role),
         ward_code=user.ward_code,
         wards=frozenset(user.wards or ()),
     )
+
+
+def principal_names(session: Session, key_ids: set[str]) -> dict[str, str]:
+    """Who is behind each principal id, for people: a console user's name or an API key's name (ids
+    of neither, such as "schedule", are left out)."""
+    users = {key.removeprefix(USER_KEY_PREFIX) for key in key_ids if key.startswith(USER_KEY_PREFIX)}
+    keys = {key for key in key_ids if not key.startswith(USER_KEY_PREFIX)}
+    names: dict[str, str] = {}
+    if users:
+        for user_id, username in session.exec(
+            select(UserRow.id, UserRow.username).where(col(UserRow.id).in_(users))
+        ).all():
+            names[USER_KEY_PREFIX + user_id] = username
+    if keys:
+        names.update(
+            session.exec(select(ApiKeyRow.id, ApiKeyRow.name).where(col(ApiKeyRow.id).in_(keys))).all()
+        )
+    return names

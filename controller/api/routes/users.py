@@ -14,6 +14,7 @@ from controller.api.errors import ApiError
 from controller.domain.clock import rfc3339
 from controller.services.auth import Principal
 from controller.services.users import (
+    USER_KEY_PREFIX,
     UserError,
     create_user,
     delete_user,
@@ -80,7 +81,7 @@ def _api_error(error: UserError) -> ApiError:
 
 
 def _refuse_self(principal: Principal, user_id: str, what: str) -> None:
-    if principal.key_id == f"user:{user_id}":
+    if principal.key_id == USER_KEY_PREFIX + user_id:
         raise ApiError(409, "conflict", "id", f"you cannot {what} yourself: ask another admin")
 
 
